@@ -1,0 +1,178 @@
+"""Where a perturbation enters a model: sites, and resolving them against a module.
+
+A *site* names the place where one modality's embedding is formed: the output of a
+module (the default) or one input of a module. advlab adds the perturbation there
+through a forward hook, so the model itself is never edited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol, Union, runtime_checkable
+
+from torch import nn
+
+from advlab._errors import AdvlabTypeError, AdvlabValueError
+
+__all__ = ["Site", "SiteLike", "HasPerturbationSites", "resolve_sites", "unwrap_model"]
+
+Where = Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in a model where a modality's embedding is formed.
+
+    Args:
+        module: The module, or its dotted name relative to the model the site is
+            resolved against (`"bert.embeddings.word_embeddings"`).
+        where: `"output"` perturbs what the module returns; `"input"` perturbs one of
+            its inputs.
+        arg: With `where="input"`: the position of the positional argument (int) or the
+            name of the keyword argument (str) to perturb.
+        calls: How many times the module runs in one forward. Each call gets its own,
+            independent perturbation, in call order (siamese towers, two images through
+            one module).
+
+    Example:
+        >>> Site("bert.embeddings.word_embeddings")
+        Site(module='bert.embeddings.word_embeddings', where='output', arg=0, calls=1)
+        >>> Site("img_proj", where="input").where
+        'input'
+    """
+
+    module: str | nn.Module
+    where: Where = "output"
+    arg: int | str = 0
+    calls: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, (str, nn.Module)):
+            raise AdvlabTypeError(
+                f"Expected `Site.module` to be a dotted module name or an nn.Module, but got {type(self.module).__name__}."
+            )
+        if self.where not in ("output", "input"):
+            raise AdvlabValueError(f"Expected `Site.where` to be 'output' or 'input', but got {self.where!r}.")
+        if isinstance(self.arg, bool) or not isinstance(self.arg, (int, str)):
+            raise AdvlabTypeError(f"Expected `Site.arg` to be an int position or a keyword name, but got {self.arg!r}.")
+        if isinstance(self.arg, int) and self.arg < 0:
+            raise AdvlabValueError(f"Expected `Site.arg` to be >= 0, but got {self.arg}.")
+        if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 1:
+            raise AdvlabValueError(f"Expected `Site.calls` to be an int >= 1, but got {self.calls!r}.")
+
+    def __repr__(self) -> str:
+        module = self.module if isinstance(self.module, str) else f"<{type(self.module).__name__}>"
+        return f"Site(module={module!r}, where={self.where!r}, arg={self.arg!r}, calls={self.calls})"
+
+
+SiteLike = Union[str, nn.Module, Site]
+
+
+@runtime_checkable
+class HasPerturbationSites(Protocol):
+    """A model that names its own perturbation sites (the bundled backbones do).
+
+    Example:
+        >>> class Tiny(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed = nn.Embedding(10, 4)
+        ...     def perturbation_sites(self):
+        ...         return {"txt": Site(self.embed)}
+        >>> isinstance(Tiny(), HasPerturbationSites)
+        True
+    """
+
+    def perturbation_sites(self) -> dict[str, Site]:
+        """Map each modality to the site where its embedding is formed."""
+        ...
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the wrapped module of a `DistributedDataParallel` or `DataParallel` wrapper.
+
+    Example:
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap_model(nn.DataParallel(inner)) is inner
+        True
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _as_site(modality: str, site: SiteLike) -> Site:
+    if isinstance(site, Site):
+        return site
+    if isinstance(site, (str, nn.Module)):
+        return Site(site)
+    raise AdvlabTypeError(
+        f"Expected `sites[{modality!r}]` to be a dotted name, an nn.Module or an advlab.Site, "
+        f"but got {type(site).__name__}."
+    )
+
+
+def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None) -> dict[str, tuple[Site, nn.Module]]:
+    """Resolve each modality's site to the module it names.
+
+    Args:
+        model: The model the sites belong to; a DDP / DataParallel wrapper is unwrapped.
+        sites: Modality to site. `None` asks the model (`model.perturbation_sites()`).
+
+    Returns:
+        Modality to `(site, module)`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> resolved = resolve_sites(model, {"x": "0"})
+        >>> resolved["x"][1]
+        Linear(in_features=3, out_features=4, bias=True)
+    """
+    model = unwrap_model(model)
+    if sites is None:
+        if not isinstance(model, HasPerturbationSites):
+            raise AdvlabTypeError(
+                f"Expected `sites` (modality -> module name) because {type(model).__name__} has no "
+                "`perturbation_sites()` method, but got sites=None."
+            )
+        sites = model.perturbation_sites()
+    if not isinstance(sites, Mapping) or len(sites) == 0:
+        raise AdvlabValueError(f"Expected `sites` to be a non-empty mapping modality -> site, but got {sites!r}.")
+    owned = {id(m) for m in model.modules()}
+    resolved: dict[str, tuple[Site, nn.Module]] = {}
+    for modality, raw in sites.items():
+        if not isinstance(modality, str):
+            raise AdvlabTypeError(f"Expected modality names to be str, but got {modality!r}.")
+        site = _as_site(modality, raw)
+        if isinstance(site.module, str):
+            try:
+                module = model.get_submodule(site.module)
+            except AttributeError:
+                names = [n for n, _ in model.named_modules() if n]
+                close = [n for n in names if site.module.split(".")[-1] in n][:5]
+                hint = f" Modules with a similar name: {close}." if close else ""
+                raise AdvlabValueError(
+                    f"Expected `sites[{modality!r}]` to name a submodule of {type(model).__name__}, "
+                    f"but {site.module!r} is not one.{hint}"
+                ) from None
+        else:
+            module = site.module
+            if id(module) not in owned:
+                raise AdvlabValueError(
+                    f"Expected `sites[{modality!r}]` to be a submodule of {type(model).__name__}, "
+                    f"but the {type(module).__name__} given is not part of it."
+                )
+        resolved[modality] = (site, module)
+    seen: dict[tuple[int, str, int | str], str] = {}
+    for modality, (site, module) in resolved.items():
+        key = (id(module), site.where, site.arg if site.where == "input" else 0)
+        if key in seen:
+            raise AdvlabValueError(
+                f"Expected each site to be distinct, but modalities {seen[key]!r} and {modality!r} name the same "
+                f"{site.where} of the same module; use `Site(..., calls=n)` for a module called several times."
+            )
+        seen[key] = modality
+    return resolved
