@@ -648,7 +648,9 @@ class LxmertModel(nn.Module):
             source: A file (`model_LXRT.pth`, a fine-tuned `BEST.pth`, `pytorch_model.bin`, `.safetensors`),
                 a Hugging Face model folder, or a state dict. Original (`module.bert.*`), fine-tuned
                 (`lxrt_encoder.model[.module].bert.*`) and Hugging Face (`lxmert.*`, or no prefix) names.
-            config: Sizes; by default inferred from the tensors (heads assumed 64-d, as in every released model).
+            config: Sizes; by default inferred from the tensors. The number of attention heads is not in them: it is
+                read from a Hugging Face `config.json` beside the weights, else heads are taken to be 64-d, as in
+                every released model. Pass `config` for other models (the tiny test configs, for one).
 
         Returns:
             The model in eval mode.
@@ -1201,7 +1203,23 @@ def _count_layers(keys: Sequence[str], stage: str) -> int:
     return len(found)
 
 
-def _infer_config(sd: Mapping[str, Tensor]) -> LxmertConfig:
+def _heads_from_hf_config(source: object) -> int | None:
+    """`num_attention_heads` from a Hugging Face `config.json` next to the weights, if there is one."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        import json
+
+        with open(os.path.join(folder, "config.json")) as f:
+            heads = json.load(f).get("num_attention_heads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and heads > 0 else None
+
+
+def _infer_config(sd: Mapping[str, Tensor], heads: int | None = None) -> LxmertConfig:
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
             raise AdvlabValueError(
@@ -1216,7 +1234,8 @@ def _infer_config(sd: Mapping[str, Tensor]) -> LxmertConfig:
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        num_attention_heads=max(1, hidden // 64),  # head size 64 in every released model; pass `config` otherwise
+        # Not in the tensors: head size 64 in every released model; pass `config` otherwise.
+        num_attention_heads=heads or max(1, hidden // 64),
         intermediate_size=inter,
         l_layers=_count_layers(keys, "layer"),
         x_layers=_count_layers(keys, "x_layers"),
@@ -1267,7 +1286,7 @@ def _from_pretrained(
             f"{' ...' if len(unknown) > 10 else ''}."
         )
     if config is None:
-        config = _infer_config(sd)
+        config = _infer_config(sd, heads=_heads_from_hf_config(source))
 
     # Build the model asked for; the QA head takes the file's size unless told otherwise.
     if issubclass(cls, LxmertForQuestionAnswering):
