@@ -737,6 +737,8 @@ class UniterPreTrainedModel(nn.Module):
                 f"Expected `checkpoint` to be a path or a state dict, but got {type(checkpoint).__name__}."
             )
         state, renamed = convert_uniter_state_dict(raw)
+        if not any(k.startswith("uniter.") for k in state) and "embeddings.word_embeddings.weight" in state:
+            state = {f"uniter.{k}": v for k, v in state.items()}  # a bare `UniterModel.state_dict()`
         if config is None:
             config = _infer_config(state, cls._extra_words)
         elif not isinstance(config, UniterConfig):
