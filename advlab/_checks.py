@@ -1,0 +1,83 @@
+"""Private validation helpers shared by the pieces and the engine."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from advlab._errors import AdvlabTypeError, AdvlabValueError
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise AdvlabTypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(x).__name__}.")
+    return x
+
+
+def check_float_tensor(x: object, name: str, min_dim: int = 1) -> Tensor:
+    x = check_tensor(x, name)
+    if not x.is_floating_point():
+        raise AdvlabTypeError(f"Expected `{name}` to be a floating-point tensor, but got dtype {x.dtype}.")
+    if x.dim() < min_dim:
+        raise AdvlabValueError(f"Expected `{name}` to have at least {min_dim} dimensions, but got shape {tuple(x.shape)}.")
+    return x
+
+
+def check_radius(radius: float | None, name: str = "radius") -> float | None:
+    if radius is None:
+        return None
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
+        raise AdvlabTypeError(f"Expected `{name}` to be a positive float or None, but got {radius!r}.")
+    if not math.isfinite(radius) or radius <= 0:
+        raise AdvlabValueError(
+            f"Expected `{name}` to be a positive finite float or None (unbounded), but got {radius!r}; "
+            "the official configs' `adv_max_norm = 0` means None."
+        )
+    return float(radius)
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdvlabTypeError(f"Expected `{name}` to be a float >= 0, but got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise AdvlabValueError(f"Expected `{name}` to be a finite float >= 0, but got {value!r}.")
+    return float(value)
+
+
+def check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise AdvlabValueError(f"Expected `{name}` to be one of {list(choices)}, but got {value!r}.")
+    return value  # type: ignore[return-value]
+
+
+def broadcast_mask(mask: Tensor | None, like: Tensor, name: str = "mask") -> Tensor | None:
+    """Return `mask` ([b, n] for a [b, n, d] tensor) as a bool tensor broadcastable to `like`."""
+    if mask is None:
+        return None
+    mask = check_tensor(mask, name)
+    expected = tuple(like.shape[:-1]) if like.dim() >= 2 else tuple(like.shape)
+    if tuple(mask.shape) != expected:
+        raise AdvlabValueError(
+            f"Expected `{name}` to have shape {expected} (the perturbed tensor's dimensions before the feature "
+            f"dimension; tensor shape {tuple(like.shape)}), but got {tuple(mask.shape)}."
+        )
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer) tensor, but got dtype {mask.dtype}.")
+        mask = mask != 0
+    mask = mask.to(like.device)
+    return mask.unsqueeze(-1) if like.dim() >= 2 else mask
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Norms are computed in at least float32: float64 stays float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero `x` where the broadcast `mask` is False (exact zeros, also for NaN inputs)."""
+    if mask is None:
+        return x
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -1,0 +1,218 @@
+"""Ascenders: one update of the perturbation from its gradient.
+
+- `pgd_step`: δ ← project(δ + η · direction(g)), the projected step of VILLA and FreeLB,
+  where the direction is `normalize(g)` (`"gradient"`), `sign(g)` (`"sign"`), or a random
+  unit direction of the same norm that ignores g (`"random"`, the noise control).
+- `smart_step`: δ ← (δ + η·g) / (||δ + η·g||∞ per position + eps), SMART's update as in
+  mt-dnn's code, which normalises the *sum* instead of projecting (so after one step every
+  position has max-abs about 1, whatever η).
+
+Shape notation:
+    - b: batch size; n: positions; d: features
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from advlab._checks import (
+    apply_mask,
+    broadcast_mask,
+    check_choice,
+    check_float_tensor,
+    check_nonnegative,
+    check_radius,
+    compute_dtype,
+)
+from advlab._errors import AdvlabValueError
+from advlab.balls import NORMS, Norm, normalize, normalize_sign, project
+
+__all__ = ["Direction", "DIRECTIONS", "pgd_step", "random_direction", "smart_step", "PGDAscender", "SMARTAscender"]
+
+Direction = Literal["gradient", "sign", "random"]
+DIRECTIONS: tuple[str, ...] = ("gradient", "sign", "random")
+
+
+def random_direction(
+    like: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """A random direction with unit norm per row (per position for `"l2_token"`).
+
+    Args:
+        like: Tensor whose shape, dtype and device to take.
+        norm: The norm in which the direction has length 1.
+        mask: True at real elements; masked elements are 0.
+        generator: Source of randomness.
+
+    Shape:
+        - like: [b, n, d] or [b, d]; output: the same.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> u = random_direction(torch.zeros(2, 3, 4), generator=g)
+        >>> torch.allclose(torch.linalg.vector_norm(u, dim=(1, 2)), torch.ones(2))
+        True
+    """
+    like = check_float_tensor(like, "like")
+    device = generator.device if generator is not None else like.device
+    z = torch.randn(like.shape, generator=generator, dtype=compute_dtype(like), device=device).to(like.device)
+    return normalize(z, norm, mask=mask).to(like.dtype)
+
+
+def pgd_step(
+    delta: Tensor,
+    grad: Tensor | None,
+    *,
+    step_size: float,
+    norm: Norm = "l2",
+    radius: float | None = None,
+    direction: Direction = "gradient",
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One projected ascent step: `project(delta + step_size * direction, radius)`.
+
+    Args:
+        delta: Current perturbation.
+        grad: Gradient of the ascended loss with respect to `delta` (unused, may be None,
+            for `direction="random"`).
+        step_size: η ≥ 0.
+        norm: Geometry of both the normalisation and the projection.
+        radius: Ball radius, or None for unbounded.
+        direction: `"gradient"` (normalised gradient), `"sign"`, or `"random"`.
+        mask: True at real elements; masked elements stay exactly 0.
+        generator: Randomness for `direction="random"`.
+
+    Returns:
+        The new perturbation, detached, in `delta`'s dtype.
+
+    Shape:
+        - delta, grad: [b, n, d] or [b, d]; output: the same.
+
+    Example:
+        >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=0.1)
+        tensor([[0.0600, 0.0800]])
+        >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=1.0, norm="linf", radius=0.5)
+        tensor([[0.5000, 0.5000]])
+    """
+    delta = check_float_tensor(delta, "delta")
+    step_size = check_nonnegative(step_size, "step_size")
+    check_choice(norm, NORMS, "norm")
+    check_choice(direction, DIRECTIONS, "direction")
+    if direction == "random":
+        move = random_direction(delta, norm, mask=mask, generator=generator)
+    else:
+        if grad is None:
+            raise AdvlabValueError(f"Expected `grad` to be a tensor for direction={direction!r}, but got None.")
+        grad = check_float_tensor(grad, "grad")
+        if grad.shape != delta.shape:
+            raise AdvlabValueError(
+                f"Expected `grad` to have the shape of `delta` {tuple(delta.shape)}, but got {tuple(grad.shape)}."
+            )
+        move = normalize(grad, norm, mask=mask) if direction == "gradient" else normalize_sign(grad, mask=mask)
+    moved = delta.detach() + step_size * move.to(delta.dtype)
+    return project(moved, norm, radius, mask=mask)
+
+
+def smart_step(
+    delta: Tensor, grad: Tensor, *, step_size: float, eps: float = 1e-6, mask: Tensor | None = None
+) -> Tensor:
+    """SMART's update: `(delta + step_size * grad) / (max-abs per position + eps)`.
+
+    This follows mt-dnn's `SmartPerturbation` (token-level L-inf), which normalises the sum
+    rather than projecting onto a ball (acknowledged by its maintainer in mt-dnn#224).
+
+    Args:
+        delta: Current perturbation.
+        grad: Gradient of the ascended loss with respect to `delta`.
+        step_size: η ≥ 0.
+        eps: Added to the max-abs norm.
+        mask: True at real elements; masked elements stay exactly 0.
+
+    Shape:
+        - delta, grad: [b, n, d] (or [b, d], one position per row); output: the same.
+
+    Example:
+        >>> smart_step(torch.zeros(1, 1, 2), torch.tensor([[[2.0, -1.0]]]), step_size=1.0, eps=0.0)
+        tensor([[[ 1.0000, -0.5000]]])
+    """
+    delta = check_float_tensor(delta, "delta")
+    grad = check_float_tensor(grad, "grad")
+    if grad.shape != delta.shape:
+        raise AdvlabValueError(f"Expected `grad` to have the shape of `delta` {tuple(delta.shape)}, but got {tuple(grad.shape)}.")
+    step_size = check_nonnegative(step_size, "step_size")
+    eps = check_nonnegative(eps, "eps")
+    m = broadcast_mask(mask, delta)
+    moved = apply_mask(delta.detach().to(compute_dtype(delta)) + step_size * grad.to(compute_dtype(delta)), m)
+    denom = moved.abs().amax(dim=-1, keepdim=True) + eps
+    out = torch.where(denom > 0, moved / torch.where(denom > 0, denom, torch.ones_like(denom)), moved)
+    return out.to(delta.dtype)
+
+
+@dataclass(frozen=True)
+class PGDAscender:
+    """`pgd_step` with its settings bound.
+
+    Args:
+        step_size: η ≥ 0.
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        radius: Ball radius or None.
+        direction: `"gradient"`, `"sign"` or `"random"`.
+
+    Example:
+        >>> PGDAscender(0.1)(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]))
+        tensor([[0.0600, 0.0800]])
+    """
+
+    step_size: float
+    norm: Norm = "l2"
+    radius: float | None = None
+    direction: Direction = "gradient"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        check_choice(self.norm, NORMS, "norm")
+        object.__setattr__(self, "radius", check_radius(self.radius))
+        check_choice(self.direction, DIRECTIONS, "direction")
+
+    def __call__(
+        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One step from `delta` along `grad`."""
+        return pgd_step(
+            delta, grad, step_size=self.step_size, norm=self.norm, radius=self.radius,
+            direction=self.direction, mask=mask, generator=generator,
+        )
+
+
+@dataclass(frozen=True)
+class SMARTAscender:
+    """`smart_step` with its settings bound.
+
+    Args:
+        step_size: η ≥ 0 (mt-dnn default 1e-5).
+        eps: Added to the per-position max-abs norm (mt-dnn default 1e-6).
+
+    Example:
+        >>> SMARTAscender(1.0, eps=0.0)(torch.zeros(1, 1, 2), torch.tensor([[[2.0, -1.0]]]))
+        tensor([[[ 1.0000, -0.5000]]])
+    """
+
+    step_size: float = 1e-5
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        object.__setattr__(self, "eps", check_nonnegative(self.eps, "eps"))
+
+    def __call__(
+        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One SMART update of `delta`."""
+        if grad is None:
+            raise AdvlabValueError("Expected `grad` to be a tensor for the SMART update, but got None.")
+        return smart_step(delta, grad, step_size=self.step_size, eps=self.eps, mask=mask)

@@ -1,0 +1,284 @@
+"""Norm balls: per-row norms, the normalised ascent direction, and projection.
+
+Three geometries, each with two separate operations:
+
+- *normalise* turns a gradient into an ascent direction of unit norm
+  (`g / max(||g||, 1e-8)`, as the official VILLA and FreeLB code do);
+- *project* brings a perturbation back into the ball of radius `radius`
+  (`None` = unbounded, then projection only re-applies the mask).
+
+Norms:
+
+- `"l2"`: one Frobenius norm per row (batch element) over every position and feature;
+- `"l2_token"`: one L2 norm per position (token or region), over the feature dimension;
+- `"linf"`: one max-abs norm per row; projection clamps each element.
+
+Masked elements (mask False) count in no norm and come out exactly 0. Norms are computed
+in at least float32 (float64 stays float64) whatever the input dtype.
+
+Shape notation:
+    - b: batch size (rows)
+    - n: positions (tokens or regions)
+    - d: feature size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from advlab._checks import apply_mask, broadcast_mask, check_choice, check_float_tensor, check_radius, compute_dtype
+
+__all__ = [
+    "Norm",
+    "NORMS",
+    "Ball",
+    "row_norm",
+    "normalize",
+    "normalize_l2",
+    "normalize_l2_token",
+    "normalize_linf",
+    "normalize_sign",
+    "project",
+    "project_l2",
+    "project_l2_token",
+    "project_linf",
+]
+
+Norm = Literal["l2", "l2_token", "linf"]
+NORMS: tuple[str, ...] = ("l2", "l2_token", "linf")
+NORMALIZE_EPS = 1e-8  # the official VILLA / FreeLB clamp on the gradient norm
+
+
+def _norm_keepdim(x: Tensor, norm: str) -> Tensor:
+    """Norm of an already masked tensor, in float32 or float64, with dims kept for broadcasting."""
+    x = x.to(compute_dtype(x))
+    if norm == "l2_token":
+        return torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)
+    dims = tuple(range(1, x.dim()))
+    if norm == "l2":
+        return torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
+def row_norm(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None) -> Tensor:
+    """Norm of each row (`"l2"`, `"linf"`) or of each position (`"l2_token"`).
+
+    Args:
+        x: Tensor whose norms to take.
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        mask: True at real elements; masked elements count in no norm.
+
+    Returns:
+        The norms, in float32 (float64 for float64 input).
+
+    Shape:
+        - x: [b, n, d] or [b, d]
+        - mask: [b, n] (for [b, n, d]) or [b] (for [b, d])
+        - output: [b] for `"l2"` / `"linf"`, x.shape[:-1] for `"l2_token"`
+
+    Example:
+        >>> row_norm(torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]))
+        tensor([5.])
+        >>> row_norm(torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), "l2_token")
+        tensor([[ 5., 10.]])
+        >>> row_norm(torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), "linf", mask=torch.tensor([[True, False]]))
+        tensor([4.])
+    """
+    x = check_float_tensor(x, "x", min_dim=2 if norm == "l2_token" else 1)
+    check_choice(norm, NORMS, "norm")
+    out = _norm_keepdim(apply_mask(x, broadcast_mask(mask, x)), norm)
+    if norm == "l2_token":
+        return out.squeeze(-1)
+    return out.reshape(x.shape[0])
+
+
+def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
+    """Ascent direction: `grad / max(||grad||, eps)` per row (or per position for `"l2_token"`).
+
+    A row whose norm exceeds `eps` gets norm 1; a zero row stays zero. For `"linf"` this is
+    the official VILLA / FreeLB step `g / max|g|`, not `sign(g)` (see `normalize_sign`).
+
+    Args:
+        grad: Gradient with respect to the perturbation.
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        mask: True at real elements; masked elements come out 0.
+        eps: Lower clamp on the norm.
+
+    Returns:
+        The direction, in `grad`'s dtype.
+
+    Shape:
+        - grad: [b, n, d] or [b, d]; output: the same.
+
+    Example:
+        >>> normalize(torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]]))
+        tensor([[[0.6000, 0.8000]],
+        <BLANKLINE>
+                [[0.0000, 0.0000]]])
+    """
+    grad = check_float_tensor(grad, "grad", min_dim=2 if norm == "l2_token" else 1)
+    check_choice(norm, NORMS, "norm")
+    g = apply_mask(grad, broadcast_mask(mask, grad, "mask"))
+    denom = _norm_keepdim(g, norm).clamp_min(eps)
+    return (g.to(denom.dtype) / denom).to(grad.dtype)
+
+
+def normalize_l2(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
+    """`normalize(grad, "l2")`: unit Frobenius norm per row.
+
+    Example:
+        >>> normalize_l2(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
+    """
+    return normalize(grad, "l2", mask=mask, eps=eps)
+
+
+def normalize_l2_token(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
+    """`normalize(grad, "l2_token")`: unit L2 norm per position.
+
+    Example:
+        >>> normalize_l2_token(torch.tensor([[[0.0, 2.0], [3.0, 4.0]]]))
+        tensor([[[0.0000, 1.0000],
+                 [0.6000, 0.8000]]])
+    """
+    return normalize(grad, "l2_token", mask=mask, eps=eps)
+
+
+def normalize_linf(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
+    """`normalize(grad, "linf")`: `g / max|g|` per row (the official "linf" step, not sign).
+
+    Example:
+        >>> normalize_linf(torch.tensor([[1.0, -4.0, 2.0]]))
+        tensor([[ 0.2500, -1.0000,  0.5000]])
+    """
+    return normalize(grad, "linf", mask=mask, eps=eps)
+
+
+def normalize_sign(grad: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """`sign(grad)`: the steepest-ascent direction of standard L-inf PGD; masked elements 0.
+
+    Example:
+        >>> normalize_sign(torch.tensor([[1.5, -0.2, 0.0]]))
+        tensor([[ 1., -1.,  0.]])
+    """
+    grad = check_float_tensor(grad, "grad")
+    return apply_mask(torch.sign(grad), broadcast_mask(mask, grad, "mask"))
+
+
+def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, mask: Tensor | None = None) -> Tensor:
+    """Bring `delta` into the ball of radius `radius` (`None`: unbounded, only masking applies).
+
+    `"l2"` rescales each row whose Frobenius norm exceeds `radius` onto the sphere (rows
+    inside are untouched); `"l2_token"` does the same per position; `"linf"` clamps each
+    element to `[-radius, radius]`.
+
+    Args:
+        delta: Perturbation to project; not modified.
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        radius: Ball radius > 0, or None for no bound.
+        mask: True at real elements; masked elements come out 0.
+
+    Returns:
+        The projected perturbation, in `delta`'s dtype.
+
+    Shape:
+        - delta: [b, n, d] or [b, d]; output: the same.
+
+    Example:
+        >>> project(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "l2", radius=1.0)
+        tensor([[0.6000, 0.8000],
+                [0.3000, 0.4000]])
+        >>> project(torch.tensor([[0.3, -0.05]]), "linf", radius=0.1)
+        tensor([[ 0.1000, -0.0500]])
+    """
+    delta = check_float_tensor(delta, "delta", min_dim=2 if norm == "l2_token" else 1)
+    check_choice(norm, NORMS, "norm")
+    radius = check_radius(radius)
+    d = apply_mask(delta, broadcast_mask(mask, delta, "mask"))
+    if radius is None:
+        return d
+    if norm == "linf":
+        return d.clamp(-radius, radius)
+    n = _norm_keepdim(d, norm)
+    scale = torch.where(n > radius, radius / n.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
+    return (d.to(scale.dtype) * scale).to(delta.dtype)
+
+
+def project_l2(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
+    """`project(delta, "l2", radius)`: per-row Frobenius ball.
+
+    Example:
+        >>> project_l2(torch.tensor([[6.0, 8.0]]), 5.0)
+        tensor([[3., 4.]])
+    """
+    return project(delta, "l2", radius, mask=mask)
+
+
+def project_l2_token(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
+    """`project(delta, "l2_token", radius)`: one L2 ball per position.
+
+    Example:
+        >>> project_l2_token(torch.tensor([[[6.0, 8.0], [0.3, 0.4]]]), 1.0)
+        tensor([[[0.6000, 0.8000],
+                 [0.3000, 0.4000]]])
+    """
+    return project(delta, "l2_token", radius, mask=mask)
+
+
+def project_linf(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
+    """`project(delta, "linf", radius)`: elementwise clamp.
+
+    Example:
+        >>> project_linf(torch.tensor([[0.3, -0.05]]), 0.1)
+        tensor([[ 0.1000, -0.0500]])
+    """
+    return project(delta, "linf", radius, mask=mask)
+
+
+@dataclass(frozen=True)
+class Ball:
+    """A norm ball: its geometry and radius, with `normalize`, `project` and `norm` bound to them.
+
+    Args:
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        radius: Radius > 0, or None for an unbounded ball.
+
+    Example:
+        >>> ball = Ball("l2", radius=1.0)
+        >>> ball.project(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.6000, 0.8000]])
+        >>> ball.contains(torch.tensor([[0.6, 0.8]]))
+        tensor([True])
+    """
+
+    norm: Norm = "l2"
+    radius: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.norm, NORMS, "norm")
+        object.__setattr__(self, "radius", check_radius(self.radius))
+
+    def normalize(self, grad: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """The unit-norm ascent direction (see `normalize`)."""
+        return normalize(grad, self.norm, mask=mask)
+
+    def project(self, delta: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Projection onto this ball (see `project`)."""
+        return project(delta, self.norm, self.radius, mask=mask)
+
+    def row_norm(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Norm per row, or per position for `"l2_token"` (see `row_norm`)."""
+        return row_norm(x, self.norm, mask=mask)
+
+    def contains(self, delta: Tensor, *, mask: Tensor | None = None, rtol: float = 1e-5) -> Tensor:
+        """Whether each row (position for `"l2_token"`) lies in the ball, up to `rtol`."""
+        n = row_norm(delta, self.norm, mask=mask)
+        if self.radius is None:
+            return torch.ones_like(n, dtype=torch.bool)
+        if self.norm == "l2_token":
+            return (n <= self.radius * (1 + rtol)).all(dim=-1) if n.dim() > 1 else n <= self.radius * (1 + rtol)
+        return n <= self.radius * (1 + rtol)

@@ -1,0 +1,546 @@
+"""Free adversarial training: the K-step ascent loop as a context manager.
+
+`free_training` owns the hooks, the perturbations and the backward schedule; recipes
+(`VILLA`, `FreeLB`, `SMART`) are short loops over it. A step of VILLA's Algorithm 1
+("free" multi-modal adversarial training) reads:
+
+```python
+with advlab.free_training(model, sites, perturbations, steps=3, mode="alter") as ft:
+    clean = ft.clean(lambda: model(**batch))              # clean forward, δ inactive
+    for step in ft:                                       # K ascent steps
+        loss = 0
+        for group in step.groups:                         # ("txt",), ("img",) in "alter"
+            out = ft.forward(lambda: model(**batch), group)
+            loss = loss + task(out) + 1.5 * symmetric_kl(out, step.clean_logits)
+        ft.backward(loss / (len(step.groups) * ft.steps)) # param grads accumulate; δ ascends
+```
+
+Backward schedules (identical parameter gradients):
+
+- `"deferred"` (default): the KL terms of steps 0..K-2 see a detached copy of the clean
+  logits; the gradient they send to it is accumulated, and one backward through the clean
+  graph at the last step (`backward([loss_K, clean_logits], [1, g_clean])`) applies it.
+  Each graph is back-propagated once: 1 + 3MK + 2 cost units instead of 1 + K(3M + 2).
+- `"retain"`: the official code's structure, every step back-propagates through the clean
+  graph again (`retain_graph=True`).
+
+Shape notation:
+    - b: batch size; n: positions; d: features
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from advlab._checks import check_choice
+from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError, NonFiniteError
+from advlab.ascent import PGDAscender
+from advlab.balls import row_norm
+from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
+from advlab.perturbation import Perturbation
+from advlab.sites import SiteLike, unwrap_model
+
+__all__ = ["free_training", "FreeTraining", "AscentStep", "Ascender", "Schedule", "default_logits", "forward_groups"]
+
+Schedule = Literal["deferred", "retain"]
+SCHEDULES: tuple[str, ...] = ("deferred", "retain")
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class Ascender(Protocol):
+    """Anything that moves δ given its gradient (`PGDAscender`, `SMARTAscender`)."""
+
+    def __call__(
+        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Return the new δ."""
+        ...
+
+
+def default_logits(output: Any) -> Tensor:
+    """The logits in a model output: a Tensor as is, else `.logits`, else element 0 of a tuple.
+
+    Example:
+        >>> default_logits((torch.ones(1, 2), "hidden"))
+        tensor([[1., 1.]])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise AdvlabTypeError(
+        "Expected the forward to return a Tensor of logits, an object with a `.logits` Tensor, or a tuple whose "
+        f"element 0 is the logits, but got {type(output).__name__}; pass `logits=` a callable output -> logits."
+    )
+
+
+def forward_groups(mode: str, modalities: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """Which modalities each forward of an ascent step perturbs.
+
+    Args:
+        mode: `"joint"` (all in one forward), `"alter"` (one forward per modality) or one
+            modality's name (only it).
+        modalities: The perturbed modalities.
+
+    Example:
+        >>> forward_groups("alter", ["txt", "img"])
+        (('txt',), ('img',))
+        >>> forward_groups("joint", ["txt", "img"])
+        (('txt', 'img'),)
+    """
+    if not modalities:
+        raise AdvlabValueError("Expected at least one perturbed modality, but `perturbations` is empty.")
+    if mode == "joint":
+        return (tuple(modalities),)
+    if mode == "alter":
+        return tuple((m,) for m in modalities)
+    if mode in modalities:
+        return ((mode,),)
+    raise AdvlabValueError(
+        f"Expected `mode` to be 'joint', 'alter' or a perturbed modality {list(modalities)}, but got {mode!r}."
+    )
+
+
+@dataclass(frozen=True)
+class AscentStep:
+    """One of the K ascent steps yielded by iterating a `FreeTraining` context.
+
+    Attributes:
+        index: 0-based step number.
+        last: True for step K-1 (no δ update follows it).
+        groups: Modalities perturbed by each forward of this step (mode-dependent).
+    """
+
+    index: int
+    last: bool
+    groups: tuple[tuple[str, ...], ...]
+    _owner: FreeTraining
+
+    @property
+    def clean_logits(self) -> Tensor:
+        """The clean logits to use in this step's losses (see `FreeTraining.clean_logits`)."""
+        return self._owner.clean_logits
+
+
+class FreeTraining:
+    """The context returned by `free_training`; see that function for the arguments.
+
+    Methods, in the order a step uses them: `clean`, iteration (`for step in ft`),
+    `forward`, `backward` (or `ascend` for a δ-only ascent step), `clean_loss`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Mapping[str, SiteLike] | None,
+        perturbations: Mapping[str, Perturbation],
+        *,
+        steps: int = 1,
+        mode: str = "joint",
+        masks: Mapping[str, MaskLike] | None = None,
+        schedule: Schedule = "deferred",
+        logits: Callable[[Any], Tensor] | None = None,
+        scaler: Any | None = None,
+        on_nonfinite: NonFinitePolicy | None = None,
+        generator: torch.Generator | None = None,
+        ascender: Ascender | Mapping[str, Ascender] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise AdvlabTypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise AdvlabValueError(f"Expected `steps` to be an int >= 1, but got {steps!r}.")
+        if not isinstance(perturbations, Mapping) or not perturbations:
+            raise AdvlabValueError(
+                f"Expected `perturbations` to be a non-empty mapping modality -> Perturbation, but got {perturbations!r}."
+            )
+        check_choice(schedule, SCHEDULES, "schedule")
+        if on_nonfinite is None:
+            on_nonfinite = "skip" if scaler is not None else "raise"
+        check_choice(on_nonfinite, ("raise", "skip"), "on_nonfinite")
+        check_not_compiled(model)
+        self.model = model
+        self.steps = steps
+        self.mode = mode
+        self.schedule: Schedule = schedule
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.scaler = scaler
+        self.generator = generator
+        self._logits = logits or default_logits
+        groups = forward_groups(mode, list(perturbations))
+        perturbed = {m for g in groups for m in g}
+        active_perts = {m: p for m, p in perturbations.items() if m in perturbed}
+        self._hooks = SiteHooks(unwrap_model(model), sites, active_perts, masks=masks, generator=generator)
+        self.groups = groups
+        self.perturbations: dict[str, Perturbation] = active_perts
+        self._ascenders = self._make_ascenders(ascender)
+        self._phase = "new"
+        self._k: int | None = None
+        self._stepped = False
+        self._active_in_step: set[str] = set()
+        self._clean_real: Tensor | None = None
+        self._clean_leaf: Tensor | None = None
+        self._clean_losses: list[Tensor] = []
+        self._final_done = False
+        self._sync = ExitStack()
+        self.skipped_steps = 0
+
+    def _make_ascenders(self, ascender: Ascender | Mapping[str, Ascender] | None) -> dict[str, Ascender]:
+        if ascender is None:
+            return {
+                m: PGDAscender(p.step_size, p.norm, p.radius, p.direction) for m, p in self.perturbations.items()
+            }
+        if isinstance(ascender, Mapping):
+            missing = [m for m in self.perturbations if m not in ascender]
+            if missing:
+                raise AdvlabValueError(f"Expected an ascender for every perturbed modality, but {missing} have none.")
+            return {m: ascender[m] for m in self.perturbations}
+        if not callable(ascender):
+            raise AdvlabTypeError(f"Expected `ascender` to be callable, but got {type(ascender).__name__}.")
+        return {m: ascender for m in self.perturbations}
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> FreeTraining:
+        if self._phase != "new":
+            raise ContextExitedError("Expected a fresh free_training context, but this one was already entered.")
+        self._hooks.install()
+        self._hooks.set_requires_grad({m for m, p in self.perturbations.items() if p.direction != "random"})
+        self._phase = "open"
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None and self._phase == "open":
+                self._finish()
+        finally:
+            self._hooks.remove()
+            self._sync.close()
+            self._phase = "closed"
+
+    def _require_open(self) -> None:
+        if self._phase == "closed":
+            raise ContextExitedError("Expected to be inside the free_training block, but it has exited.")
+        if self._phase == "new":
+            raise ContextExitedError("Expected `with free_training(...) as ft:` before use, but it was not entered.")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The perturbed modalities."""
+        return tuple(self.perturbations)
+
+    @property
+    def hook_calls(self) -> dict[str, int]:
+        """How many times each site's hook ran in this context."""
+        return self._hooks.total_calls()
+
+    def deltas(self, modality: str) -> list[Tensor | None]:
+        """Current δ of each call of `modality` (None before its first perturbed forward)."""
+        return self._hooks.deltas(modality)
+
+    def delta_norms(self) -> dict[str, Tensor]:
+        """Mean per-row norm (in each perturbation's norm) of the current δ of each modality."""
+        out: dict[str, Tensor] = {}
+        for m, p in self.perturbations.items():
+            norms = [
+                row_norm(d.detach(), p.norm, mask=None if mk is None else mk.squeeze(-1)).mean()
+                for d, mk in zip(self._hooks.deltas(m), self._hooks.masks(m))
+                if d is not None
+            ]
+            if norms:
+                out[m] = torch.stack(norms).mean()
+        return out
+
+    @property
+    def clean_logits(self) -> Tensor:
+        """The clean logits to use in a loss now.
+
+        With the `"deferred"` schedule, during steps 0..K-2 this is a detached leaf that
+        collects the gradient the losses send to the clean prediction; at the last step
+        (and outside the iteration) it is the clean forward's own logits.
+        """
+        self._require_open()
+        if self._clean_real is None:
+            raise AdvlabValueError("Expected `ft.clean(forward)` to run before the clean logits are used.")
+        if self._clean_leaf is not None and self._k is not None and self._k < self.steps - 1:
+            return self._clean_leaf
+        return self._clean_real
+
+    # ------------------------------------------------------------------ the step
+    def clean(self, forward: Callable[[], Any]) -> Any:
+        """Run the clean forward (no δ) and keep its logits for the regularisers.
+
+        Args:
+            forward: Runs the model once and returns its output.
+
+        Returns:
+            The output of `forward()`.
+        """
+        self._require_open()
+        if self._clean_real is not None:
+            raise AdvlabValueError("Expected one clean forward per context, but `clean` was called twice.")
+        if self._is_ddp() and self.steps > 0:
+            self._sync.enter_context(self.model.no_sync())  # type: ignore[operator]
+        output = self._hooks.run(forward, active=())
+        logits = self._logits(output)
+        if not isinstance(logits, Tensor) or not logits.is_floating_point():
+            raise AdvlabTypeError(f"Expected the logits to be a floating tensor, but got {type(logits).__name__}.")
+        self._clean_real = logits
+        if self.schedule == "deferred" and logits.requires_grad:
+            self._clean_leaf = logits.detach().requires_grad_(True)
+        return output
+
+    def clean_loss(self, loss: Tensor) -> None:
+        """Add a loss on the clean output; it is back-propagated with the last backward."""
+        self._require_open()
+        self._check_loss(loss)
+        self._clean_losses.append(loss)
+
+    def __iter__(self) -> Iterator[AscentStep]:
+        self._require_open()
+        try:
+            for k in range(self.steps):
+                self._k = k
+                self._stepped = False
+                self._active_in_step = set()
+                if k == self.steps - 1:
+                    self._sync.close()  # the last forward and the one backward outside no_sync: one all-reduce
+                needs_grad = {m for m, p in self.perturbations.items() if p.direction != "random"}
+                self._hooks.set_requires_grad(needs_grad)
+                yield AscentStep(k, k == self.steps - 1, self.groups, self)
+                if not self._stepped:
+                    raise AdvlabValueError(f"Expected ascent step {k} to end with `ft.backward(loss)`, but it did not.")
+        finally:
+            self._k = None
+
+    def forward(self, forward: Callable[[], Any], modalities: Sequence[str] | None = None) -> Any:
+        """Run `forward()` with δ added at `modalities` (default: every perturbed modality).
+
+        Args:
+            forward: Runs the model once and returns its output; must see the same inputs
+                at every call.
+            modalities: Which modalities to perturb in this forward.
+        """
+        self._require_open()
+        active = self.modalities if modalities is None else tuple(modalities)
+        if isinstance(modalities, str):
+            active = (modalities,)
+        unknown = [m for m in active if m not in self.perturbations]
+        if unknown:
+            raise AdvlabValueError(f"Expected modalities among {list(self.perturbations)}, but got {unknown}.")
+        output = self._hooks.run(forward, active=active)
+        self._active_in_step.update(active)
+        return output
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate one ascent step's loss and move δ.
+
+        Parameter gradients accumulate (".grad += ..."); δ takes one ascent step unless this
+        is the last step. At the last step (or outside the iteration) the pending clean
+        backward runs too. With a `scaler`, the loss is scaled and δ's gradient unscaled.
+
+        Args:
+            loss: Scalar loss of this step, already weighted as it should enter the
+                parameter gradient (e.g. divided by K).
+        """
+        self._require_open()
+        self._check_loss(loss)
+        final = self._k is None or self._k == self.steps - 1
+        self._stepped = True
+        if not self._is_finite(loss, "loss"):
+            if final:
+                self._backward_final(None)
+            return
+        if final:
+            self._backward_final(loss)
+        else:
+            try:
+                self._scale(loss).backward(retain_graph=self.schedule == "retain")
+            except RuntimeError as err:
+                if "second time" in str(err) and self.schedule == "deferred":
+                    raise AdvlabValueError(
+                        "Expected the step's loss to use `step.clean_logits` (or `ft.clean_logits`) for the clean "
+                        "prediction, not the logits of the clean output itself: with schedule='deferred' the clean "
+                        "graph is back-propagated once, at the last step."
+                    ) from err
+                raise
+            self._update_deltas(self._delta_grads_from_leaves())
+
+    def ascend(self, loss: Tensor) -> None:
+        """δ-only ascent step: move δ along the gradient of `loss`; no parameter gradient.
+
+        Used by SMART-style regularisers, whose ascent steps are not "free".
+        """
+        self._require_open()
+        self._check_loss(loss)
+        if not self._is_finite(loss, "loss"):
+            return
+        leaves = [
+            (m, i, d) for m in self._active_in_step for i, d in enumerate(self._hooks.deltas(m))
+            if d is not None and d.requires_grad
+        ]
+        if not leaves:
+            raise AdvlabValueError("Expected a perturbed forward (`ft.forward`) before `ascend`, but none ran.")
+        grads = torch.autograd.grad(self._scale(loss), [d for _, _, d in leaves], allow_unused=True)
+        self._update_deltas({(m, i): g for (m, i, _), g in zip(leaves, grads)})
+        self._hooks.set_requires_grad(set(self.perturbations))
+        self._active_in_step = set()
+
+    # ------------------------------------------------------------------ internals
+    def _is_ddp(self) -> bool:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return isinstance(self.model, DistributedDataParallel)
+
+    def _check_loss(self, loss: Tensor) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise AdvlabValueError(f"Expected `loss` to be a scalar tensor, but got {got}.")
+
+    def _is_finite(self, value: Tensor, what: str) -> bool:
+        return self._allow(bool(torch.isfinite(value.detach()).all()), what)
+
+    def _allow(self, finite: bool, what: str) -> bool:
+        """Apply the non-finite policy: True to go on, False to skip (counted), or raise."""
+        if finite:
+            return True
+        if self.on_nonfinite == "raise":
+            step = "outside the ascent loop" if self._k is None else f"at ascent step {self._k}"
+            raise NonFiniteError(
+                f"Expected a finite {what} {step}, but it contains NaN or inf; pass on_nonfinite='skip' to skip "
+                "such steps (the default with a GradScaler)."
+            )
+        self.skipped_steps += 1
+        return False
+
+    def _scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _backward_final(self, loss: Tensor | None) -> None:
+        tensors: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        if loss is not None:
+            tensors.append(self._scale(loss))
+            grads.append(None)
+        if self._clean_leaf is not None and self._clean_leaf.grad is not None and self._clean_real is not None:
+            tensors.append(self._clean_real)
+            grads.append(self._clean_leaf.grad)
+        for clean in self._clean_losses:
+            tensors.append(self._scale(clean))
+            grads.append(None)
+        if tensors:
+            torch.autograd.backward(tensors, grads)  # type: ignore[arg-type]
+        self._clean_losses = []
+        if self._clean_leaf is not None:
+            self._clean_leaf.grad = None
+        self._final_done = True
+
+    def _finish(self) -> None:
+        pending = self._clean_losses or (self._clean_leaf is not None and self._clean_leaf.grad is not None)
+        if pending and not self._final_done:
+            self._backward_final(None)
+
+    def _delta_grads_from_leaves(self) -> dict[tuple[str, int], Tensor | None]:
+        out: dict[tuple[str, int], Tensor | None] = {}
+        for m in self._active_in_step:
+            for i, d in enumerate(self._hooks.deltas(m)):
+                if d is not None:
+                    out[(m, i)] = d.grad
+        return out
+
+    def _update_deltas(self, grads: Mapping[tuple[str, int], Tensor | None]) -> None:
+        if not grads:
+            return
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        unscaled: dict[tuple[str, int], Tensor | None] = {}
+        for key, g in grads.items():
+            if g is None:
+                unscaled[key] = None if self.perturbations[key[0]].direction == "random" else torch.zeros_like(
+                    self._hooks.deltas(key[0])[key[1]]  # type: ignore[arg-type]
+                )
+            else:
+                g = g.detach().to(self._hooks.deltas(key[0])[key[1]].dtype)  # type: ignore[union-attr]
+                unscaled[key] = g / scale if scale != 1.0 else g
+        present = [g for g in unscaled.values() if g is not None]
+        if present and not self._allow(bool(torch.stack([torch.isfinite(g).all() for g in present]).all()),
+                                       "δ gradient"):
+            return
+        for (m, i), g in unscaled.items():
+            delta = self._hooks.deltas(m)[i]
+            assert delta is not None
+            mask = self._hooks.masks(m)[i]
+            new = self._ascenders[m](delta.detach(), g, mask=None if mask is None else mask.squeeze(-1),
+                                     generator=self.generator)
+            self._hooks.set_delta(m, i, new.detach())
+
+
+def free_training(
+    model: nn.Module,
+    sites: Mapping[str, SiteLike] | None,
+    perturbations: Mapping[str, Perturbation],
+    *,
+    steps: int = 1,
+    mode: str = "joint",
+    masks: Mapping[str, MaskLike] | None = None,
+    schedule: Schedule = "deferred",
+    logits: Callable[[Any], Tensor] | None = None,
+    scaler: Any | None = None,
+    on_nonfinite: NonFinitePolicy | None = None,
+    generator: torch.Generator | None = None,
+    ascender: Ascender | Mapping[str, Ascender] | None = None,
+) -> FreeTraining:
+    """Context manager for K free ascent steps whose parameter gradients accumulate.
+
+    Hooks exist only inside the `with` block and are removed on every exit, also on an
+    exception or KeyboardInterrupt.
+
+    Args:
+        model: Any nn.Module (a DDP / DataParallel wrapper is unwrapped to find the sites;
+            under DDP the clean forward and steps 0..K-2 run under `no_sync`).
+        sites: Modality to dotted module name, module, or `Site`; None asks
+            `model.perturbation_sites()`.
+        perturbations: Modality to `Perturbation`. A site without a perturbation is not
+            perturbed; a perturbation without a site is an error.
+        steps: K ≥ 1 ascent steps.
+        mode: `"joint"`, `"alter"` or one modality's name (see `forward_groups`).
+        masks: Modality to bool mask, True at real elements, shaped like the site tensor's
+            dimensions before the feature dimension ([b, n] for [b, n, d]).
+        schedule: `"deferred"` (one clean backward) or `"retain"` (official structure).
+        logits: Output -> logits; default `default_logits`.
+        scaler: A `torch.amp.GradScaler`: losses are scaled, δ gradients unscaled.
+        on_nonfinite: `"raise"` (default without a scaler) or `"skip"` (default with one):
+            a non-finite loss is not back-propagated and a non-finite δ gradient leaves δ
+            unchanged; both are counted in `skipped_steps`.
+        generator: Randomness for initial δ and random directions.
+        ascender: Override of the δ update (one for all modalities or one per modality);
+            default `PGDAscender` from each `Perturbation`.
+
+    Returns:
+        A `FreeTraining` context.
+
+    Example:
+        >>> from advlab import Perturbation, symmetric_kl
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+        >>> ids, y = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 1])
+        >>> fwd = lambda: model(ids)
+        >>> with free_training(model, {"txt": "0"}, {"txt": Perturbation(1e-2)}, steps=2) as ft:
+        ...     _ = ft.clean(fwd)
+        ...     for step in ft:
+        ...         out = ft.forward(fwd)
+        ...         loss = nn.functional.cross_entropy(out, y) + symmetric_kl(out, step.clean_logits)
+        ...         ft.backward(loss / ft.steps)
+        >>> model[2].weight.grad.shape
+        torch.Size([2, 12])
+    """
+    return FreeTraining(
+        model, sites, perturbations, steps=steps, mode=mode, masks=masks, schedule=schedule, logits=logits,
+        scaler=scaler, on_nonfinite=on_nonfinite, generator=generator, ascender=ascender,
+    )

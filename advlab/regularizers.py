@@ -1,0 +1,282 @@
+"""Regularisers: divergences between the output distributions of two forwards.
+
+Each takes *logits* (the last dimension is the class dimension; every leading dimension is
+a row) and turns them into distributions by `"softmax"` over classes (the official VILLA
+code does this even for VQA, whose task loss is a per-answer sigmoid) or by `"sigmoid"`
+(one independent Bernoulli per class, the divergence summed over classes).
+
+Reductions:
+
+- `"batchmean"`: sum over classes, mean over rows (official VQA / VE / NLVR2 scaling);
+- `"mean"`: mean over every element (the official VCR scaling: half the per-row KL for two classes);
+- `"sum"`: sum over everything;
+- `"none"`: one value per row.
+
+Divergences are computed in at least float32 (float64 stays float64).
+
+Shape notation:
+    - b: rows (any number of leading dimensions); c: classes
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advlab._checks import check_choice, check_float_tensor, compute_dtype
+from advlab._errors import AdvlabValueError
+
+__all__ = [
+    "Reduction",
+    "Distribution",
+    "Detach",
+    "kl_divergence",
+    "symmetric_kl",
+    "js_divergence",
+    "KLRegularizer",
+    "SymmetricKLRegularizer",
+    "JSRegularizer",
+]
+
+Reduction = Literal["batchmean", "mean", "sum", "none"]
+Distribution = Literal["softmax", "sigmoid"]
+Detach = Literal["none", "target"]
+REDUCTIONS: tuple[str, ...] = ("batchmean", "mean", "sum", "none")
+DISTRIBUTIONS: tuple[str, ...] = ("softmax", "sigmoid")
+DETACH: tuple[str, ...] = ("none", "target")
+
+
+def _check_pair(p_logits: Tensor, q_logits: Tensor) -> tuple[Tensor, Tensor]:
+    p_logits = check_float_tensor(p_logits, "p_logits")
+    q_logits = check_float_tensor(q_logits, "q_logits")
+    if p_logits.shape != q_logits.shape:
+        raise AdvlabValueError(
+            f"Expected `p_logits` and `q_logits` to have the same shape, but got {tuple(p_logits.shape)} "
+            f"and {tuple(q_logits.shape)}."
+        )
+    dtype = compute_dtype(p_logits) if p_logits.dtype == q_logits.dtype else torch.promote_types(
+        compute_dtype(p_logits), compute_dtype(q_logits)
+    )
+    return p_logits.to(dtype), q_logits.to(dtype)
+
+
+def _log_probs(logits: Tensor, distribution: str) -> tuple[Tensor, ...]:
+    """Log-probabilities of each outcome: (log p,) for softmax, (log p, log(1-p)) for sigmoid."""
+    if distribution == "softmax":
+        return (F.log_softmax(logits, dim=-1),)
+    return (F.logsigmoid(logits), F.logsigmoid(-logits))
+
+
+def _kl_elementwise(p_logits: Tensor, q_logits: Tensor, distribution: str) -> Tensor:
+    """Per-class KL(p‖q) terms, [..., c]."""
+    terms = None
+    for log_p, log_q in zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)):
+        t = log_p.exp() * (log_p - log_q)
+        terms = t if terms is None else terms + t
+    assert terms is not None
+    return terms
+
+
+def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return elementwise.sum(dim=-1)
+    if reduction == "sum":
+        return elementwise.sum()
+    if reduction == "mean":
+        return elementwise.mean()
+    rows = elementwise.numel() // max(elementwise.shape[-1], 1) if elementwise.dim() > 0 else 1
+    return elementwise.sum() / max(rows, 1)
+
+
+def kl_divergence(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    *,
+    distribution: Distribution = "softmax",
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    """KL(p‖q) = Σ p (log p − log q), with p and q given by their logits.
+
+    Args:
+        p_logits: Logits of p (the distribution the expectation is taken under).
+        q_logits: Logits of q.
+        distribution: `"softmax"` over the last dimension or per-class `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"` (one value per row).
+
+    Shape:
+        - p_logits, q_logits: [..., c]
+        - output: scalar, or [...] for `"none"`
+
+    Example:
+        >>> p = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> kl_divergence(p, p)
+        tensor(0.)
+        >>> kl_divergence(p, torch.zeros(1, 3))
+        tensor(0.5743)
+    """
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(reduction, REDUCTIONS, "reduction")
+    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    return _reduce(_kl_elementwise(p_logits, q_logits, distribution), reduction)
+
+
+def symmetric_kl(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    *,
+    detach: Detach = "none",
+    distribution: Distribution = "softmax",
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    """Symmetric KL: KL(p‖q) + KL(q‖p).
+
+    With `detach="none"` (VILLA) gradients flow through both sides of both terms. With
+    `detach="target"` (SMART, ALUM) each term's expectation distribution is a constant:
+    KL(sg(p)‖q) + KL(sg(q)‖p).
+
+    Args:
+        p_logits: Logits of p.
+        q_logits: Logits of q.
+        detach: `"none"` or `"target"`.
+        distribution: `"softmax"` or `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+
+    Shape:
+        - p_logits, q_logits: [..., c]; output: scalar, or [...] for `"none"`
+
+    Example:
+        >>> p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        >>> torch.allclose(symmetric_kl(p, q), symmetric_kl(q, p))
+        True
+    """
+    check_choice(detach, DETACH, "detach")
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(reduction, REDUCTIONS, "reduction")
+    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    if detach == "none":
+        forward = _kl_elementwise(p_logits, q_logits, distribution)
+        backward = _kl_elementwise(q_logits, p_logits, distribution)
+    else:
+        forward = _kl_sg_target(p_logits, q_logits, distribution)
+        backward = _kl_sg_target(q_logits, p_logits, distribution)
+    return _reduce(forward + backward, reduction)
+
+
+def _kl_sg_target(p_logits: Tensor, q_logits: Tensor, distribution: str) -> Tensor:
+    """KL(sg(p)‖q) elementwise: the value of KL(p‖q), gradient only through q."""
+    terms = None
+    for log_p, log_q in zip(_log_probs(p_logits.detach(), distribution), _log_probs(q_logits, distribution)):
+        t = log_p.exp() * (log_p - log_q)
+        terms = t if terms is None else terms + t
+    assert terms is not None
+    return terms
+
+
+def js_divergence(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    *,
+    distribution: Distribution = "softmax",
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    """Jensen–Shannon divergence: ½ KL(p‖m) + ½ KL(q‖m), m = (p + q) / 2.
+
+    Args:
+        p_logits: Logits of p.
+        q_logits: Logits of q.
+        distribution: `"softmax"` or `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+
+    Shape:
+        - p_logits, q_logits: [..., c]; output: scalar, or [...] for `"none"`
+
+    Example:
+        >>> p, q = torch.tensor([[9.0, -9.0]]), torch.tensor([[-9.0, 9.0]])
+        >>> bool(js_divergence(p, q) <= torch.log(torch.tensor(2.0)))
+        True
+    """
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(reduction, REDUCTIONS, "reduction")
+    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    terms = None
+    for log_p, log_q in zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)):
+        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype))
+        t = 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
+        terms = t if terms is None else terms + t
+    assert terms is not None
+    return _reduce(terms, reduction)
+
+
+class KLRegularizer(nn.Module):
+    """Module form of `kl_divergence`.
+
+    Args:
+        distribution: `"softmax"` or `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+
+    Example:
+        >>> KLRegularizer()(torch.zeros(2, 3), torch.zeros(2, 3))
+        tensor(0.)
+    """
+
+    def __init__(self, *, distribution: Distribution = "softmax", reduction: Reduction = "batchmean") -> None:
+        super().__init__()
+        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
+        self.reduction = check_choice(reduction, REDUCTIONS, "reduction")
+
+    def forward(self, p_logits: Tensor, q_logits: Tensor) -> Tensor:
+        """KL(p‖q)."""
+        return kl_divergence(p_logits, q_logits, distribution=self.distribution, reduction=self.reduction)  # type: ignore[arg-type]
+
+
+class SymmetricKLRegularizer(nn.Module):
+    """Module form of `symmetric_kl`.
+
+    Args:
+        detach: `"none"` (VILLA) or `"target"` (SMART).
+        distribution: `"softmax"` or `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+
+    Example:
+        >>> SymmetricKLRegularizer(detach="target")(torch.zeros(2, 3), torch.zeros(2, 3))
+        tensor(0.)
+    """
+
+    def __init__(
+        self, *, detach: Detach = "none", distribution: Distribution = "softmax", reduction: Reduction = "batchmean"
+    ) -> None:
+        super().__init__()
+        self.detach = check_choice(detach, DETACH, "detach")
+        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
+        self.reduction = check_choice(reduction, REDUCTIONS, "reduction")
+
+    def forward(self, p_logits: Tensor, q_logits: Tensor) -> Tensor:
+        """KL(p‖q) + KL(q‖p)."""
+        return symmetric_kl(
+            p_logits, q_logits, detach=self.detach, distribution=self.distribution, reduction=self.reduction  # type: ignore[arg-type]
+        )
+
+
+class JSRegularizer(nn.Module):
+    """Module form of `js_divergence`.
+
+    Args:
+        distribution: `"softmax"` or `"sigmoid"`.
+        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+
+    Example:
+        >>> JSRegularizer()(torch.zeros(2, 3), torch.zeros(2, 3))
+        tensor(0.)
+    """
+
+    def __init__(self, *, distribution: Distribution = "softmax", reduction: Reduction = "batchmean") -> None:
+        super().__init__()
+        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
+        self.reduction = check_choice(reduction, REDUCTIONS, "reduction")
+
+    def forward(self, p_logits: Tensor, q_logits: Tensor) -> Tensor:
+        """JS(p, q)."""
+        return js_divergence(p_logits, q_logits, distribution=self.distribution, reduction=self.reduction)  # type: ignore[arg-type]
