@@ -1347,14 +1347,14 @@ def _from_pretrained(
         notes.append(f"dropped {len(mismatched)} head keys of another size: {mismatched[:4]}")
     if heads_missing:
         notes.append(f"left {len(heads_missing)} head keys randomly initialised: {heads_missing[:6]}")
-    if notes:
-        warnings.warn(f"Loading {name} into {cls.__name__}: " + "; ".join(notes) + ".", stacklevel=3)
     try:
         model.load_state_dict(target, strict=False)
     except RuntimeError as err:
         raise AdvlabValueError(
             f"Expected the tensors in {name} to fit {cls.__name__}({config}), but: {err}"
         ) from None
+    if notes:
+        warnings.warn(f"Loading {name} into {cls.__name__}: " + "; ".join(notes) + ".", stacklevel=3)
     return model.eval()  # type: ignore[return-value]
 
 
