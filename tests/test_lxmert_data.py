@@ -1,0 +1,113 @@
+"""obj36 TSV reader; fixture lines are written here with base64 and numpy directly."""
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+import advlab
+from advlab.data.obj36 import collate_obj36, iter_obj36, load_obj36
+
+
+def b64(array: np.ndarray) -> str:
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def fixture_line(img_id="COCO_1", h=480, w=640, n=36, dim=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.uniform(0, w / 2, n)
+    y1 = rng.uniform(0, h / 2, n)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1).astype(np.float32)
+    arrays = dict(
+        objects_id=rng.integers(0, 1600, n).astype(np.int64),
+        objects_conf=rng.uniform(0, 1, n).astype(np.float32),
+        attrs_id=rng.integers(0, 400, n).astype(np.int64),
+        attrs_conf=rng.uniform(0, 1, n).astype(np.float32),
+        boxes=boxes,
+        features=rng.standard_normal((n, dim)).astype(np.float32),
+    )
+    fields = [img_id, str(h), str(w), b64(arrays["objects_id"]), b64(arrays["objects_conf"]), b64(arrays["attrs_id"]),
+              b64(arrays["attrs_conf"]), str(n), b64(arrays["boxes"]), b64(arrays["features"])]
+    return "\t".join(fields), arrays
+
+
+def write(tmp_path, lines, name="feats.tsv"):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_reads_36_boxes_and_normalises_by_width_and_height(tmp_path):
+    line, arrays = fixture_line()
+    records = load_obj36(write(tmp_path, [line]))
+    rec = records["COCO_1"]
+    assert (rec.img_h, rec.img_w, rec.num_boxes) == (480, 640, 36)
+    assert rec.features.shape == (36, 2048) and rec.features.dtype == torch.float32
+    np.testing.assert_array_equal(rec.features.numpy(), arrays["features"])
+    np.testing.assert_array_equal(rec.objects_id.numpy(), arrays["objects_id"])
+    np.testing.assert_array_equal(rec.attrs_conf.numpy(), arrays["attrs_conf"])
+    expected = arrays["boxes"] / np.array([640, 480, 640, 480], np.float32)  # x / width, y / height
+    np.testing.assert_allclose(rec.boxes.numpy(), expected, rtol=1e-6)
+    assert rec.boxes.min() >= 0 and rec.boxes.max() <= 1
+    assert (rec.boxes[:, 2] > rec.boxes[:, 0]).all() and (rec.boxes[:, 3] > rec.boxes[:, 1]).all()  # x1 y1 x2 y2
+
+
+def test_pixel_boxes_kept_when_asked(tmp_path):
+    line, arrays = fixture_line(n=3, dim=8)
+    rec = next(iter_obj36(write(tmp_path, [line]), normalize_boxes=False))
+    np.testing.assert_array_equal(rec.boxes.numpy(), arrays["boxes"])
+
+
+def test_several_lines_limit_and_collate(tmp_path):
+    lines = [fixture_line(f"img{i}", n=4 + i, dim=8, seed=i)[0] for i in range(3)]
+    path = write(tmp_path, lines + [""])
+    assert list(load_obj36(path)) == ["img0", "img1", "img2"]
+    assert len(load_obj36(path, limit=2)) == 2
+    feats, boxes, mask = collate_obj36(list(load_obj36(path).values()))
+    assert feats.shape == (3, 6, 8) and boxes.shape == (3, 6, 4)
+    assert mask.sum(1).tolist() == [4, 5, 6]
+    assert feats[0, 4:].abs().sum() == 0
+
+
+def test_feature_dim_is_checked(tmp_path):
+    line, _ = fixture_line(n=2, dim=8)
+    path = write(tmp_path, [line])
+    assert next(iter_obj36(path, feature_dim=8)).features.shape == (2, 8)
+    with pytest.raises(advlab.AdvlabValueError, match="line 1.*features"):
+        next(iter_obj36(path, feature_dim=2048))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda parts: parts[:9], "expected 10 tab-separated fields"),
+        (lambda parts: parts[:1] + ["tall"] + parts[2:], "img_h"),
+        (lambda parts: parts[:7] + ["3"] + parts[8:], "boxes"),  # num_boxes disagrees with the arrays
+        (lambda parts: parts[:9] + [parts[9][:-8]], "features"),  # truncated base64 payload
+        (lambda parts: parts[:3] + ["@@not base64@@"] + parts[4:], "objects_id.*base64"),
+        (lambda parts: parts[:2] + ["10"] + parts[3:], "inside the 10x480 image"),  # boxes beyond the width
+    ],
+)
+def test_malformed_line_names_file_and_line_number(tmp_path, corrupt, message):
+    good, _ = fixture_line("ok", n=2, dim=8)
+    bad = "\t".join(corrupt(fixture_line("bad", n=2, dim=8, seed=1)[0].split("\t")))
+    path = write(tmp_path, [good, good.replace("ok", "ok2"), bad])
+    records = iter_obj36(path)
+    next(records), next(records)
+    with pytest.raises(advlab.AdvlabValueError, match=rf"feats\.tsv, line 3: {message}|feats\.tsv, line 3: .*{message}"):
+        next(records)
+
+
+def test_duplicate_ids_and_bad_arguments(tmp_path):
+    line, _ = fixture_line(n=2, dim=8)
+    with pytest.raises(advlab.AdvlabValueError, match="repeats"):
+        load_obj36(write(tmp_path, [line, line]))
+    with pytest.raises(advlab.AdvlabValueError, match="limit"):
+        load_obj36(write(tmp_path, [line]), limit=-1)
+    with pytest.raises(advlab.AdvlabValueError, match="missing.tsv"):
+        load_obj36(tmp_path / "missing.tsv")
+    with pytest.raises(advlab.AdvlabTypeError, match="path"):
+        load_obj36(3)
+    with pytest.raises(advlab.AdvlabValueError, match="records"):
+        collate_obj36([])
