@@ -1,0 +1,186 @@
+"""Image–caption folder reader and the caption-level split."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.data.captions import (
+    CaptionedImage,
+    ImageCaptionFolder,
+    caption_key,
+    read_caption,
+    scan_caption_folder,
+    split_by_caption,
+)
+
+
+def _png(path: Path, size: tuple[int, int] = (6, 4)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGBA", size, (255, 0, 0, 128)).save(path)
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+    """Good stamps in nested folders plus every kind of bad file."""
+    _png(tmp_path / "animals" / "birds" / "crow.png")
+    (tmp_path / "animals" / "birds" / "crow.txt").write_text("A crow.\nfr.utf8=Un corbeau.\n", encoding="utf-8")
+    _png(tmp_path / "food" / "potato.png")
+    (tmp_path / "food" / "potato.txt").write_bytes("\ufeffA brown  potato. \n".encode())  # BOM, spaces
+    _png(tmp_path / "top.png")
+    (tmp_path / "top.txt").write_text("A spinning top.")  # no newline at all
+    # bad: no caption file, empty caption, undecodable caption, broken PNG, truncated PNG
+    _png(tmp_path / "food" / "nocaption.png")
+    _png(tmp_path / "food" / "empty.png")
+    (tmp_path / "food" / "empty.txt").write_text("\nde.utf8=Leer\n")
+    _png(tmp_path / "food" / "latin1.png")
+    (tmp_path / "food" / "latin1.txt").write_bytes(b"Caf\xe9 au lait.\n")
+    (tmp_path / "food" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "food" / "broken.txt").write_text("A broken file.\n")
+    _png(tmp_path / "food" / "cut.png", size=(64, 64))
+    (tmp_path / "food" / "cut.png").write_bytes((tmp_path / "food" / "cut.png").read_bytes()[:60])
+    (tmp_path / "food" / "cut.txt").write_text("A truncated file.\n")
+    # ignored without counting: an SVG with a PNG twin, a text file alone, a non-image file
+    (tmp_path / "top.svg").write_text("<svg/>")
+    (tmp_path / "food" / "orphan.txt").write_text("No image here.\n")
+    (tmp_path / "food" / "notes.dat").write_text("x")
+    # counted: an SVG with no raster twin
+    (tmp_path / "animals" / "vector.svg").write_text("<svg/>")
+    (tmp_path / "animals" / "vector.txt").write_text("A vector.\n")
+    return tmp_path
+
+
+def test_reader_skips_bad_files_with_one_warning(messy_folder):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = scan_caption_folder(messy_folder)
+    assert [(x.path.relative_to(messy_folder).as_posix(), x.caption, x.category) for x in items] == [
+        ("animals/birds/crow.png", "A crow.", "animals/birds"),
+        ("food/potato.png", "A brown potato.", "food"),
+        ("top.png", "A spinning top.", ""),
+    ]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert caught[0].category is UserWarning and caught[0].filename == __file__  # points at the caller
+    assert "Skipped 6 files" in message
+    assert "3 no caption" in message and "2 unreadable image" in message and "1 svg without a raster twin" in message
+
+
+def test_verify_mode_catches_broken_header_and_none_trusts_files(messy_folder):
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        verified = scan_caption_folder(messy_folder, check="verify")
+        trusted = scan_caption_folder(messy_folder, check="none")
+    assert "food/broken.png" not in {x.path.relative_to(messy_folder).as_posix() for x in verified}
+    assert len(trusted) == 5  # only caption problems are skipped
+
+
+def test_clean_folder_warns_nothing(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("A.\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = ImageCaptionFolder(tmp_path)
+    assert len(folder) == 1 and folder[0].caption == "A." and folder.n_captions == 1
+
+
+def test_reader_argument_errors(tmp_path):
+    with pytest.raises(AdvlabValueError, match="root"):
+        scan_caption_folder(tmp_path / "nope")
+    with pytest.raises(AdvlabValueError, match="suffixes"):
+        scan_caption_folder(tmp_path, suffixes=".png")
+    with pytest.raises(AdvlabValueError, match="check"):
+        scan_caption_folder(tmp_path, check="maybe")  # type: ignore[arg-type]
+
+
+def test_read_caption_edge_cases(tmp_path):
+    (tmp_path / "x.txt").write_text("  A   cat \r\nsecond line\n")
+    assert read_caption(tmp_path / "x.txt") == "A cat"
+    assert read_caption(tmp_path / "missing.txt") is None
+
+
+def _templated_items() -> list[CaptionedImage]:
+    """Like Tux Paint: families sharing one caption (letters drawn in several styles), plus singletons."""
+    items = []
+    for letter in "ABCDEFGHIJ":
+        for style in ("filled", "outline", "cartoon"):
+            items.append(CaptionedImage(Path(f"symbols/{style}/{letter}.png"), f"The letter {letter}.", style))
+    for i in range(60):
+        items.append(CaptionedImage(Path(f"animals/a{i:02d}.png"), f"Animal number {i}.", "animals"))
+    # same caption up to case and spacing counts as identical
+    items.append(CaptionedImage(Path("symbols/odd/a_lower.png"), "the  letter a.", "odd"))
+    return items
+
+
+def _keys(items) -> set[str]:
+    return {caption_key(x.caption) for x in items}
+
+
+def test_no_caption_crosses_splits_and_galleries_are_unique():
+    items = _templated_items()
+    splits = split_by_caption(items, seed=0)
+    train, val, test = _keys(splits.train), _keys(splits.val), _keys(splits.test)
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert train | val | test == _keys(items)
+    n = len(_keys(items))  # 70 distinct captions
+    assert (len(train), len(val), len(test)) == (round(0.7 * n), round(0.1 * n), n - round(0.7 * n) - round(0.1 * n))
+    # training keeps every image of its captions; the galleries one image per caption
+    assert len(splits.train) == sum(caption_key(x.caption) in train for x in items)
+    assert len(splits.test) == len(test) and len(splits.val) == len(val)
+    # the kept gallery image is the first by path
+    for x in splits.test:
+        same = sorted(y.path.as_posix() for y in items if caption_key(y.caption) == caption_key(x.caption))
+        assert x.path.as_posix() == same[0]
+
+
+def test_split_is_deterministic_and_order_independent():
+    items = _templated_items()
+    a = split_by_caption(items, seed=3)
+    b = split_by_caption(list(reversed(items)), seed=3)
+    assert a == b
+    assert split_by_caption(items, seed=4) != a
+
+
+@given(
+    n_captions=st.integers(1, 40),
+    copies=st.lists(st.integers(1, 4), min_size=40, max_size=40),
+    seed=st.integers(0, 2**31),
+)
+def test_split_properties(n_captions, copies, seed):
+    items = [
+        CaptionedImage(Path(f"c{c:02d}_{k}.png"), f"Caption {c}.", "") for c in range(n_captions) for k in range(copies[c])
+    ]
+    splits = split_by_caption(items, seed=seed)
+    sets = [_keys(splits.train), _keys(splits.val), _keys(splits.test)]
+    assert sum(len(s) for s in sets) == n_captions and len(set.union(*sets)) == n_captions
+    for gallery in (splits.val, splits.test):
+        assert len(gallery) == len(_keys(gallery))
+
+
+def test_split_argument_errors():
+    items = _templated_items()
+    with pytest.raises(AdvlabValueError, match="fractions"):
+        split_by_caption(items, fractions=(0.7, 0.2, 0.2))
+    with pytest.raises(AdvlabValueError, match="fractions"):
+        split_by_caption(items, fractions=(0.5, 0.5))
+    with pytest.raises(AdvlabTypeError, match="seed"):
+        split_by_caption(items, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_folder_split_end_to_end(tmp_path):
+    for i in range(20):
+        _png(tmp_path / f"group{i % 3}" / f"img{i:02d}.png")
+        (tmp_path / f"group{i % 3}" / f"img{i:02d}.txt").write_text(f"Thing {i % 10}.\n")
+    folder = ImageCaptionFolder(tmp_path)
+    splits = folder.split(seed=0)
+    assert len(folder) == 20 and folder.n_captions == 10
+    assert splits.summary().startswith("train ")
+    assert not (_keys(splits.train) & _keys(splits.test))
+    assert len(splits.test) == len(_keys(splits.test)) == 2
