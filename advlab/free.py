@@ -23,6 +23,10 @@ Backward schedules (identical parameter gradients):
   Each graph is back-propagated once: 1 + 3MK + 2 cost units instead of 1 + K(3M + 2).
 - `"retain"`: the official code's structure, every step back-propagates through the clean
   graph again (`retain_graph=True`).
+- `"lean"`: memory-lean. The clean forward runs under `no_grad` (only its logits are kept);
+  at the end the clean forward is recomputed with gradients, replaying the RNG state so that
+  dropout masks match (as activation checkpointing does), and back-propagated once. The RNG
+  state is restored afterwards. Costs one extra forward; keeps one graph alive at a time.
 
 Shape notation:
     - b: batch size; n: positions; d: features
@@ -31,7 +35,7 @@ Shape notation:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -48,8 +52,8 @@ from advlab.sites import SiteLike, unwrap_model
 
 __all__ = ["free_training", "FreeTraining", "AscentStep", "Ascender", "Schedule", "default_logits", "forward_groups"]
 
-Schedule = Literal["deferred", "retain"]
-SCHEDULES: tuple[str, ...] = ("deferred", "retain")
+Schedule = Literal["deferred", "retain", "lean"]
+SCHEDULES: tuple[str, ...] = ("deferred", "retain", "lean")
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -189,6 +193,10 @@ class FreeTraining:
         self._clean_real: Tensor | None = None
         self._clean_leaf: Tensor | None = None
         self._clean_losses: list[Tensor] = []
+        self._clean_loss_fns: list[Callable[[Any], Tensor]] = []
+        self._clean_forward: Callable[[], Any] | None = None
+        self._clean_output: Any = None
+        self._rng: _RngSnapshot | None = None
         self._final_done = False
         self._sync = ExitStack()
         self.skipped_steps = 0
@@ -270,7 +278,9 @@ class FreeTraining:
         self._require_open()
         if self._clean_real is None:
             raise AdvlabValueError("Expected `ft.clean(forward)` to run before the clean logits are used.")
-        if self._clean_leaf is not None and self._k is not None and self._k < self.steps - 1:
+        if self._clean_leaf is not None and (
+            self.schedule == "lean" or (self._k is not None and self._k < self.steps - 1)
+        ):
             return self._clean_leaf
         return self._clean_real
 
@@ -282,25 +292,52 @@ class FreeTraining:
             forward: Runs the model once and returns its output.
 
         Returns:
-            The output of `forward()`.
+            The output of `forward()` (computed without gradients in the `"lean"` schedule).
         """
         self._require_open()
         if self._clean_real is not None:
             raise AdvlabValueError("Expected one clean forward per context, but `clean` was called twice.")
-        if self._is_ddp() and self.steps > 0:
+        if self._is_ddp():
+            if self.schedule == "lean":
+                raise AdvlabValueError(
+                    "Expected schedule 'deferred' or 'retain' under DistributedDataParallel, but got 'lean': its "
+                    "recomputed clean forward would need a second DDP forward before one backward."
+                )
             self._sync.enter_context(self.model.no_sync())  # type: ignore[operator]
-        output = self._hooks.run(forward, active=())
+        if self.schedule == "lean":
+            self._clean_forward = forward
+            self._rng = _RngSnapshot.take()
+            with torch.no_grad():
+                output = self._hooks.run(forward, active=())
+        else:
+            output = self._hooks.run(forward, active=())
         logits = self._logits(output)
         if not isinstance(logits, Tensor) or not logits.is_floating_point():
             raise AdvlabTypeError(f"Expected the logits to be a floating tensor, but got {type(logits).__name__}.")
         self._clean_real = logits
-        if self.schedule == "deferred" and logits.requires_grad:
+        if self.schedule == "lean":
+            self._clean_leaf = logits.detach().requires_grad_(torch.is_grad_enabled())
+        elif self.schedule == "deferred" and logits.requires_grad:
             self._clean_leaf = logits.detach().requires_grad_(True)
+        self._clean_output = output
         return output
 
-    def clean_loss(self, loss: Tensor) -> None:
-        """Add a loss on the clean output; it is back-propagated with the last backward."""
+    def clean_loss(self, loss: Tensor | Callable[[Any], Tensor]) -> None:
+        """Add a loss on the clean output; it is back-propagated with the last backward.
+
+        Args:
+            loss: The loss, or a function clean output -> loss (required by the `"lean"`
+                schedule, which recomputes the clean forward at the end).
+        """
         self._require_open()
+        if callable(loss) and not isinstance(loss, Tensor):
+            self._clean_loss_fns.append(loss)
+            return
+        if self.schedule == "lean":
+            raise AdvlabValueError(
+                "Expected `clean_loss` to get a function output -> loss with schedule='lean' (the clean forward is "
+                "recomputed at the end), but got a tensor."
+            )
         self._check_loss(loss)
         self._clean_losses.append(loss)
 
@@ -428,23 +465,44 @@ class FreeTraining:
         tensors: list[Tensor] = []
         grads: list[Tensor | None] = []
         if loss is not None:
-            tensors.append(self._scale(loss))
+            if self.schedule == "lean":
+                self._scale(loss).backward()  # fills the clean leaf's gradient first
+            else:
+                tensors.append(self._scale(loss))
+                grads.append(None)
+        clean_logits, clean_output = self._clean_real, self._clean_output
+        leaf_grad = self._clean_leaf.grad if self._clean_leaf is not None else None
+        if self.schedule == "lean" and (leaf_grad is not None or self._clean_loss_fns):
+            clean_output = self._recompute_clean()
+            clean_logits = self._logits(clean_output)
+        if leaf_grad is not None and clean_logits is not None:
+            tensors.append(clean_logits)
+            grads.append(leaf_grad)
+        for fn in self._clean_loss_fns:
+            clean = fn(clean_output)
+            self._check_loss(clean)
+            tensors.append(self._scale(clean))
             grads.append(None)
-        if self._clean_leaf is not None and self._clean_leaf.grad is not None and self._clean_real is not None:
-            tensors.append(self._clean_real)
-            grads.append(self._clean_leaf.grad)
         for clean in self._clean_losses:
             tensors.append(self._scale(clean))
             grads.append(None)
         if tensors:
             torch.autograd.backward(tensors, grads)  # type: ignore[arg-type]
-        self._clean_losses = []
+        self._clean_losses, self._clean_loss_fns = [], []
         if self._clean_leaf is not None:
             self._clean_leaf.grad = None
         self._final_done = True
 
+    def _recompute_clean(self) -> Any:
+        """The lean schedule's clean forward again, with gradients and the same RNG stream."""
+        assert self._clean_forward is not None and self._rng is not None
+        with self._rng.replay():
+            return self._hooks.run(self._clean_forward, active=())
+
     def _finish(self) -> None:
-        pending = self._clean_losses or (self._clean_leaf is not None and self._clean_leaf.grad is not None)
+        pending = self._clean_losses or self._clean_loss_fns or (
+            self._clean_leaf is not None and self._clean_leaf.grad is not None
+        )
         if pending and not self._final_done:
             self._backward_final(None)
 
@@ -482,6 +540,27 @@ class FreeTraining:
             self._hooks.set_delta(m, i, new.detach())
 
 
+class _RngSnapshot:
+    """CPU and CUDA RNG states at one moment, to replay a forward's dropout masks."""
+
+    def __init__(self, cpu: Tensor, cuda: list[Tensor] | None) -> None:
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def take(cls) -> _RngSnapshot:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):  # restores the current state on exit
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
 def free_training(
     model: nn.Module,
     sites: Mapping[str, SiteLike] | None,
@@ -513,7 +592,8 @@ def free_training(
         mode: `"joint"`, `"alter"` or one modality's name (see `forward_groups`).
         masks: Modality to bool mask, True at real elements, shaped like the site tensor's
             dimensions before the feature dimension ([b, n] for [b, n, d]).
-        schedule: `"deferred"` (one clean backward) or `"retain"` (official structure).
+        schedule: `"deferred"` (one clean backward), `"retain"` (official structure) or
+            `"lean"` (clean forward without a graph, recomputed at the end).
         logits: Output -> logits; default `default_logits`.
         scaler: A `torch.amp.GradScaler`: losses are scaled, δ gradients unscaled.
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"` (default with one):

@@ -59,7 +59,8 @@ class VILLA:
         kl_reduction: `"batchmean"`, `"mean"`, `"sum"`.
         distribution: `"softmax"` or `"sigmoid"` for the KL.
         logits: Output -> logits for the KL; default: a Tensor, `.logits`, or element 0.
-        schedule: `"deferred"` (default) or `"retain"` (official structure); same gradients.
+        schedule: `"deferred"` (default), `"retain"` (official structure) or `"lean"`
+            (memory-lean: clean forward recomputed); same gradients.
         on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler.
         generator: Randomness for δ_0.
 
@@ -222,7 +223,7 @@ class VILLA:
         ) as ft:
             clean_output = ft.clean(forward)
             if self.flavour == "paper":
-                ft.clean_loss(task_loss(clean_output) * scale)
+                ft.clean_loss(lambda out: task_loss(out) * scale)
             for step in ft:
                 total: Tensor | float = 0.0
                 step_task, step_kl = [], []

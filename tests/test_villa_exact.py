@@ -183,3 +183,47 @@ def test_alter_mode_runs_two_forwards_per_step_and_counts_hooks():
             ft.backward(loss / 6)
         assert ft.hook_calls == {"txt": 1 + 3 * 2, "img": 1 + 3 * 2}
     assert calls == [("txt",), ("img",)] * 3
+
+
+@pytest.mark.parametrize("preset,mode", [("official", "alter"), ("official", "joint"), ("paper", "alter")])
+def test_lean_schedule_equals_deferred_with_dropout_and_restores_rng(preset, mode):
+    """The lean schedule recomputes the clean forward replaying the RNG: same dropout masks, same
+    gradients as the default schedule, and the RNG stream afterwards is the one the default leaves."""
+    model = TinyVL(dropout=0.3).double().train()
+    batch = tiny_batch()
+    kwargs = dict(preset=preset, steps=3, mode=mode, step_size=0.2, radius=0.5 if preset == "paper" else None)
+    results = {}
+    for schedule in ("deferred", "lean"):
+        torch.manual_seed(123)
+        results[schedule] = advlab_step(model, batch, schedule=schedule, generator=torch.Generator().manual_seed(1),
+                                        **kwargs)[0], torch.rand(3)
+    assert_grads_equal(results["lean"][0], results["deferred"][0], atol=1e-10)
+    torch.testing.assert_close(results["lean"][1], results["deferred"][1], rtol=0, atol=0)
+
+
+def test_dropout_makes_schedules_differ_only_through_rng():
+    """Sanity check that dropout is on: two seeds give different gradients."""
+    model = TinyVL(dropout=0.3).double().train()
+    batch = tiny_batch()
+    torch.manual_seed(1)
+    a = advlab_step(model, batch, steps=2, mode="joint")[0]
+    torch.manual_seed(2)
+    b = advlab_step(model, batch, steps=2, mode="joint")[0]
+    assert max((a[n] - b[n]).abs().max().item() for n in a) > 1e-6
+
+
+def test_adversarial_graphs_are_freed_after_their_backward():
+    """Default schedule: a second backward through a step's adversarial graph raises."""
+    model = TinyVL().double()
+    ids, img, tm, im, y = tiny_batch()
+    kept = []
+    with advlab.free_training(model, {"txt": "word"}, {"txt": advlab.Perturbation(0.1)}, steps=2) as ft:
+        ft.clean(lambda: model(ids, img, tm, im))
+        for step in ft:
+            out = ft.forward(lambda: model(ids, img, tm, im))
+            loss = F.cross_entropy(out, y) + plain_symkl(out, step.clean_logits)
+            ft.backward(loss)
+            kept.append(loss)
+    for loss in kept:
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()

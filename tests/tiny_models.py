@@ -13,13 +13,15 @@ class TinyVL(nn.Module):
     (img site: its input). Padded tokens and regions are excluded by masked mean pooling, so
     they get exactly zero gradient, as in UNITER."""
 
-    def __init__(self, vocab: int = 13, img_dim: int = 5, hidden: int = 8, classes: int = 3, seed: int = 0):
+    def __init__(self, vocab: int = 13, img_dim: int = 5, hidden: int = 8, classes: int = 3, seed: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         torch.manual_seed(seed)
         self.word = nn.Embedding(vocab, hidden)
         self.img_proj = nn.Linear(img_dim, hidden)
         self.mix = nn.Linear(hidden, hidden)
         self.head = nn.Linear(hidden, classes)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, ids, img, txt_mask, img_mask, delta_txt=None, delta_img=None):
         w = self.word(ids)
@@ -30,7 +32,7 @@ class TinyVL(nn.Module):
         v = self.img_proj(img)
         x = torch.cat([w, v], dim=1)
         m = torch.cat([txt_mask, img_mask], dim=1).to(x.dtype).unsqueeze(-1)
-        h = torch.tanh(self.mix(x))
+        h = self.drop(torch.tanh(self.mix(x)))
         pooled = (h * m).sum(1) / m.sum(1)
         return self.head(torch.tanh(pooled) + pooled)
 
