@@ -238,7 +238,7 @@ class SiteHooks:
         if i >= state.site.calls:
             raise AdvlabValueError(
                 f"Expected site {state.name!r} (modality {state.modality!r}) to run {state.site.calls} time(s) in one "
-                f"forward, but it ran a {i + 1}th time; use Site(..., calls={i + 1}) for one independent "
+                f"forward, but it was called {i + 1} times; use Site(..., calls={i + 1}) for one independent "
                 "perturbation per call."
             )
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
