@@ -115,3 +115,40 @@ def test_text_perturbation_changes_the_output_through_the_word_lookup():
     villa.step(lambda: model(**batch), loss, masks=masks)
     with torch.no_grad():  # hooks are gone after the step: outputs are clean again, bit for bit
         assert torch.equal(model(**batch).logits, clean)
+
+
+# ---------------------------------------------------------------- the example script, on synthetic data
+
+
+def _load_example():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "lxmert_vqa_villa.py"
+    spec = importlib.util.spec_from_file_location("lxmert_vqa_villa", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # three short training runs, ~15 VILLA steps in all
+def test_example_trains_evaluates_checkpoints_and_resumes_exactly(tmp_path):
+    example = _load_example()
+    common = ["--synthetic", "--epochs", "2", "--batch-size", "8", "--seed", "3"]
+    full = example.main([*common, "--out", str(tmp_path / "full")])
+    assert full == {"global_step": 6, "epoch": 2, "best": full["best"]} and full["best"] >= 0
+    assert (tmp_path / "full" / "best.pt").exists()
+    log = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    assert sum('"valid_score"' in line for line in log) == 2
+
+    part = tmp_path / "part"
+    first = example.main([*common, "--out", str(part), "--max-steps", "4", "--no-progress"])
+    assert first["global_step"] == 4  # stopped in the middle of the second epoch
+    second = example.main([*common, "--out", str(part), "--resume", "--no-progress"])
+    assert second["global_step"] == 6
+
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(part / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # bit-for-bit: same data order, dropout and optimizer
+    assert a["best"] == b["best"]
