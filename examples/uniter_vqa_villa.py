@@ -211,8 +211,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 loss_value = float(loss_value)
             else:
                 # the forward closure is called several times and must see the same inputs
-                stats = villa.step(lambda: model(**inputs), lambda out: vqa_loss(out, targets) / args.grad_accum,
-                                   masks=batch["masks"])
+                stats = villa.step(
+                    lambda inputs=inputs: model(**inputs),
+                    lambda out, targets=targets: vqa_loss(out, targets) / args.grad_accum,
+                    masks=batch["masks"],
+                )
                 loss_value = stats.mean_task_loss * args.grad_accum
             running = loss_value if running is None else 0.95 * running + 0.05 * loss_value
             if pending < args.grad_accum:

@@ -171,7 +171,7 @@ def test_txt_db_sidecar_errors(tmp_path):
 
 
 def test_vqa_dataset_collate_and_model(vqa_dbs):
-    txt, img_dir, examples = vqa_dbs
+    txt, img_dir, _ = vqa_dbs
     dataset = UniterVqaDataset(UniterTxtDb(txt, max_txt_len=12), UniterImgDb(img_dir, compressed=True), num_answers=5)
     first = dataset[0]
     assert first["input_ids"].tolist() == [101, 11, 12, 13, 102]

@@ -139,7 +139,7 @@ def test_unexpected_missing_and_misshapen_keys_raise():
     del partial["uniter.encoder.layer.1.output.LayerNorm.bias"]
     with pytest.raises(AdvlabValueError, match=r"Missing backbone keys.*layer\.1\.output\.LayerNorm\.bias"):
         UniterForVQA.from_pretrained(partial, CFG, num_answers=3)
-    model, report = UniterForVQA.from_pretrained(partial, CFG, num_answers=3, strict=False, output_loading_info=True)
+    _, report = UniterForVQA.from_pretrained(partial, CFG, num_answers=3, strict=False, output_loading_info=True)
     assert "uniter.encoder.layer.1.output.LayerNorm.bias" in report.fresh
     bad = {**state, "uniter.pooler.dense.bias": torch.zeros(H + 1)}
     with pytest.raises(AdvlabValueError, match=r"uniter.pooler.dense.bias.*\(32,\).*\(33,\)"):
@@ -216,6 +216,7 @@ def test_fresh_head_is_logged(caplog):
     assert "vqa_output.3.weight" in text and "cls.predictions.bias" in text
 
 
+@pytest.mark.slow  # importing transformers takes seconds
 def test_text_only_path_matches_transformers_bert():
     from transformers import BertConfig, BertModel
 

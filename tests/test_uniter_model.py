@@ -67,7 +67,8 @@ def make_rows(gen, txt_lens, nbbs, cfg=CFG):
         img_pos[i, :n] = torch.rand(n, 7, generator=gen)
         gather[i, t : t + n] = torch.arange(lt, lt + n)
         attn[i, : t + n] = 1
-    return dict(input_ids=input_ids, img_feat=img_feat, img_pos_feat=img_pos, attention_mask=attn, gather_index=gather)
+    return {"input_ids": input_ids, "img_feat": img_feat, "img_pos_feat": img_pos, "attention_mask": attn,
+            "gather_index": gather}
 
 
 def test_padded_batch_equals_each_row_alone():

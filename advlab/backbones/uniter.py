@@ -41,31 +41,31 @@ from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.sites import Site
 
 __all__ = [
-    "UniterConfig",
-    "UniterTextEmbeddings",
-    "UniterImageEmbeddings",
-    "UniterEncoder",
-    "UniterPooler",
-    "UniterModel",
-    "UniterModelOutput",
+    "LoadReport",
     "UniterClassifierOutput",
-    "UniterRetrievalOutput",
-    "UniterPreTrainedModel",
+    "UniterConfig",
+    "UniterEncoder",
+    "UniterForImageTextRetrieval",
+    "UniterForNLVR2",
+    "UniterForVCR",
     "UniterForVQA",
     "UniterForVisualEntailment",
-    "UniterForNLVR2",
-    "UniterForImageTextRetrieval",
-    "UniterForVCR",
-    "LoadReport",
-    "vqa_loss",
-    "vqa_score",
-    "ve_loss",
-    "nlvr2_loss",
-    "vcr_loss",
+    "UniterImageEmbeddings",
+    "UniterModel",
+    "UniterModelOutput",
+    "UniterPooler",
+    "UniterPreTrainedModel",
+    "UniterRetrievalOutput",
+    "UniterTextEmbeddings",
+    "convert_uniter_state_dict",
     "itm_loss",
     "itm_rank_loss",
     "load_state_dict_file",
-    "convert_uniter_state_dict",
+    "nlvr2_loss",
+    "vcr_loss",
+    "ve_loss",
+    "vqa_loss",
+    "vqa_score",
 ]
 
 logger = logging.getLogger(__name__)
@@ -772,7 +772,11 @@ class UniterPreTrainedModel(nn.Module):
         # tables the task grows: load at the checkpoint's size, grow afterwards
         emb = model.backbone.embeddings
         for key, table in ((_TXT_TYPES, emb.token_type_embeddings), (_TXT_WORDS, emb.word_embeddings)):
-            if key in state and state[key].shape[0] < table.num_embeddings and state[key].shape[1:] == table.weight.shape[1:]:
+            if (
+                key in state
+                and state[key].shape[0] < table.num_embeddings
+                and state[key].shape[1:] == table.weight.shape[1:]
+            ):
                 _resize_rows_(table, state[key].shape[0])
         own = {prefix + k: v for k, v in model.state_dict().items()}
         for key, value in state.items():
@@ -935,7 +939,10 @@ class UniterForVQA(UniterPreTrainedModel):
         self.uniter = UniterModel(config)
         h = config.hidden_size
         self.vqa_output = nn.Sequential(
-            nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, num_answers)
+            nn.Linear(h, 2 * h),
+            nn.GELU(),
+            nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+            nn.Linear(2 * h, num_answers),
         )
         self.apply(self._init_weights)
 
@@ -1249,7 +1256,9 @@ def _rows(args: Mapping[str, Any]) -> int:
 def _logits(output: Tensor | Any) -> Tensor:
     logits = getattr(output, "logits", output)
     if not isinstance(logits, Tensor):
-        raise AdvlabTypeError(f"Expected logits as a Tensor or an output with `.logits`, but got {type(output).__name__}.")
+        raise AdvlabTypeError(
+            f"Expected logits as a Tensor or an output with `.logits`, but got {type(output).__name__}."
+        )
     return logits
 
 
@@ -1369,9 +1378,7 @@ def itm_loss(itm_logits: Tensor | UniterRetrievalOutput, labels: Tensor) -> Tens
     return F.cross_entropy(itm_logits, labels.long())
 
 
-def itm_rank_loss(
-    rank_logits: Tensor | UniterRetrievalOutput, sample_size: int, *, margin: float = 0.2
-) -> Tensor:
+def itm_rank_loss(rank_logits: Tensor | UniterRetrievalOutput, sample_size: int, *, margin: float = 0.2) -> Tensor:
     """Retrieval hinge loss: mean of clamp(margin + neg - pos, 0) on sigmoid scores.
 
     Rows come in groups of `sample_size`: the positive pair first, then its negatives

@@ -30,13 +30,13 @@ from torch import Tensor
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 __all__ = [
-    "pos_feat_from_norm_bb",
-    "vqa_target",
-    "get_gather_index",
     "UniterImgDb",
     "UniterTxtDb",
     "UniterVqaDataset",
+    "get_gather_index",
+    "pos_feat_from_norm_bb",
     "uniter_collate",
+    "vqa_target",
 ]
 
 
@@ -241,7 +241,13 @@ class UniterImgDb:
         self.img_dir = os.fspath(img_dir)
         if not 1 <= min_bb <= max_bb:
             raise AdvlabValueError(f"Expected 1 <= `min_bb` <= `max_bb`, but got min_bb={min_bb}, max_bb={max_bb}.")
-        self.conf_th, self.max_bb, self.min_bb, self.num_bb, self.compressed = conf_th, max_bb, min_bb, num_bb, compressed
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb, self.compressed = (
+            conf_th,
+            max_bb,
+            min_bb,
+            num_bb,
+            compressed,
+        )
         fixed = conf_th == -1
         if db_name is None:
             db_name = f"feat_numbb{num_bb}" if fixed else f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
@@ -299,8 +305,7 @@ class UniterImgDb:
         for name in ("features", "norm_bb"):
             if name not in record:
                 raise AdvlabValueError(
-                    f"Malformed record {fname!r} in {self._db.path!r}: missing array {name!r} "
-                    f"(has {sorted(record)})."
+                    f"Malformed record {fname!r} in {self._db.path!r}: missing array {name!r} (has {sorted(record)})."
                 )
         nbb = self.nbb(fname, record)
         feat = torch.from_numpy(record["features"][:nbb].astype("float32"))
@@ -524,11 +529,13 @@ def uniter_collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "gather_index": get_gather_index(txt_lens, num_bbs, lt, out_size),
     }
     if any("txt_type_ids" in r for r in rows):
-        inputs["txt_type_ids"] = _pad([r.get("txt_type_ids", torch.zeros(t, dtype=torch.long))
-                                       for r, t in zip(rows, txt_lens)], 0)
+        inputs["txt_type_ids"] = _pad(
+            [r.get("txt_type_ids", torch.zeros(t, dtype=torch.long)) for r, t in zip(rows, txt_lens)], 0
+        )
     if any("img_type_ids" in r for r in rows):
-        inputs["img_type_ids"] = _pad([r.get("img_type_ids", torch.ones(n, dtype=torch.long))
-                                       for r, n in zip(rows, num_bbs)], 1)
+        inputs["img_type_ids"] = _pad(
+            [r.get("img_type_ids", torch.ones(n, dtype=torch.long)) for r, n in zip(rows, num_bbs)], 1
+        )
     masks = {
         "txt": torch.arange(lt).unsqueeze(0) < torch.tensor(txt_lens).unsqueeze(1),  # [b, lt]
         "img": torch.arange(nr).unsqueeze(0) < torch.tensor(num_bbs).unsqueeze(1),  # [b, nr]
