@@ -81,17 +81,28 @@ def write_synthetic(folder: str, seed: int, num_images: int = 12, num_answers: i
 
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
-    enc = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
+    enc = lambda a: base64.b64encode(a.tobytes()).decode()
     lines = []
     for i in range(num_images):
         n, h, w = 6, 300, 400
         x1, y1 = rng.uniform(0, w / 2, n), rng.uniform(0, h / 2, n)
         boxes = np.stack([x1, y1, x1 + w / 3, y1 + h / 3], 1).astype(np.float32)
-        lines.append("\t".join([
-            f"img{i}", str(h), str(w), enc(rng.integers(0, 1600, n)), enc(rng.random(n, dtype=np.float32)),
-            enc(rng.integers(0, 400, n)), enc(rng.random(n, dtype=np.float32)), str(n), enc(boxes),
-            enc(rng.standard_normal((n, 16)).astype(np.float32)),
-        ]))
+        lines.append(
+            "\t".join(
+                [
+                    f"img{i}",
+                    str(h),
+                    str(w),
+                    enc(rng.integers(0, 1600, n)),
+                    enc(rng.random(n, dtype=np.float32)),
+                    enc(rng.integers(0, 400, n)),
+                    enc(rng.random(n, dtype=np.float32)),
+                    str(n),
+                    enc(boxes),
+                    enc(rng.standard_normal((n, 16)).astype(np.float32)),
+                ]
+            )
+        )
     with open(os.path.join(folder, "obj36.tsv"), "w") as f:
         f.write("\n".join(lines) + "\n")
     answers = [f"answer{k}" for k in range(num_answers)]
@@ -102,14 +113,27 @@ def write_synthetic(folder: str, seed: int, num_images: int = 12, num_answers: i
         for q in range(count):
             label = {answers[int(k)]: float(s) for k, s in zip(rng.integers(0, num_answers, 2), (1.0, 0.3))}
             sent = " ".join(rng.choice(words, int(rng.integers(3, 8))))
-            out.append({"question_id": start + q, "img_id": f"img{int(rng.integers(num_images))}", "sent": sent,
-                        "label": label})
+            out.append(
+                {
+                    "question_id": start + q,
+                    "img_id": f"img{int(rng.integers(num_images))}",
+                    "sent": sent,
+                    "label": label,
+                }
+            )
         return out
 
-    paths = {"features": [os.path.join(folder, "obj36.tsv")], "train": [os.path.join(folder, "train.json")],
-             "valid": [os.path.join(folder, "valid.json")], "ans2label": os.path.join(folder, "ans2label.json")}
-    for name, data in (("train.json", questions(24, 0)), ("valid.json", questions(8, 1000)),
-                       ("ans2label.json", {a: k for k, a in enumerate(answers)})):
+    paths = {
+        "features": [os.path.join(folder, "obj36.tsv")],
+        "train": [os.path.join(folder, "train.json")],
+        "valid": [os.path.join(folder, "valid.json")],
+        "ans2label": os.path.join(folder, "ans2label.json"),
+    }
+    for name, data in (
+        ("train.json", questions(24, 0)),
+        ("valid.json", questions(8, 1000)),
+        ("ans2label.json", {a: k for k, a in enumerate(answers)}),
+    ):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(data, f)
     return paths
@@ -170,8 +194,14 @@ def make_batch(items, features, tokenizer, ans2label) -> dict[str, torch.Tensor]
         for ans, score in q.get("label", {}).items():
             if ans in ans2label:
                 target[i, ans2label[ans]] = score
-    return {"input_ids": ids, "attention_mask": mask, "visual_feats": feats, "visual_pos": boxes,
-            "visual_attention_mask": vmask, "target": target}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "visual_feats": feats,
+        "visual_pos": boxes,
+        "visual_attention_mask": vmask,
+        "target": target,
+    }
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -190,11 +220,13 @@ def progress(iterable, total: int, desc: str, disable: bool):
     try:
         from tqdm import tqdm
     except ImportError:  # a plain counter on stderr
+
         def plain():
             for i, x in enumerate(iterable, 1):
                 print(f"\r{desc} {i}/{total}", end="", file=sys.stderr)
                 yield x
             print(file=sys.stderr)
+
         return plain()
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
@@ -237,8 +269,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     random.seed(args.seed)
     if args.synthetic:
         paths = write_synthetic(os.path.join(args.out, "synthetic"), args.seed)
-        args.train, args.valid, args.features, args.ans2label = (paths["train"], paths["valid"], paths["features"],
-                                                                 paths["ans2label"])
+        args.train, args.valid, args.features, args.ans2label = (
+            paths["train"],
+            paths["valid"],
+            paths["features"],
+            paths["ans2label"],
+        )
     with open(args.ans2label) as f:
         ans2label: dict[str, int] = json.load(f)
 
@@ -288,24 +324,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         random.setstate(state["python_rng"])
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
-        save(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": next_epoch, "batch": next_batch,
-                    "global_step": global_step, "best": best, "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()})
+        save(
+            last,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": next_epoch,
+                "batch": next_batch,
+                "global_step": global_step,
+                "best": best,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+        )
 
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    log = open(os.path.join(args.out, "log.jsonl"), "a")  # noqa: SIM115 - closed at the end, written all along
     stopped = False
     while epoch < args.epochs and not stopped:
         order = epoch_order(len(train), args.seed, epoch)
-        bar = progress(batches(train, order, args.batch_size, start_batch), steps_per_epoch - start_batch,
-                       f"epoch {epoch}", args.no_progress)
+        bar = progress(
+            batches(train, order, args.batch_size, start_batch),
+            steps_per_epoch - start_batch,
+            f"epoch {epoch}",
+            args.no_progress,
+        )
         for b, items in enumerate(bar, start=start_batch):
             batch = make_batch(items, features, tokenizer, ans2label)
             target = batch.pop("target")
             txt_mask, img_mask = batch["attention_mask"].bool(), batch["visual_attention_mask"].bool()
             if villa is not None:
-                stats = villa.step(lambda: model(**batch), lambda out: vqa_loss(out.logits, target),
-                                   masks={"txt": txt_mask, "img": img_mask})
+                stats = villa.step(
+                    lambda batch=batch: model(**batch),
+                    lambda out, target=target: vqa_loss(out.logits, target),
+                    masks={"txt": txt_mask, "img": img_mask},
+                )
                 loss_value = stats.mean_task_loss
             else:
                 loss = vqa_loss(model(**batch).logits, target)

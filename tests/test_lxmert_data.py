@@ -19,16 +19,26 @@ def fixture_line(img_id="COCO_1", h=480, w=640, n=36, dim=2048, seed=0):
     x1 = rng.uniform(0, w / 2, n)
     y1 = rng.uniform(0, h / 2, n)
     boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1).astype(np.float32)
-    arrays = dict(
-        objects_id=rng.integers(0, 1600, n).astype(np.int64),
-        objects_conf=rng.uniform(0, 1, n).astype(np.float32),
-        attrs_id=rng.integers(0, 400, n).astype(np.int64),
-        attrs_conf=rng.uniform(0, 1, n).astype(np.float32),
-        boxes=boxes,
-        features=rng.standard_normal((n, dim)).astype(np.float32),
-    )
-    fields = [img_id, str(h), str(w), b64(arrays["objects_id"]), b64(arrays["objects_conf"]), b64(arrays["attrs_id"]),
-              b64(arrays["attrs_conf"]), str(n), b64(arrays["boxes"]), b64(arrays["features"])]
+    arrays = {
+        "objects_id": rng.integers(0, 1600, n).astype(np.int64),
+        "objects_conf": rng.uniform(0, 1, n).astype(np.float32),
+        "attrs_id": rng.integers(0, 400, n).astype(np.int64),
+        "attrs_conf": rng.uniform(0, 1, n).astype(np.float32),
+        "boxes": boxes,
+        "features": rng.standard_normal((n, dim)).astype(np.float32),
+    }
+    fields = [
+        img_id,
+        str(h),
+        str(w),
+        b64(arrays["objects_id"]),
+        b64(arrays["objects_conf"]),
+        b64(arrays["attrs_id"]),
+        b64(arrays["attrs_conf"]),
+        str(n),
+        b64(arrays["boxes"]),
+        b64(arrays["features"]),
+    ]
     return "\t".join(fields), arrays
 
 
@@ -95,7 +105,9 @@ def test_malformed_line_names_file_and_line_number(tmp_path, corrupt, message):
     path = write(tmp_path, [good, good.replace("ok", "ok2"), bad])
     records = iter_obj36(path)
     next(records), next(records)
-    with pytest.raises(advlab.AdvlabValueError, match=rf"feats\.tsv, line 3: {message}|feats\.tsv, line 3: .*{message}"):
+    with pytest.raises(
+        advlab.AdvlabValueError, match=rf"feats\.tsv, line 3: {message}|feats\.tsv, line 3: .*{message}"
+    ):
         next(records)
 
 

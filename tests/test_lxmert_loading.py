@@ -40,7 +40,7 @@ def same_weights(a, b, prefix_a="", prefix_b=""):
     keys = [k for k in sa if k.startswith(prefix_a)]
     assert keys
     for k in keys:
-        assert torch.equal(sa[k], sb[prefix_b + k[len(prefix_a):]]), k
+        assert torch.equal(sa[k], sb[prefix_b + k[len(prefix_a) :]]), k
 
 
 def test_original_pretraining_names_load_key_for_key():
@@ -80,9 +80,9 @@ def test_finetuned_vqa_checkpoint(module_prefix):
     sd = {}
     for k, v in src.state_dict().items():
         if k.startswith("lxmert."):
-            sd["lxrt_encoder.model." + module_prefix + "bert." + k[len("lxmert."):]] = v
+            sd["lxrt_encoder.model." + module_prefix + "bert." + k[len("lxmert.") :]] = v
         else:
-            sd[k[len("answer_head."):]] = v  # task checkpoints keep the head as `logit_fc.*`
+            sd[k[len("answer_head.") :]] = v  # task checkpoints keep the head as `logit_fc.*`
     model = LxmertForVQA.from_pretrained(sd, CFG)
     assert model.num_answers == 7
     same_weights(model, src)
@@ -99,7 +99,7 @@ def test_hugging_face_names_prefixed_and_bare():
     src = donor()
     model = LxmertForPreTraining.from_pretrained(src.state_dict(), CFG)  # lxmert.*, cls.*, ...
     same_weights(model, src)
-    bare = {k[len("lxmert."):]: v for k, v in src.state_dict().items() if k.startswith("lxmert.")}
+    bare = {k[len("lxmert.") :]: v for k, v in src.state_dict().items() if k.startswith("lxmert.")}
     same_weights(LxmertModel.from_pretrained(bare, CFG), src, prefix_b="lxmert.")
 
 
@@ -137,8 +137,17 @@ def test_hugging_face_folder_saved_by_transformers(tmp_path):
     import transformers
 
     hf_cfg = transformers.LxmertConfig(
-        vocab_size=99, hidden_size=32, num_attention_heads=4, intermediate_size=64, l_layers=1, x_layers=1,
-        r_layers=1, visual_feat_dim=16, max_position_embeddings=40, num_qa_labels=5, num_object_labels=6,
+        vocab_size=99,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        l_layers=1,
+        x_layers=1,
+        r_layers=1,
+        visual_feat_dim=16,
+        max_position_embeddings=40,
+        num_qa_labels=5,
+        num_object_labels=6,
         num_attr_labels=3,
     )
     torch.manual_seed(0)
@@ -220,8 +229,9 @@ def test_remap_copies_matching_rows_and_zeros_the_rest():
 
 def test_remap_normalize_and_errors():
     weight, bias = torch.eye(2), torch.ones(2)
-    w, _ = remap_answer_rows(weight, bias, answers=["Two."], source_answers=["one", "two"],
-                             normalize=lambda a: a.lower().rstrip("."))
+    w, _ = remap_answer_rows(
+        weight, bias, answers=["Two."], source_answers=["one", "two"], normalize=lambda a: a.lower().rstrip(".")
+    )
     assert torch.equal(w, torch.tensor([[0.0, 1.0]]))
     with pytest.raises(advlab.AdvlabValueError, match="source_answers"):
         remap_answer_rows(weight, bias, answers=["a"], source_answers=["a"])
@@ -237,8 +247,9 @@ def test_pretraining_file_into_vqa_with_answer_remap():
     src = donor()  # 11-way pre-training QA head
     pre = [f"ans{i}" for i in range(11)]
     with pytest.warns(UserWarning, match="dropped"):  # the MLM / object heads
-        model = LxmertForVQA.from_pretrained(original_format(src), CFG, answers=["ans7", "new", "ans0"],
-                                             pretrain_answers=pre)
+        model = LxmertForVQA.from_pretrained(
+            original_format(src), CFG, answers=["ans7", "new", "ans0"], pretrain_answers=pre
+        )
     head, ref = model.answer_head.logit_fc, src.answer_head.logit_fc
     assert model.num_answers == 3
     assert torch.equal(head[0].weight, ref[0].weight) and torch.equal(head[2].bias, ref[2].bias)

@@ -30,7 +30,7 @@ def batch(cfg=CFG, b=2, t=6, n=5, seed=0, pair=False):
     feats = torch.randn(*lead, n, cfg.visual_feat_dim, generator=gen)
     xy = torch.rand(*lead, n, 2, generator=gen) * 0.5
     boxes = torch.cat([xy, xy + 0.4 * torch.rand(*lead, n, 2, generator=gen)], dim=-1)
-    return dict(input_ids=ids, visual_feats=feats, visual_pos=boxes, attention_mask=mask)
+    return {"input_ids": ids, "visual_feats": feats, "visual_pos": boxes, "attention_mask": mask}
 
 
 def seeded(cls, *args, seed=0, **kwargs):
@@ -82,11 +82,11 @@ def test_base_layer_counts_and_key_example():
 @pytest.mark.parametrize(
     "kwargs, word",
     [
-        (dict(hidden_size=30), "num_attention_heads"),
-        (dict(l_layers=-1), "l_layers"),
-        (dict(hidden_size=0), "hidden_size"),
-        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
-        (dict(vocab_size=2.5), "vocab_size"),
+        ({"hidden_size": 30}, "num_attention_heads"),
+        ({"l_layers": -1}, "l_layers"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+        ({"vocab_size": 2.5}, "vocab_size"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, word):
@@ -115,8 +115,13 @@ def test_shapes_hidden_states_and_finite():
 
 @pytest.mark.parametrize(
     "cls, shape",
-    [(LxmertModel, None), (LxmertForVQA, (2, 3129)), (LxmertForGQA, (2, 1842)), (LxmertForNLVR2, (2, 2)),
-     (LxmertForPreTraining, (2, 11))],
+    [
+        (LxmertModel, None),
+        (LxmertForVQA, (2, 3129)),
+        (LxmertForGQA, (2, 1842)),
+        (LxmertForNLVR2, (2, 2)),
+        (LxmertForPreTraining, (2, 11)),
+    ],
 )
 def test_every_model_is_finite_and_has_logits(cls, shape):
     model = seeded(cls, CFG)
@@ -150,8 +155,11 @@ def test_fully_masked_rows_stay_finite_in_half_precision(dtype):
     model = seeded(LxmertModel, LxmertConfig.tiny(visual_feat_dim=8, l_layers=1, r_layers=1, x_layers=1)).to(dtype)
     b = batch(LxmertConfig.tiny(visual_feat_dim=8), b=1, t=3, n=2)
     out = model(
-        b["input_ids"], b["visual_feats"].to(dtype), b["visual_pos"].to(dtype),
-        attention_mask=torch.zeros(1, 3, dtype=torch.long), visual_attention_mask=torch.zeros(1, 2, dtype=torch.long),
+        b["input_ids"],
+        b["visual_feats"].to(dtype),
+        b["visual_pos"].to(dtype),
+        attention_mask=torch.zeros(1, 3, dtype=torch.long),
+        visual_attention_mask=torch.zeros(1, 2, dtype=torch.long),
     )
     assert torch.isfinite(out.language_output).all() and torch.isfinite(out.vision_output).all()
 
@@ -247,7 +255,9 @@ def test_site_perturbations_equal_perturbing_the_inputs():
         h2.remove()
     words = model.lxmert.embeddings.word_embeddings(b["input_ids"])
     direct = model(
-        inputs_embeds=words + d_txt, visual_feats=b["visual_feats"] + d_img, visual_pos=b["visual_pos"],
+        inputs_embeds=words + d_txt,
+        visual_feats=b["visual_feats"] + d_img,
+        visual_pos=b["visual_pos"],
         attention_mask=b["attention_mask"],
     ).logits
     assert_close(hooked, direct, rtol=1e-6, atol=1e-6)

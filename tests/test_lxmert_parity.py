@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from advlab.backbones.lxmert import LxmertConfig, LxmertForPreTraining, LxmertModel
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def hf_config(cfg: LxmertConfig) -> transformers.LxmertConfig:
@@ -61,14 +61,14 @@ def inputs(cfg: LxmertConfig, b: int = 3, t: int = 9, n: int = 7, seed: int = 0)
     boxes = torch.cat([xy, xy + wh], dim=-1)  # normalised x1, y1, x2, y2 in [0, 1]
     types = torch.zeros(b, t, dtype=torch.long)
     types[0, 4:] = 1
-    return dict(
-        input_ids=ids,
-        visual_feats=feats,
-        visual_pos=boxes,
-        attention_mask=mask,
-        visual_attention_mask=vmask,
-        token_type_ids=types,
-    )
+    return {
+        "input_ids": ids,
+        "visual_feats": feats,
+        "visual_pos": boxes,
+        "attention_mask": mask,
+        "visual_attention_mask": vmask,
+        "token_type_ids": types,
+    }
 
 
 def check_backbone(cfg: LxmertConfig, t: int, n: int) -> None:
@@ -85,8 +85,9 @@ def check_backbone(cfg: LxmertConfig, t: int, n: int) -> None:
     assert_close(out.pooled_output, ref.pooled_output, **TOL)
     assert len(out.language_hidden_states) == len(ref.language_hidden_states) == cfg.l_layers + cfg.x_layers
     assert len(out.vision_hidden_states) == len(ref.vision_hidden_states) == cfg.r_layers + cfg.x_layers
-    for mine, theirs in zip(out.language_hidden_states + out.vision_hidden_states,
-                            ref.language_hidden_states + ref.vision_hidden_states):
+    for mine, theirs in zip(
+        out.language_hidden_states + out.vision_hidden_states, ref.language_hidden_states + ref.vision_hidden_states
+    ):
         assert_close(mine, theirs, **TOL)
 
 

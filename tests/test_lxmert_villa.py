@@ -24,8 +24,13 @@ def make(task, seed=0):
     feats = torch.randn(*lead, N, CFG.visual_feat_dim, generator=gen) * img_mask[..., None]
     xy = torch.rand(*lead, N, 2, generator=gen) * 0.5
     boxes = torch.cat([xy, xy + 0.5 * torch.rand(*lead, N, 2, generator=gen)], -1)
-    batch = dict(input_ids=ids, visual_feats=feats, visual_pos=boxes, attention_mask=txt_mask.long(),
-                 visual_attention_mask=img_mask.long())
+    batch = {
+        "input_ids": ids,
+        "visual_feats": feats,
+        "visual_pos": boxes,
+        "attention_mask": txt_mask.long(),
+        "visual_attention_mask": img_mask.long(),
+    }
     if task == "vqa":
         model = LxmertForVQA(CFG, num_answers=9)
         target = torch.rand(B, 9, generator=gen) * (torch.rand(B, 9, generator=gen) > 0.7)  # soft VQA scores
@@ -44,6 +49,7 @@ def make(task, seed=0):
 
         def loss(out):
             return F.cross_entropy(out.logits, target)
+
     if task == "nlvr2":
         masks = {"txt": txt_mask, "img": [img_mask[:, 0], img_mask[:, 1]]}  # one mask per call
     else:
@@ -60,8 +66,9 @@ def test_presets_are_the_released_numbers(task):
     villa = advlab.VILLA.from_preset(PRESET[task], model)
     assert (villa.mode, villa.steps, villa.kl_weight) == ("txt", 3, 1.5)
     assert villa.kl_reduction == "batchmean"  # summed over classes, averaged over rows
-    assert {m: p.step_size for m, p in villa.perturbations.items()} == {m: 1e-2 if task == "gqa" else 1e-3
-                                                                       for m in ("txt", "img")}
+    assert {m: p.step_size for m, p in villa.perturbations.items()} == {
+        m: 1e-2 if task == "gqa" else 1e-3 for m in ("txt", "img")
+    }
     assert set(villa.sites) == {"txt", "img"}
 
 
@@ -100,8 +107,7 @@ def test_one_step_without_dropout_equals_plain_training():
     loss(model(**batch)).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    advlab.VILLA.from_preset("lxmert-gqa", model, steps=1, mode="joint").step(lambda: model(**batch), loss,
-                                                                              masks=masks)
+    advlab.VILLA.from_preset("lxmert-gqa", model, steps=1, mode="joint").step(lambda: model(**batch), loss, masks=masks)
     for name, grad in plain.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)
 

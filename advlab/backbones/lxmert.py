@@ -49,22 +49,22 @@ from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.sites import Site
 
 __all__ = [
-    "LxmertConfig",
-    "LxmertOutput",
+    "GQA_NUM_ANSWERS",
+    "PRETRAIN_NUM_ANSWERS",
+    "VQA_NUM_ANSWERS",
     "LxmertClassifierOutput",
-    "LxmertPreTrainingOutput",
-    "LxmertModel",
-    "LxmertForQuestionAnswering",
-    "LxmertForVQA",
+    "LxmertConfig",
     "LxmertForGQA",
     "LxmertForNLVR2",
     "LxmertForPreTraining",
-    "load_lxmert_state_dict",
+    "LxmertForQuestionAnswering",
+    "LxmertForVQA",
+    "LxmertModel",
+    "LxmertOutput",
+    "LxmertPreTrainingOutput",
     "convert_lxmert_state_dict",
+    "load_lxmert_state_dict",
     "remap_answer_rows",
-    "VQA_NUM_ANSWERS",
-    "GQA_NUM_ANSWERS",
-    "PRETRAIN_NUM_ANSWERS",
 ]
 
 VQA_NUM_ANSWERS = 3129  # data/vqa/trainval_ans2label.json
@@ -152,7 +152,9 @@ class LxmertConfig:
             )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if getattr(self, name) >= 1:
-                raise AdvlabValueError(f"Expected `LxmertConfig.{name}` to be in [0, 1), but got {getattr(self, name)}.")
+                raise AdvlabValueError(
+                    f"Expected `LxmertConfig.{name}` to be in [0, 1), but got {getattr(self, name)}."
+                )
 
     @classmethod
     def base(cls) -> LxmertConfig:
@@ -582,7 +584,11 @@ class LxmertModel(nn.Module):
         text = input_ids if input_ids is not None else inputs_embeds
         assert text is not None
         b, t = text.shape[0], text.shape[1]
-        if visual_feats.dim() != 3 or visual_feats.shape[0] != b or visual_feats.shape[-1] != self.config.visual_feat_dim:
+        if (
+            visual_feats.dim() != 3
+            or visual_feats.shape[0] != b
+            or visual_feats.shape[-1] != self.config.visual_feat_dim
+        ):
             raise AdvlabValueError(
                 f"Expected `visual_feats` to have shape [{b}, n, {self.config.visual_feat_dim}], "
                 f"but got {tuple(visual_feats.shape)}."
@@ -882,7 +888,9 @@ class LxmertForNLVR2(nn.Module):
             if value is None or value.dim() != dims or value.shape[1] != 2:
                 got = None if value is None else tuple(value.shape)
                 raise AdvlabValueError(f"Expected `{name}` to have shape [b, 2, n, d] (two images), but got {got}.")
-        if visual_attention_mask is not None and (visual_attention_mask.dim() != 3 or visual_attention_mask.shape[1] != 2):
+        if visual_attention_mask is not None and (
+            visual_attention_mask.dim() != 3 or visual_attention_mask.shape[1] != 2
+        ):
             raise AdvlabValueError(
                 f"Expected `visual_attention_mask` to have shape [b, 2, n], but got {tuple(visual_attention_mask.shape)}."
             )
@@ -1128,7 +1136,7 @@ def load_lxmert_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             obj: Any = load_file(path, device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, bad safetensors header, ...
+    except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, bad safetensors header: all mean corrupt
         raise AdvlabValueError(
             f"Could not read the checkpoint {path!r}; it looks corrupt or truncated ({type(err).__name__}: {err})."
         ) from None
@@ -1199,7 +1207,9 @@ def _count_layers(keys: Sequence[str], stage: str) -> int:
     found = {int(m.group(1)) for k in keys if (m := re.match(rf"lxmert\.encoder\.{stage}\.(\d+)\.", k))}
     if found and found != set(range(max(found) + 1)):
         missing = sorted(set(range(max(found) + 1)) - found)
-        raise AdvlabValueError(f"Expected consecutive `encoder.{stage}` layers in the checkpoint, but {missing} are absent.")
+        raise AdvlabValueError(
+            f"Expected consecutive `encoder.{stage}` layers in the checkpoint, but {missing} are absent."
+        )
     return len(found)
 
 
@@ -1230,21 +1240,28 @@ def _infer_config(sd: Mapping[str, Tensor], heads: int | None = None) -> LxmertC
 
     vocab, hidden = shape("lxmert.embeddings.word_embeddings.weight")
     keys = list(sd)
-    inter = next((tuple(v.shape)[0] for k, v in sd.items() if k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))), 4 * hidden)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        # Not in the tensors: head size 64 in every released model; pass `config` otherwise.
-        num_attention_heads=heads or max(1, hidden // 64),
-        intermediate_size=inter,
-        l_layers=_count_layers(keys, "layer"),
-        x_layers=_count_layers(keys, "x_layers"),
-        r_layers=_count_layers(keys, "r_layers"),
-        visual_feat_dim=shape("lxmert.encoder.visn_fc.visn_fc.weight")[1],
-        visual_pos_dim=shape("lxmert.encoder.visn_fc.box_fc.weight")[1],
-        max_position_embeddings=shape("lxmert.embeddings.position_embeddings.weight")[0],
-        type_vocab_size=shape("lxmert.embeddings.token_type_embeddings.weight")[0],
+    inter = next(
+        (
+            next(iter(v.shape))
+            for k, v in sd.items()
+            if k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))
+        ),
+        4 * hidden,
     )
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        # Not in the tensors: head size 64 in every released model; pass `config` otherwise.
+        "num_attention_heads": heads or max(1, hidden // 64),
+        "intermediate_size": inter,
+        "l_layers": _count_layers(keys, "layer"),
+        "x_layers": _count_layers(keys, "x_layers"),
+        "r_layers": _count_layers(keys, "r_layers"),
+        "visual_feat_dim": shape("lxmert.encoder.visn_fc.visn_fc.weight")[1],
+        "visual_pos_dim": shape("lxmert.encoder.visn_fc.box_fc.weight")[1],
+        "max_position_embeddings": shape("lxmert.embeddings.position_embeddings.weight")[0],
+        "type_vocab_size": shape("lxmert.embeddings.token_type_embeddings.weight")[0],
+    }
     if hidden % kwargs["num_attention_heads"]:
         kwargs["num_attention_heads"] = 1
     for key, field_name in (
@@ -1321,7 +1338,9 @@ def _from_pretrained(
     if remap is not None:
         weight, bias = head_sd.get("answer_head.logit_fc.3.weight"), head_sd.get("answer_head.logit_fc.3.bias")
         if weight is None or bias is None:
-            raise AdvlabValueError(f"Expected a QA answer head (`answer_head.logit_fc.3`) in {name} to remap, but none.")
+            raise AdvlabValueError(
+                f"Expected a QA answer head (`answer_head.logit_fc.3`) in {name} to remap, but none."
+            )
         answers, pretrain_answers = remap
         assert pretrain_answers is not None
         head_sd["answer_head.logit_fc.3.weight"], head_sd["answer_head.logit_fc.3.bias"] = remap_answer_rows(
@@ -1350,9 +1369,7 @@ def _from_pretrained(
     try:
         model.load_state_dict(target, strict=False)
     except RuntimeError as err:
-        raise AdvlabValueError(
-            f"Expected the tensors in {name} to fit {cls.__name__}({config}), but: {err}"
-        ) from None
+        raise AdvlabValueError(f"Expected the tensors in {name} to fit {cls.__name__}({config}), but: {err}") from None
     if notes:
         warnings.warn(f"Loading {name} into {cls.__name__}: " + "; ".join(notes) + ".", stacklevel=3)
     return model.eval()  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
-__all__ = ["OBJ36_FIELDS", "Obj36Record", "iter_obj36", "load_obj36", "collate_obj36"]
+__all__ = ["OBJ36_FIELDS", "Obj36Record", "collate_obj36", "iter_obj36", "load_obj36"]
 
 OBJ36_FIELDS = (
     "img_id",
@@ -165,7 +165,7 @@ def iter_obj36(
     feature_dim: int | None = None,
     limit: int | None = None,
 ) -> Iterator[Obj36Record]:
-    """Read an obj36 TSV file one image at a time (a line is about 400 kB).
+    r"""Read an obj36 TSV file one image at a time (a line is about 400 kB).
 
     Args:
         path: The `.tsv` file.
@@ -180,11 +180,11 @@ def iter_obj36(
         >>> import base64, tempfile, os, numpy as np
         >>> enc = lambda a: base64.b64encode(a.tobytes()).decode()
         >>> n = 2
-        >>> line = "\\t".join(["img0", "100", "200", enc(np.zeros(n, np.int64)), enc(np.ones(n, np.float32)),
+        >>> line = "\t".join(["img0", "100", "200", enc(np.zeros(n, np.int64)), enc(np.ones(n, np.float32)),
         ...     enc(np.zeros(n, np.int64)), enc(np.ones(n, np.float32)), str(n),
         ...     enc(np.array([[0, 0, 100, 50]] * n, np.float32)), enc(np.zeros((n, 8), np.float32))])
         >>> path = os.path.join(tempfile.mkdtemp(), "f.tsv")
-        >>> _ = open(path, "w").write(line + "\\n")
+        >>> _ = open(path, "w").write(line + "\n")
         >>> rec = next(iter_obj36(path))
         >>> rec.img_id, rec.features.shape, rec.boxes[0].tolist()
         ('img0', torch.Size([2, 8]), [0.0, 0.0, 0.5, 0.5])
@@ -193,7 +193,9 @@ def iter_obj36(
         raise AdvlabTypeError(f"Expected `path` to be a str or os.PathLike, but got {type(path).__name__}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise AdvlabValueError(f"Expected `limit` to be an int >= 0 or None, but got {limit!r}.")
-    if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1):
+    if feature_dim is not None and (
+        isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1
+    ):
         raise AdvlabValueError(f"Expected `feature_dim` to be an int >= 1 or None, but got {feature_dim!r}.")
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -216,12 +218,12 @@ def load_obj36(
     feature_dim: int | None = None,
     limit: int | None = None,
 ) -> dict[str, Obj36Record]:
-    """Read a whole obj36 TSV file into `img_id -> record`; arguments as `iter_obj36`.
+    r"""Read a whole obj36 TSV file into `img_id -> record`; arguments as `iter_obj36`.
 
     Example:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "empty.tsv")
-        >>> _ = open(path, "w").write("\\n")
+        >>> _ = open(path, "w").write("\n")
         >>> load_obj36(path)
         {}
     """
