@@ -1129,10 +1129,16 @@ def load_lxmert_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             )
     if not os.path.isfile(path):
         raise AdvlabValueError(f"Expected `path` to be an existing checkpoint file, but got {path!r}.")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise AdvlabValueError(
+                f"Expected the `safetensors` package to read {path!r}, but it is not installed "
+                "(pip install safetensors)."
+            ) from None
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             obj: Any = load_file(path, device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
