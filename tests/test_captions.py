@@ -155,7 +155,9 @@ def test_split_is_deterministic_and_order_independent():
 )
 def test_split_properties(n_captions, copies, seed):
     items = [
-        CaptionedImage(Path(f"c{c:02d}_{k}.png"), f"Caption {c}.", "") for c in range(n_captions) for k in range(copies[c])
+        CaptionedImage(Path(f"c{c:02d}_{k}.png"), f"Caption {c}.", "")
+        for c in range(n_captions)
+        for k in range(copies[c])
     ]
     splits = split_by_caption(items, seed=seed)
     sets = [_keys(splits.train), _keys(splits.val), _keys(splits.test)]
@@ -184,3 +186,76 @@ def test_folder_split_end_to_end(tmp_path):
     assert splits.summary().startswith("train ")
     assert not (_keys(splits.train) & _keys(splits.test))
     assert len(splits.test) == len(_keys(splits.test)) == 2
+
+
+# --- Tux Paint locator (advlab.data.tuxpaint) ---------------------------------------------------
+
+
+def _fake_deb(tmp_path: Path) -> Path:
+    """A tiny stand-in for tuxpaint-stamps-default built with dpkg-deb: two stamps, a sound, a copyright."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not on PATH (not a Debian-based system)")
+    pkg = tmp_path / "pkg"
+    stamps = pkg / "usr/share/tuxpaint/stamps"
+    _png(stamps / "food" / "potato.png")
+    (stamps / "food" / "potato.txt").write_text("A brown potato.\nfr.utf8=Une pomme de terre.\n")
+    _png(stamps / "animals" / "crow_mirror.png")  # Tux Paint's mirror variants have no caption
+    (stamps / "animals" / "crow.ogg").write_bytes(b"OggS")
+    (pkg / "usr/share/doc/tuxpaint-stamps-default").mkdir(parents=True)
+    (pkg / "usr/share/doc/tuxpaint-stamps-default/copyright").write_text("GPL-2\n")
+    (pkg / "DEBIAN").mkdir()
+    (pkg / "DEBIAN/control").write_text(
+        "Package: tuxpaint-stamps-default\nVersion: 0.0-test\nArchitecture: all\n"
+        "Maintainer: advlab tests <t@example.org>\nDescription: test stand-in\n"
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    deb = cache / "tuxpaint-stamps-default_0.0-test_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True, capture_output=True)
+    return cache
+
+
+def test_tuxpaint_unpacks_a_downloaded_deb(tmp_path, monkeypatch):
+    from advlab.data import tuxpaint
+
+    monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
+    cache = _fake_deb(tmp_path)
+    folder = tuxpaint.tuxpaint_stamps_dir(cache_dir=cache, download=False)  # the .deb is found in the cache
+    assert folder == cache / "stamps"
+    assert (folder / "copyright").read_text() == "GPL-2\n"
+    assert not list(folder.rglob("*.ogg"))  # sounds are not unpacked
+    assert not list(cache.glob("*.deb"))  # deleted once unpacked (keep_deb=False)
+    assert tuxpaint.tuxpaint_stamps_dir(cache_dir=cache, download=False) == folder  # reused, no .deb needed
+    with pytest.warns(UserWarning, match="1 no caption"):
+        items = scan_caption_folder(folder)
+    assert [(x.caption, x.category) for x in items] == [("A brown potato.", "food")]
+
+
+def test_tuxpaint_missing_gives_a_clear_message(tmp_path, monkeypatch):
+    from advlab.data import tuxpaint
+
+    monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
+    with pytest.raises(FileNotFoundError, match="apt-get install -y --no-install-recommends tuxpaint-stamps-default"):
+        tuxpaint.tuxpaint_stamps_dir(cache_dir=tmp_path / "cache", download=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apt-get
+    with pytest.raises(FileNotFoundError, match="apt-get` is not on PATH"):
+        tuxpaint.tuxpaint_stamps_dir(cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow  # ~2 s: decodes every PNG of the real package
+def test_real_tuxpaint_folder_when_available():
+    from advlab.data.tuxpaint import tuxpaint_stamps_dir
+
+    try:
+        root = tuxpaint_stamps_dir(download=False)
+    except FileNotFoundError:
+        pytest.skip("Tux Paint stamps not installed or unpacked (run scripts/setup_data.sh)")
+    with pytest.warns(UserWarning, match="Skipped"):
+        folder = ImageCaptionFolder(root)
+    assert 700 <= len(folder) <= 900 and 550 <= folder.n_captions <= 850  # ranges: releases differ
+    splits = folder.split(seed=0)
+    assert not (_keys(splits.train) & _keys(splits.test)) and not (_keys(splits.val) & _keys(splits.test))
+    assert len(splits.test) == len(_keys(splits.test)) >= 100

@@ -34,8 +34,8 @@ from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "CaptionedImage",
     "CaptionSplits",
+    "CaptionedImage",
     "ImageCaptionFolder",
     "caption_key",
     "read_caption",
@@ -128,7 +128,7 @@ def caption_key(caption: str) -> str:
 
 
 def read_caption(path: str | os.PathLike[str]) -> str | None:
-    """Read the caption in a `.txt` file: its first line, stripped.
+    r"""Read the caption in a `.txt` file: its first line, stripped.
 
     Args:
         path: The text file (UTF-8; a byte-order mark is ignored).
@@ -139,7 +139,7 @@ def read_caption(path: str | os.PathLike[str]) -> str | None:
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     _ = (Path(tmp) / "crow.txt").write_text("A crow.\\nfr.utf8=Un corbeau.\\n")
+        ...     _ = (Path(tmp) / "crow.txt").write_text("A crow.\nfr.utf8=Un corbeau.\n")
         ...     read_caption(Path(tmp) / "crow.txt")
         'A crow.'
     """
@@ -163,8 +163,8 @@ def _image_is_readable(path: Path, check: ImageCheck) -> bool:
                 image.verify()  # headers and checksums only: fast, misses some truncated files
             else:
                 image.load()  # a full decode
-    except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        return False
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError):
+        return False  # Pillow raises all of these for broken, truncated or hostile files
     return True
 
 
@@ -174,7 +174,7 @@ def scan_caption_folder(
     suffixes: Sequence[str] = IMAGE_SUFFIXES,
     check: ImageCheck = "load",
 ) -> list[CaptionedImage]:
-    """List the captioned images under `root`, skipping bad files with one warning.
+    r"""List the captioned images under `root`, skipping bad files with one warning.
 
     An image is `DIR/NAME.EXT` with `EXT` in `suffixes` (any case); its caption is the first line
     of `DIR/NAME.txt`. Images without a caption file, with a blank first line, or that Pillow
@@ -196,7 +196,7 @@ def scan_caption_folder(
         >>> import tempfile, warnings
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     (Path(tmp) / "birds").mkdir()
-        ...     _ = (Path(tmp) / "birds" / "crow.txt").write_text("A crow.\\n")
+        ...     _ = (Path(tmp) / "birds" / "crow.txt").write_text("A crow.\n")
         ...     _ = (Path(tmp) / "birds" / "crow.png").write_bytes(b"not a png")
         ...     with warnings.catch_warnings(record=True) as caught:
         ...         warnings.simplefilter("always")
@@ -309,7 +309,7 @@ def split_by_caption(
 
 
 class ImageCaptionFolder(Sequence[CaptionedImage]):
-    """A folder tree of images with a `.txt` caption beside each, as a map-style dataset.
+    r"""A folder tree of images with a `.txt` caption beside each, as a map-style dataset.
 
     Scans once at construction (see [`scan_caption_folder`][advlab.data.captions.scan_caption_folder]
     for what is skipped); indexing returns [`CaptionedImage`][advlab.data.captions.CaptionedImage]
@@ -326,7 +326,7 @@ class ImageCaptionFolder(Sequence[CaptionedImage]):
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     for i in range(5):
         ...         Image.new("RGBA", (8, 8)).save(Path(tmp) / f"s{i}.png")
-        ...         _ = (Path(tmp) / f"s{i}.txt").write_text(f"Stamp {i}.\\n")
+        ...         _ = (Path(tmp) / f"s{i}.txt").write_text(f"Stamp {i}.\n")
         ...     folder = ImageCaptionFolder(tmp)
         ...     len(folder), folder[0].caption, folder.n_captions
         (5, 'Stamp 0.', 5)
@@ -340,9 +340,7 @@ class ImageCaptionFolder(Sequence[CaptionedImage]):
         check: ImageCheck = "load",
     ) -> None:
         self.root = Path(root)
-        self.items: tuple[CaptionedImage, ...] = tuple(
-            _scan(root, suffixes, check, stacklevel=3)
-        )
+        self.items: tuple[CaptionedImage, ...] = tuple(_scan(root, suffixes, check, stacklevel=3))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -363,7 +361,7 @@ class ImageCaptionFolder(Sequence[CaptionedImage]):
         return len({caption_key(item.caption) for item in self.items})
 
     def split(self, *, seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> CaptionSplits:
-        """Split by caption; see [`split_by_caption`][advlab.data.captions.split_by_caption].
+        r"""Split by caption; see [`split_by_caption`][advlab.data.captions.split_by_caption].
 
         Args:
             seed: Any integer; the same seed and folder always give the same split.
@@ -377,7 +375,7 @@ class ImageCaptionFolder(Sequence[CaptionedImage]):
             >>> with tempfile.TemporaryDirectory() as tmp:
             ...     for i in range(10):
             ...         _ = (Path(tmp) / f"s{i}.png").write_bytes(b"")
-            ...         _ = (Path(tmp) / f"s{i}.txt").write_text(f"Stamp {i}.\\n")
+            ...         _ = (Path(tmp) / f"s{i}.txt").write_text(f"Stamp {i}.\n")
             ...     ImageCaptionFolder(tmp, check="none").split(seed=0).summary()
             'train 7 images / 7 captions, val 1 / 1, test 2 / 2'
         """

@@ -63,7 +63,7 @@ def tuxpaint_stamps_dir(
     """Return a folder of Tux Paint stamps, fetching the Debian package if needed.
 
     Looks, in order, at the installed copy (`/usr/share/tuxpaint/stamps`), at a copy unpacked
-    earlier under `cache_dir`, and (if `download`) runs `apt-get download tuxpaint-stamps-default`
+    earlier under `cache_dir`, at a `.deb` already in `cache_dir`, and (if `download`) runs `apt-get download tuxpaint-stamps-default`
     in `cache_dir` and unpacks the images, captions and `copyright` file of the package there
     (`dpkg-deb --fsys-tarfile`, keeping only `.png`, `.svg` and `.txt`: about 32 MB of the
     161 MB). Needs apt's package lists, not root. Calling it again reuses the unpacked copy.
@@ -71,7 +71,7 @@ def tuxpaint_stamps_dir(
     Args:
         cache_dir: Folder for the download and the unpacked stamps; None means
             [`default_cache_dir`][advlab.data.tuxpaint.default_cache_dir].
-        download: If False, never run `apt-get`; only look for existing copies.
+        download: If False, never run `apt-get`; only use existing copies (or a `.deb` already in `cache_dir`).
         keep_deb: Keep the downloaded `.deb` after unpacking it (it is deleted by default).
 
     Returns:
@@ -82,9 +82,13 @@ def tuxpaint_stamps_dir(
             what was tried and how to fix it.
 
     Example:
-        >>> folder = tuxpaint_stamps_dir()  # doctest: +SKIP
-        >>> sorted(p.name for p in folder.iterdir())[:3]  # doctest: +SKIP
-        ['animals', 'clothes', 'food']
+        >>> import tempfile
+        >>> try:  # offline and quick: an installed copy, or a clear error
+        ...     folder = tuxpaint_stamps_dir(cache_dir=tempfile.mkdtemp(), download=False)
+        ... except FileNotFoundError as err:
+        ...     folder, message = None, str(err)
+        >>> folder.is_dir() if folder is not None else "apt-get install" in message
+        True
     """
     if _has_stamps(SYSTEM_STAMPS_DIR):
         return SYSTEM_STAMPS_DIR
@@ -93,8 +97,9 @@ def tuxpaint_stamps_dir(
     if (stamps / _DONE_MARKER).is_file():
         return stamps
     tried = [f"no installed copy at {SYSTEM_STAMPS_DIR}", f"no unpacked copy at {stamps}"]
-    if not download:
-        raise FileNotFoundError(_not_found_message(tried + ["downloading was disabled (download=False)"], cache))
+    if not download and not any(cache.glob(f"{PACKAGE}_*.deb")):
+        tried.append(f"no downloaded {PACKAGE}_*.deb in {cache}, and downloading was disabled (download=False)")
+        raise FileNotFoundError(_not_found_message(tried, cache))
     try:
         deb = _download_deb(cache)
         _unpack_deb(deb, stamps)
@@ -178,6 +183,7 @@ def _unpack_deb(deb: Path, stamps: Path) -> None:
         if not _has_stamps(tmp):
             raise _FetchError(f"{deb} holds no stamps under /{_STAMPS_IN_DEB}")
         (tmp / _DONE_MARKER).write_text(f"unpacked from {deb.name}\n")
+        tmp.chmod(0o755)  # mkdtemp made it private
         if stamps.exists():
             shutil.rmtree(stamps)
         tmp.rename(stamps)

@@ -40,7 +40,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,11 @@ def vgg16_bn_trunk() -> nn.Sequential:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             width = int(item)
-            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
             channels = width
     return nn.Sequential(*layers[:39])  # drop the final ReLU: features[0:39] ends at conv5_2's BatchNorm
 
@@ -205,8 +211,10 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
     try:
         with Image.open(path) as image:
             rgba = image.convert("RGBA")
-    except Exception as err:  # Pillow raises many types for bad files
-        raise AdvlabValueError(f"Expected `path` to be an image Pillow can read, but {str(path)!r} failed: {err}") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as err:
+        raise AdvlabValueError(
+            f"Expected `path` to be an image Pillow can read, but {str(path)!r} failed: {err}"
+        ) from None
     data = torch.frombuffer(bytearray(rgba.tobytes()), dtype=torch.uint8).view(rgba.height, rgba.width, 4)
     return data.permute(2, 0, 1).float() / 255.0  # [4, H, W]
 
@@ -334,6 +342,10 @@ class CraftRegionExtractor(nn.Module):
         >>> features.shape, boxes.shape
         (torch.Size([3, 5, 512]), torch.Size([3, 5, 4]))
     """
+
+    mean: Tensor  # [1, 3, 1, 1] buffers, declared for type checkers
+    std: Tensor
+    cell_boxes: Tensor  # [g*g, 4]
 
     def __init__(self, trunk: nn.Module | None = None, *, px: int = 64, grid: int = 4) -> None:
         super().__init__()
@@ -517,7 +529,9 @@ def feature_cache_key(
         try:
             stat = os.stat(p)
         except OSError:
-            raise AdvlabValueError(f"Expected every item of `paths` to be an existing file, but got {str(p)!r}.") from None
+            raise AdvlabValueError(
+                f"Expected every item of `paths` to be an existing file, but got {str(p)!r}."
+            ) from None
         listing.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
     material = {
         "format": _CACHE_FORMAT,
@@ -540,7 +554,7 @@ def _default_cache_dir() -> Path:
 def _progress(total: int, enabled: bool, desc: str):  # tqdm if installed, else a silent stand-in
     if enabled:
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
             return tqdm(total=total, desc=desc, unit="img")
         except ModuleNotFoundError:
@@ -616,10 +630,10 @@ def extract_features(
     if use_cache and cache_path.is_file():
         try:
             stored = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if stored.get("key") == key:
+            if isinstance(stored, dict) and stored.get("key") == key:
                 return RegionFeatures(stored["features"], stored["boxes"], names, key, cache_path, True)
-        except Exception:  # a truncated or foreign file: recompute
-            pass
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            warnings.warn(f"Ignoring unreadable feature cache {cache_path} ({err}); recomputing.", stacklevel=2)
 
     extractor = CraftRegionExtractor(load_craft_trunk(ckpt), px=px, grid=grid)
     feats, boxes = [], []
@@ -627,7 +641,9 @@ def extract_features(
     try:
         with torch.inference_mode():
             for start in range(0, len(names), batch_size):
-                chunk = [letterbox(load_image(p), px=px, background=background) for p in names[start : start + batch_size]]
+                chunk = [
+                    letterbox(load_image(p), px=px, background=background) for p in names[start : start + batch_size]
+                ]
                 f, b = extractor(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]))
                 feats.append(f)
                 boxes.append(b)

