@@ -51,7 +51,7 @@ def random_direction(
     Shape:
         - like: [b, n, d] or [b, d]; output: the same.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> u = random_direction(torch.zeros(2, 3, 4), generator=g)
         >>> torch.allclose(torch.linalg.vector_norm(u, dim=(1, 2)), torch.ones(2))
@@ -93,7 +93,7 @@ def pgd_step(
     Shape:
         - delta, grad: [b, n, d] or [b, d]; output: the same.
 
-    Example:
+    Examples:
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=0.1)
         tensor([[0.0600, 0.0800]])
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=1.0, norm="linf", radius=0.5)
@@ -136,7 +136,7 @@ def smart_step(
     Shape:
         - delta, grad: [b, n, d] (or [b, d], one position per row); output: the same.
 
-    Example:
+    Examples:
         >>> smart_step(torch.zeros(1, 1, 2), torch.tensor([[[2.0, -1.0]]]), step_size=1.0, eps=0.0)
         tensor([[[ 1.0000, -0.5000]]])
     """
@@ -163,7 +163,7 @@ class PGDAscender:
         radius: Ball radius or None.
         direction: `"gradient"`, `"sign"` or `"random"`.
 
-    Example:
+    Examples:
         >>> PGDAscender(0.1)(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]))
         tensor([[0.0600, 0.0800]])
     """
@@ -197,7 +197,7 @@ class SMARTAscender:
         step_size: η ≥ 0 (mt-dnn default 1e-5).
         eps: Added to the per-position max-abs norm (mt-dnn default 1e-6).
 
-    Example:
+    Examples:
         >>> SMARTAscender(1.0, eps=0.0)(torch.zeros(1, 1, 2), torch.tensor([[[2.0, -1.0]]]))
         tensor([[[ 1.0000, -0.5000]]])
     """

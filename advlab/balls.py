@@ -80,7 +80,7 @@ def row_norm(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None) -> Ten
         - mask: [b, n] (for [b, n, d]) or [b] (for [b, d])
         - output: [b] for `"l2"` / `"linf"`, x.shape[:-1] for `"l2_token"`
 
-    Example:
+    Examples:
         >>> row_norm(torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]))
         tensor([5.])
         >>> row_norm(torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), "l2_token")
@@ -114,7 +114,7 @@ def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, ep
     Shape:
         - grad: [b, n, d] or [b, d]; output: the same.
 
-    Example:
+    Examples:
         >>> normalize(torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]]))
         tensor([[[0.6000, 0.8000]],
         <BLANKLINE>
@@ -130,7 +130,7 @@ def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, ep
 def normalize_l2(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
     """`normalize(grad, "l2")`: unit Frobenius norm per row.
 
-    Example:
+    Examples:
         >>> normalize_l2(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
         tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
     """
@@ -140,7 +140,7 @@ def normalize_l2(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMA
 def normalize_l2_token(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
     """`normalize(grad, "l2_token")`: unit L2 norm per position.
 
-    Example:
+    Examples:
         >>> normalize_l2_token(torch.tensor([[[0.0, 2.0], [3.0, 4.0]]]))
         tensor([[[0.0000, 1.0000],
                  [0.6000, 0.8000]]])
@@ -151,7 +151,7 @@ def normalize_l2_token(grad: Tensor, *, mask: Tensor | None = None, eps: float =
 def normalize_linf(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
     """`normalize(grad, "linf")`: `g / max|g|` per row (the official "linf" step, not sign).
 
-    Example:
+    Examples:
         >>> normalize_linf(torch.tensor([[1.0, -4.0, 2.0]]))
         tensor([[ 0.2500, -1.0000,  0.5000]])
     """
@@ -161,7 +161,7 @@ def normalize_linf(grad: Tensor, *, mask: Tensor | None = None, eps: float = NOR
 def normalize_sign(grad: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """`sign(grad)`: the steepest-ascent direction of standard L-inf PGD; masked elements 0.
 
-    Example:
+    Examples:
         >>> normalize_sign(torch.tensor([[1.5, -0.2, 0.0]]))
         tensor([[ 1., -1.,  0.]])
     """
@@ -188,7 +188,7 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
     Shape:
         - delta: [b, n, d] or [b, d]; output: the same.
 
-    Example:
+    Examples:
         >>> project(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "l2", radius=1.0)
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
@@ -211,7 +211,7 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
 def project_l2(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
     """`project(delta, "l2", radius)`: per-row Frobenius ball.
 
-    Example:
+    Examples:
         >>> project_l2(torch.tensor([[6.0, 8.0]]), 5.0)
         tensor([[3., 4.]])
     """
@@ -221,7 +221,7 @@ def project_l2(delta: Tensor, radius: float | None, *, mask: Tensor | None = Non
 def project_l2_token(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
     """`project(delta, "l2_token", radius)`: one L2 ball per position.
 
-    Example:
+    Examples:
         >>> project_l2_token(torch.tensor([[[6.0, 8.0], [0.3, 0.4]]]), 1.0)
         tensor([[[0.6000, 0.8000],
                  [0.3000, 0.4000]]])
@@ -232,7 +232,7 @@ def project_l2_token(delta: Tensor, radius: float | None, *, mask: Tensor | None
 def project_linf(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:
     """`project(delta, "linf", radius)`: elementwise clamp.
 
-    Example:
+    Examples:
         >>> project_linf(torch.tensor([[0.3, -0.05]]), 0.1)
         tensor([[ 0.1000, -0.0500]])
     """
@@ -247,7 +247,7 @@ class Ball:
         norm: `"l2"`, `"l2_token"` or `"linf"`.
         radius: Radius > 0, or None for an unbounded ball.
 
-    Example:
+    Examples:
         >>> ball = Ball("l2", radius=1.0)
         >>> ball.project(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])

@@ -70,7 +70,7 @@ class Ascender(Protocol):
 def default_logits(output: Any) -> Tensor:
     """The logits in a model output: a Tensor as is, else `.logits`, else element 0 of a tuple.
 
-    Example:
+    Examples:
         >>> default_logits((torch.ones(1, 2), "hidden"))
         tensor([[1., 1.]])
     """
@@ -95,7 +95,7 @@ def forward_groups(mode: str, modalities: Sequence[str]) -> tuple[tuple[str, ...
             modality's name (only it).
         modalities: The perturbed modalities.
 
-    Example:
+    Examples:
         >>> forward_groups("alter", ["txt", "img"])
         (('txt',), ('img',))
         >>> forward_groups("joint", ["txt", "img"])
@@ -606,7 +606,7 @@ def free_training(
     Returns:
         A `FreeTraining` context.
 
-    Example:
+    Examples:
         >>> from advlab import Perturbation, symmetric_kl
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
         >>> ids, y = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 1])

@@ -47,7 +47,7 @@ class FreeLB:
         schedule: Kept for symmetry with `VILLA` (FreeLB has no clean graph).
         generator: Randomness for the initialisation.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
         >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
         >>> freelb = FreeLB(model, {"txt": "0"}, steps=2, init_magnitude=0.1, generator=torch.Generator().manual_seed(0))

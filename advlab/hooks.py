@@ -30,13 +30,15 @@ MaskLike = Tensor | Sequence[Tensor] | None
 def check_not_compiled(model: nn.Module) -> None:
     """Raise if `model` or any submodule is compiled: hooks added after compilation are ignored.
 
-    Example:
+    Examples:
         >>> check_not_compiled(nn.Linear(2, 2))
     """
-    from torch._dynamo.eval_frame import OptimizedModule
+    import sys
 
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # never imported => nothing is compiled
+    optimized = getattr(dynamo, "OptimizedModule", ()) if dynamo is not None else ()
     for name, module in [("", model), *model.named_modules()]:
-        if isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None:
+        if (optimized and isinstance(module, optimized)) or getattr(module, "_compiled_call_impl", None) is not None:
             where = f"submodule {name!r}" if name else "the model"
             raise AdvlabValueError(
                 f"Expected an uncompiled model, but {where} is compiled with torch.compile: compiled graphs "
@@ -76,7 +78,7 @@ class SiteHooks:
         generator: Randomness for the initial δ.
         delta_dtype: dtype δ is held in; None = float32 (float64 sites get float64).
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
         >>> hooks = SiteHooks(model, {"txt": "0"}, {"txt": Perturbation()})
         >>> hooks.install()
@@ -343,7 +345,7 @@ def perturb_sites(
         deltas: Modality to δ.
         sites: Modality to site; None = `model.perturbation_sites()`.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 2, bias=False))
         >>> with torch.no_grad():
         ...     _ = model[0].weight.copy_(torch.eye(2))

@@ -28,7 +28,7 @@ class Perturbation:
             control).
         init: Sampler of the initial δ (zeros by default, as the official VILLA code).
 
-    Example:
+    Examples:
         >>> Perturbation(step_size=1e-3)
         Perturbation(step_size=0.001, radius=None, norm='l2', direction='gradient', init=ZeroSampler())
         >>> Perturbation(step_size=0.1, radius=0.0)

@@ -52,7 +52,7 @@ class VillaPreset:
         distribution: How logits become distributions for the KL (`"softmax"` in all released code).
         source: Where the numbers come from.
 
-    Example:
+    Examples:
         >>> get_preset("vqa-large").step_size
         0.002
     """
@@ -91,7 +91,7 @@ PRESETS: dict[str, VillaPreset] = {
 def get_preset(name: str) -> VillaPreset:
     """Look a preset up by name, with a clear error listing the known ones.
 
-    Example:
+    Examples:
         >>> get_preset("nlvr2").mode
         'txt'
     """

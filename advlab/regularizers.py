@@ -110,7 +110,7 @@ def kl_divergence(
         - p_logits, q_logits: [..., c]
         - output: scalar, or [...] for `"none"`
 
-    Example:
+    Examples:
         >>> p = torch.tensor([[2.0, 0.0, -1.0]])
         >>> kl_divergence(p, p)
         tensor(0.)
@@ -147,7 +147,7 @@ def symmetric_kl(
     Shape:
         - p_logits, q_logits: [..., c]; output: scalar, or [...] for `"none"`
 
-    Example:
+    Examples:
         >>> p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
         >>> torch.allclose(symmetric_kl(p, q), symmetric_kl(q, p))
         True
@@ -193,7 +193,7 @@ def js_divergence(
     Shape:
         - p_logits, q_logits: [..., c]; output: scalar, or [...] for `"none"`
 
-    Example:
+    Examples:
         >>> p, q = torch.tensor([[9.0, -9.0]]), torch.tensor([[-9.0, 9.0]])
         >>> bool(js_divergence(p, q) <= torch.log(torch.tensor(2.0)))
         True
@@ -217,7 +217,7 @@ class KLRegularizer(nn.Module):
         distribution: `"softmax"` or `"sigmoid"`.
         reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
 
-    Example:
+    Examples:
         >>> KLRegularizer()(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor(0.)
     """
@@ -240,7 +240,7 @@ class SymmetricKLRegularizer(nn.Module):
         distribution: `"softmax"` or `"sigmoid"`.
         reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
 
-    Example:
+    Examples:
         >>> SymmetricKLRegularizer(detach="target")(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor(0.)
     """
@@ -267,7 +267,7 @@ class JSRegularizer(nn.Module):
         distribution: `"softmax"` or `"sigmoid"`.
         reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
 
-    Example:
+    Examples:
         >>> JSRegularizer()(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor(0.)
     """

@@ -57,7 +57,7 @@ def _unmasked_count(like: Tensor, mask: Tensor | None) -> Tensor:
 class ZeroSampler:
     """δ = 0 (the official VILLA initialisation).
 
-    Example:
+    Examples:
         >>> ZeroSampler()(torch.ones(2, 3))
         tensor([[0., 0., 0.],
                 [0., 0., 0.]])
@@ -82,7 +82,7 @@ class ScaledUniformSampler:
     Shape:
         - like: [b, n, d] or [b, d]; mask: [b, n] or [b]; output: like's shape.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> d = ScaledUniformSampler(1.0)(torch.zeros(2, 4, 8), generator=g)
         >>> bool(d.abs().max() <= 1.0 / (4 * 8) ** 0.5)
@@ -110,7 +110,7 @@ class UniformSampler:
     Args:
         magnitude: Half-width m.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> bool(UniformSampler(0.1)(torch.zeros(3, 5), generator=g).abs().max() <= 0.1)
         True
@@ -136,7 +136,7 @@ class NormalSampler:
     Args:
         std: Standard deviation.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> d = NormalSampler(1e-5)(torch.zeros(2, 3, 4), mask=torch.tensor([[1, 1, 0], [1, 0, 0]]), generator=g)
         >>> bool((d[0, 2] == 0).all() and (d[1, 1:] == 0).all())
@@ -162,7 +162,7 @@ class SphereSampler:
     Args:
         radius: Norm of every row that has at least one unmasked element.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> d = SphereSampler(0.5)(torch.zeros(3, 4, 2), generator=g)
         >>> torch.linalg.vector_norm(d, dim=(1, 2))

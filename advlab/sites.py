@@ -35,7 +35,7 @@ class Site:
             independent perturbation, in call order (siamese towers, two images through
             one module).
 
-    Example:
+    Examples:
         >>> Site("bert.embeddings.word_embeddings")
         Site(module='bert.embeddings.word_embeddings', where='output', arg=0, calls=1)
         >>> Site("img_proj", where="input").where
@@ -73,7 +73,7 @@ SiteLike = Union[str, nn.Module, Site]
 class HasPerturbationSites(Protocol):
     """A model that names its own perturbation sites (the bundled backbones do).
 
-    Example:
+    Examples:
         >>> class Tiny(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -92,7 +92,7 @@ class HasPerturbationSites(Protocol):
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the wrapped module of a `DistributedDataParallel` or `DataParallel` wrapper.
 
-    Example:
+    Examples:
         >>> inner = nn.Linear(2, 2)
         >>> unwrap_model(nn.DataParallel(inner)) is inner
         True
@@ -125,7 +125,7 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
     Returns:
         Modality to `(site, module)`.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
         >>> resolved = resolve_sites(model, {"x": "0"})
         >>> resolved["x"][1]

@@ -48,7 +48,7 @@ class SMART:
         logits: Output -> logits.
         generator: Randomness for the initial noise.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
         >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
         >>> smart = SMART(model, {"txt": "0"}, generator=torch.Generator().manual_seed(0))
@@ -111,8 +111,9 @@ class SMART:
             for _ in range(self.steps):
                 adv = self.logits(ft.forward(forward))
                 ft.ascend(kl_divergence(clean.detach(), adv, **kw))  # type: ignore[arg-type]
-            adv = self.logits(ft.forward(forward))
-            reg = symmetric_kl(adv, clean, detach="target", **kw)  # type: ignore[arg-type]
-            ft.backward(reg * (self.weight * scale))
+            for _ in ft:  # one step: under DDP its forward and backward run outside no_sync (one all-reduce)
+                adv = self.logits(ft.forward(forward))
+                reg = symmetric_kl(adv, ft.clean_logits, detach="target", **kw)  # type: ignore[arg-type]
+                ft.backward(reg * (self.weight * scale))
             norms = ft.delta_norms()
         return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})

@@ -19,7 +19,7 @@ class StepStats:
         skipped_steps: Ascent steps skipped for a non-finite loss or δ gradient.
         overrides: Arguments that overrode the preset.
 
-    Example:
+    Examples:
         >>> StepStats(task_loss=(0.7, 0.8), kl=(0.0, 0.1), delta_norm={"txt": 1e-3}).mean_task_loss
         0.75
     """

@@ -64,7 +64,7 @@ class VILLA:
         on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler.
         generator: Randomness for δ_0.
 
-    Example:
+    Examples:
         >>> import advlab
         >>> class Tiny(nn.Module):
         ...     def __init__(self):
@@ -133,7 +133,7 @@ class VILLA:
     def from_preset(cls, name: str, model: nn.Module, **overrides: Any) -> VILLA:
         """`VILLA(model, preset=name, **overrides)`.
 
-        Example:
+        Examples:
             >>> villa = VILLA.from_preset("vqa-base", nn.Sequential(nn.Embedding(5, 2)), sites={"txt": "0"})
             >>> villa.steps, villa.kl_weight, villa.mode
             (3, 1.5, 'txt')

@@ -107,7 +107,7 @@ class LxmertConfig:
         num_object_labels: Visual Genome object classes of the pre-training object head.
         num_attr_labels: Visual Genome attribute classes of the pre-training attribute head.
 
-    Example:
+    Examples:
         >>> LxmertConfig.base().l_layers, LxmertConfig.base().r_layers, LxmertConfig.base().x_layers
         (9, 5, 5)
         >>> LxmertConfig.tiny().hidden_size
@@ -160,7 +160,7 @@ class LxmertConfig:
     def base(cls) -> LxmertConfig:
         """The released model: 9 language, 5 relationship, 5 cross layers, hidden 768, BERT-base vocabulary.
 
-        Example:
+        Examples:
             >>> LxmertConfig.base().hidden_size
             768
         """
@@ -173,7 +173,7 @@ class LxmertConfig:
         Args:
             **overrides: Fields to change, e.g. `visual_feat_dim=16`.
 
-        Example:
+        Examples:
             >>> LxmertConfig.tiny(l_layers=1).l_layers
             1
         """
@@ -215,7 +215,7 @@ class LxmertOutput:
         vision_output: [b, n, h]
         pooled_output: [b, h]
 
-    Example:
+    Examples:
         >>> out = LxmertOutput(torch.zeros(1, 3, 4), torch.zeros(1, 2, 4), torch.zeros(1, 4))
         >>> out.pooled_output.shape
         torch.Size([1, 4])
@@ -240,7 +240,7 @@ class LxmertClassifierOutput:
         logits: [b, num_answers] (NLVR2: [b, 2])
         pooled_output: [b, h] (NLVR2: [b, 2h])
 
-    Example:
+    Examples:
         >>> LxmertClassifierOutput(torch.zeros(2, 5), torch.zeros(2, 4)).logits.shape
         torch.Size([2, 5])
     """
@@ -270,7 +270,7 @@ class LxmertPreTrainingOutput:
         attr_logits: [b, n, num_attr_labels]
         feat_predictions: [b, n, f]
 
-    Example:
+    Examples:
         >>> out = LxmertPreTrainingOutput(qa_logits=torch.zeros(1, 3))
         >>> out.logits.shape
         torch.Size([1, 3])
@@ -517,7 +517,7 @@ class LxmertModel(nn.Module):
         visual_attention_mask: [b, n], 1 for real objects (optional: the checkpoint never saw masked objects)
         token_type_ids: [b, t]
 
-    Example:
+    Examples:
         >>> model = LxmertModel(LxmertConfig.tiny(visual_feat_dim=16)).eval()
         >>> out = model(torch.tensor([[1, 7, 2]]), torch.randn(1, 5, 16), torch.rand(1, 5, 4))
         >>> out.language_output.shape, out.vision_output.shape, out.pooled_output.shape
@@ -537,7 +537,7 @@ class LxmertModel(nn.Module):
     def perturbation_sites(self) -> dict[str, Site]:
         """VILLA's sites: `txt` = the word-embedding lookup's output; `img` = the raw features entering `visn_fc`.
 
-        Example:
+        Examples:
             >>> sites = LxmertModel(LxmertConfig.tiny(visual_feat_dim=8)).perturbation_sites()
             >>> sites["img"].where, sites["txt"].where
             ('input', 'output')
@@ -661,7 +661,7 @@ class LxmertModel(nn.Module):
         Returns:
             The model in eval mode.
 
-        Example:
+        Examples:
             >>> donor = LxmertModel(LxmertConfig.tiny(visual_feat_dim=8))
             >>> sd = {"module.bert." + k: v for k, v in donor.state_dict().items()}
             >>> model = LxmertModel.from_pretrained(sd, config=donor.config)
@@ -709,7 +709,7 @@ class LxmertForQuestionAnswering(nn.Module):
     Shape:
         Inputs as `LxmertModel`; `logits`: [b, num_answers].
 
-    Example:
+    Examples:
         >>> model = LxmertForQuestionAnswering(LxmertConfig.tiny(visual_feat_dim=8), num_answers=5).eval()
         >>> model(torch.tensor([[1, 2]]), torch.randn(1, 3, 8), torch.rand(1, 3, 4)).logits.shape
         torch.Size([1, 5])
@@ -733,7 +733,7 @@ class LxmertForQuestionAnswering(nn.Module):
     def perturbation_sites(self) -> dict[str, Site]:
         """The backbone's sites (one call each per forward).
 
-        Example:
+        Examples:
             >>> LxmertForVQA(LxmertConfig.tiny(visual_feat_dim=8), 3).perturbation_sites()["txt"].calls
             1
         """
@@ -782,7 +782,7 @@ class LxmertForQuestionAnswering(nn.Module):
         Returns:
             The model in eval mode.
 
-        Example:
+        Examples:
             >>> cfg = LxmertConfig.tiny(visual_feat_dim=8)
             >>> donor = LxmertForPreTraining(cfg)  # 11-answer pre-training QA head in the tiny config
             >>> sd = {"module." + k.replace("lxmert.", "bert.", 1): v for k, v in donor.state_dict().items()}
@@ -808,7 +808,7 @@ class LxmertForQuestionAnswering(nn.Module):
 class LxmertForVQA(LxmertForQuestionAnswering):
     """`LxmertForQuestionAnswering` with VQA's 3129 answers by default (train with BCE on soft scores).
 
-    Example:
+    Examples:
         >>> LxmertForVQA(LxmertConfig.tiny(visual_feat_dim=8)).num_answers
         3129
     """
@@ -819,7 +819,7 @@ class LxmertForVQA(LxmertForQuestionAnswering):
 class LxmertForGQA(LxmertForQuestionAnswering):
     """`LxmertForQuestionAnswering` with GQA's 1842 answers by default (train with cross-entropy).
 
-    Example:
+    Examples:
         >>> LxmertForGQA(LxmertConfig.tiny(visual_feat_dim=8)).num_answers
         1842
     """
@@ -844,7 +844,7 @@ class LxmertForNLVR2(nn.Module):
         visual_attention_mask: [b, 2, n]
         logits: [b, 2]
 
-    Example:
+    Examples:
         >>> model = LxmertForNLVR2(LxmertConfig.tiny(visual_feat_dim=8)).eval()
         >>> out = model(torch.tensor([[1, 5, 2]]), torch.randn(1, 2, 4, 8), torch.rand(1, 2, 4, 4))
         >>> out.logits.shape, out.pooled_output.shape
@@ -866,7 +866,7 @@ class LxmertForNLVR2(nn.Module):
     def perturbation_sites(self) -> dict[str, Site]:
         """The backbone's sites, each called twice per forward (first image, then second).
 
-        Example:
+        Examples:
             >>> LxmertForNLVR2(LxmertConfig.tiny(visual_feat_dim=8)).perturbation_sites()["img"].calls
             2
         """
@@ -918,7 +918,7 @@ class LxmertForNLVR2(nn.Module):
         Returns:
             The model in eval mode.
 
-        Example:
+        Examples:
             >>> donor = LxmertForNLVR2(LxmertConfig.tiny(visual_feat_dim=8))
             >>> sd = {k.replace("lxmert.", "lxrt_encoder.model.bert.", 1): v for k, v in donor.state_dict().items()}
             >>> model = LxmertForNLVR2.from_pretrained(sd, donor.config)
@@ -991,7 +991,7 @@ class LxmertForPreTraining(nn.Module):
     Shape:
         See `LxmertPreTrainingOutput`.
 
-    Example:
+    Examples:
         >>> model = LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8)).eval()
         >>> out = model(torch.tensor([[1, 5, 2]]), torch.randn(1, 4, 8), torch.rand(1, 4, 4))
         >>> out.lm_logits.shape, out.obj_logits.shape, out.logits.shape
@@ -1034,7 +1034,7 @@ class LxmertForPreTraining(nn.Module):
     def perturbation_sites(self) -> dict[str, Site]:
         """The backbone's sites.
 
-        Example:
+        Examples:
             >>> sorted(LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8)).perturbation_sites())
             ['img', 'txt']
         """
@@ -1081,7 +1081,7 @@ class LxmertForPreTraining(nn.Module):
         Returns:
             The model in eval mode.
 
-        Example:
+        Examples:
             >>> donor = LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8))
             >>> model = LxmertForPreTraining.from_pretrained(donor.state_dict())
             >>> torch.equal(model.cls.predictions.bias, donor.cls.predictions.bias)
@@ -1108,7 +1108,7 @@ def load_lxmert_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     Returns:
         Key -> tensor, names as stored.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
         >>> torch.save({"module.bert.pooler.dense.bias": torch.zeros(2)}, path)
@@ -1175,7 +1175,7 @@ def convert_lxmert_state_dict(state_dict: Mapping[str, Tensor], *, hidden_size: 
     Returns:
         A new dict; tensors are shared, not copied.
 
-    Example:
+    Examples:
         >>> sd = {"lxrt_encoder.model.module.bert.pooler.dense.bias": torch.zeros(4),
         ...       "logit_fc.0.weight": torch.zeros(8, 4)}
         >>> sorted(convert_lxmert_state_dict(sd, hidden_size=4))
@@ -1409,7 +1409,7 @@ def remap_answer_rows(
         weight: [s, d] -> [len(answers), d]
         bias: [s] -> [len(answers)]
 
-    Example:
+    Examples:
         >>> w, b = remap_answer_rows(torch.eye(3), torch.arange(3.0), answers=["c", "x"], source_answers=["a", "b", "c"])
         >>> w
         tensor([[0., 0., 1.],

@@ -96,7 +96,7 @@ class UniterConfig:
         img_dim: Region-feature size d (2048 for BUTD Faster R-CNN features).
         pos_dim: Box-feature size (7: x1, y1, x2, y2, w, h, w*h, all normalised).
 
-    Example:
+    Examples:
         >>> UniterConfig.base().hidden_size, UniterConfig.large().num_hidden_layers
         (768, 24)
         >>> UniterConfig.tiny(num_hidden_layers=1).num_hidden_layers
@@ -139,7 +139,7 @@ class UniterConfig:
     def base(cls, **overrides: Any) -> UniterConfig:
         """UNITER-base: 768 hidden, 12 layers, 12 heads, 3072 FFN.
 
-        Example:
+        Examples:
             >>> UniterConfig.base().num_attention_heads
             12
         """
@@ -149,7 +149,7 @@ class UniterConfig:
     def large(cls, **overrides: Any) -> UniterConfig:
         """UNITER-large: 1024 hidden, 24 layers, 16 heads, 4096 FFN.
 
-        Example:
+        Examples:
             >>> UniterConfig.large().intermediate_size
             4096
         """
@@ -161,7 +161,7 @@ class UniterConfig:
     def tiny(cls, **overrides: Any) -> UniterConfig:
         """A tiny random-init configuration for tests and doctests (not a released model).
 
-        Example:
+        Examples:
             >>> UniterConfig.tiny().hidden_size
             32
         """
@@ -195,7 +195,7 @@ class UniterTextEmbeddings(nn.Module):
         input_ids: [b, lt]; position_ids: [1, lt] or [b, lt]; token_type_ids: [b, lt];
         inputs_embeds: [b, lt, h]. Output: [b, lt, h].
 
-    Example:
+    Examples:
         >>> emb = UniterTextEmbeddings(UniterConfig.tiny())
         >>> emb(torch.tensor([[2, 5, 3]])).shape
         torch.Size([1, 3, 32])
@@ -249,7 +249,7 @@ class UniterImageEmbeddings(nn.Module):
         img_feat: [b, nr, d]; img_pos_feat: [b, nr, 7]; type_embeddings: [b, nr, h];
         img_masks: [b, nr] bool. Output: [b, nr, h].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> emb = UniterImageEmbeddings(cfg)
         >>> emb(torch.zeros(2, 3, cfg.img_dim), torch.zeros(2, 3, 7), torch.zeros(2, 3, 32)).shape
@@ -377,7 +377,7 @@ class UniterEncoder(nn.Module):
         hidden: [b, l, h]; attention_mask: [b, l] of 0/1 (a key mask). Output: a list of
         [b, l, h], one per layer (only the last when `output_all_encoded_layers=False`).
 
-    Example:
+    Examples:
         >>> enc = UniterEncoder(UniterConfig.tiny())
         >>> enc(torch.randn(2, 5, 32), torch.ones(2, 5))[-1].shape
         torch.Size([2, 5, 32])
@@ -407,7 +407,7 @@ class UniterPooler(nn.Module):
     Shape:
         hidden: [b, l, h]. Output: [b, h].
 
-    Example:
+    Examples:
         >>> UniterPooler(UniterConfig.tiny())(torch.randn(2, 5, 32)).shape
         torch.Size([2, 32])
     """
@@ -435,7 +435,7 @@ class UniterModelOutput:
         pooler_output: [b, h], tanh(Linear) of position 0 ([CLS] when text is present).
         hidden_states: One [b, l, h] per layer with `output_all_encoded_layers=True`, else None.
 
-    Example:
+    Examples:
         >>> out = UniterModelOutput(torch.zeros(1, 2, 4), torch.zeros(1, 4))
         >>> out.hidden_states is None
         True
@@ -455,7 +455,7 @@ class UniterClassifierOutput:
             The distribution VILLA's KL term acts on.
         pooled_output: The representation the classifier read ([b, h] or [b / 2, 2h]).
 
-    Example:
+    Examples:
         >>> UniterClassifierOutput(torch.zeros(2, 3)).logits.shape
         torch.Size([2, 3])
     """
@@ -472,7 +472,7 @@ class UniterRetrievalOutput:
         logits: [b, 1] rank scores (`rank_output`); sigmoid of them is the matching score.
         itm_logits: [b, 2] image-text matching logits (`itm_output`, 1 = match).
 
-    Example:
+    Examples:
         >>> UniterRetrievalOutput(torch.zeros(2, 1), torch.zeros(2, 2)).itm_logits.shape
         torch.Size([2, 2])
     """
@@ -497,7 +497,7 @@ class LoadReport:
             backbone key only with `strict=False`).
         grown: Embedding tables grown after loading (NLVR2 / VCR type rows, VCR words).
 
-    Example:
+    Examples:
         >>> LoadReport().dropped
         []
     """
@@ -527,7 +527,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     Returns:
         Key to tensor, on CPU.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.pt"
         >>> torch.save({"a": torch.ones(2)}, p)
@@ -573,7 +573,7 @@ def convert_uniter_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[st
     Returns:
         The renamed dict and the number of keys changed.
 
-    Example:
+    Examples:
         >>> convert_uniter_state_dict({"bert.embeddings.LayerNorm.gamma": torch.ones(1)})[0].keys()
         dict_keys(['uniter.embeddings.LayerNorm.weight'])
     """
@@ -634,7 +634,7 @@ class UniterPreTrainedModel(nn.Module):
     Subclasses hold the backbone as `self.uniter` (the checkpoint prefix), except
     `UniterModel`, which *is* the backbone and loads keys with the `uniter.` prefix stripped.
 
-    Example:
+    Examples:
         >>> issubclass(UniterForVQA, UniterPreTrainedModel)
         True
     """
@@ -662,7 +662,7 @@ class UniterPreTrainedModel(nn.Module):
     def perturbation_sites(self) -> dict[str, Site]:
         """VILLA's sites: `txt` = word-embedding output, `img` = input of `img_linear`.
 
-        Example:
+        Examples:
             >>> sites = UniterForVQA(UniterConfig.tiny()).perturbation_sites()
             >>> sorted(sites), sites["img"].where
             (['img', 'txt'], 'input')
@@ -718,7 +718,7 @@ class UniterPreTrainedModel(nn.Module):
             The model (in training mode, as constructed); with `output_loading_info`,
             `(model, LoadReport)`.
 
-        Example:
+        Examples:
             >>> cfg = UniterConfig.tiny()
             >>> state = {"bert." + k[len("uniter."):]: v for k, v in UniterForVQA(cfg).state_dict().items()
             ...          if k.startswith("uniter.")}
@@ -818,7 +818,7 @@ class UniterModel(UniterPreTrainedModel):
         img_masks: [b, nr] bool; txt_type_ids: [b, lt]; img_type_ids: [b, nr];
         inputs_embeds: [b, lt, h].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> model = UniterModel(cfg)
         >>> out = model(input_ids=torch.tensor([[2, 7, 3]]), img_feat=torch.randn(1, 4, cfg.img_dim),
@@ -923,7 +923,7 @@ class UniterForVQA(UniterPreTrainedModel):
     Shape:
         Output logits: [b, num_answers].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> model = UniterForVQA(cfg, num_answers=10)
         >>> model(input_ids=torch.tensor([[2, 7, 3]]), img_feat=torch.randn(1, 4, cfg.img_dim),
@@ -964,7 +964,7 @@ class UniterForVisualEntailment(UniterForVQA):
     Shape:
         Output logits: [b, 3].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> UniterForVisualEntailment(cfg)(input_ids=torch.tensor([[2, 3]]), img_feat=torch.randn(1, 2, cfg.img_dim),
         ...                                img_pos_feat=torch.rand(1, 2, 7)).logits.shape
@@ -1015,7 +1015,7 @@ class UniterForNLVR2(UniterPreTrainedModel):
         Paired variants take 2b rows (example i = rows 2i, 2i + 1) and return logits
         [b, 2]; triplet takes b rows and returns [b, 2].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> model = UniterForNLVR2(cfg, variant="paired-attn")
         >>> model(input_ids=torch.tensor([[2, 7, 3]] * 4), img_feat=torch.randn(4, 2, cfg.img_dim),
@@ -1050,7 +1050,7 @@ class UniterForNLVR2(UniterPreTrainedModel):
     def init_type_embedding(self) -> None:
         """Grow the type table to 3 rows, row 2 a copy of row 1 (the image type).
 
-        Example:
+        Examples:
             >>> UniterForNLVR2(UniterConfig.tiny()).uniter.embeddings.token_type_embeddings.num_embeddings
             3
         """
@@ -1117,7 +1117,7 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
     Shape:
         Output logits: [b, 1] rank scores; itm_logits: [b, 2].
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> out = UniterForImageTextRetrieval(cfg)(input_ids=torch.tensor([[2, 3]]),
         ...       img_feat=torch.randn(1, 2, cfg.img_dim), img_pos_feat=torch.rand(1, 2, 7))
@@ -1137,7 +1137,7 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
     def init_output(self) -> None:
         """Copy `itm_output` row 1 into `rank_output`.
 
-        Example:
+        Examples:
             >>> m = UniterForImageTextRetrieval(UniterConfig.tiny())
             >>> torch.equal(m.rank_output.weight[0], m.itm_output.weight[1])
             True
@@ -1172,7 +1172,7 @@ class UniterForVCR(UniterPreTrainedModel):
     Shape:
         Output logits: [b, 2] (b = 4 rows per question in the official data).
 
-    Example:
+    Examples:
         >>> cfg = UniterConfig.tiny()
         >>> model = UniterForVCR(cfg)
         >>> model.uniter.embeddings.word_embeddings.num_embeddings
@@ -1199,7 +1199,7 @@ class UniterForVCR(UniterPreTrainedModel):
     def init_type_embedding(self) -> None:
         """Grow the type table to 4 rows; rows 2 and 3 are copies of row 0 (text).
 
-        Example:
+        Examples:
             >>> UniterForVCR(UniterConfig.tiny()).uniter.embeddings.token_type_embeddings.num_embeddings
             4
         """
@@ -1215,7 +1215,7 @@ class UniterForVCR(UniterPreTrainedModel):
     def init_word_embedding(self, num_special_tokens: int) -> None:
         """Append `num_special_tokens` word rows drawn from N(0, 0.02).
 
-        Example:
+        Examples:
             >>> m = UniterForVCR(UniterConfig.tiny())
             >>> m.uniter.embeddings.word_embeddings.weight.shape[0] == 99 + 81
             True
@@ -1274,7 +1274,7 @@ def vqa_loss(logits: Tensor | UniterClassifierOutput, targets: Tensor) -> Tensor
     Shape:
         logits, targets: [b, num_answers]. Output: scalar.
 
-    Example:
+    Examples:
         >>> vqa_loss(torch.zeros(2, 4), torch.zeros(2, 4))
         tensor(2.7726)
     """
@@ -1297,7 +1297,7 @@ def vqa_score(logits: Tensor | UniterClassifierOutput, targets: Tensor) -> Tenso
     Shape:
         logits, targets: [b, num_answers]. Output: [b].
 
-    Example:
+    Examples:
         >>> vqa_score(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.3]]))
         tensor([0.3000])
     """
@@ -1315,7 +1315,7 @@ def ve_loss(logits: Tensor | UniterClassifierOutput, labels: Tensor) -> Tensor:
     Shape:
         logits: [b, 3]; labels: [b] or [b, 3]. Output: scalar.
 
-    Example:
+    Examples:
         >>> ve_loss(torch.zeros(1, 3), torch.tensor([1]))
         tensor(2.0794)
     """
@@ -1335,7 +1335,7 @@ def nlvr2_loss(logits: Tensor | UniterClassifierOutput, labels: Tensor) -> Tenso
         logits: Head output or its logits.
         labels: 0 = False, 1 = True.
 
-    Example:
+    Examples:
         >>> nlvr2_loss(torch.zeros(2, 2), torch.tensor([0, 1]))
         tensor(0.6931)
     """
@@ -1352,7 +1352,7 @@ def vcr_loss(logits: Tensor | UniterClassifierOutput, labels: Tensor) -> Tensor:
     Shape:
         logits: [b, 2]; labels: [b] or [b, 1]. Output: scalar.
 
-    Example:
+    Examples:
         >>> vcr_loss(torch.zeros(4, 2), torch.tensor([0, 1, 0, 0]))
         tensor(0.6931)
     """
@@ -1369,7 +1369,7 @@ def itm_loss(itm_logits: Tensor | UniterRetrievalOutput, labels: Tensor) -> Tens
     Shape:
         itm_logits: [b, 2]; labels: [b]. Output: scalar.
 
-    Example:
+    Examples:
         >>> itm_loss(torch.zeros(2, 2), torch.tensor([1, 0]))
         tensor(0.6931)
     """
@@ -1392,7 +1392,7 @@ def itm_rank_loss(rank_logits: Tensor | UniterRetrievalOutput, sample_size: int,
     Shape:
         rank_logits: [b, 1] or [b], b a multiple of `sample_size`. Output: scalar.
 
-    Example:
+    Examples:
         >>> itm_rank_loss(torch.tensor([[5.0], [-5.0], [5.0], [-5.0]]), 2)
         tensor(0.)
     """

@@ -64,7 +64,7 @@ class Obj36Record:
         features: [n, f]
         objects_id, objects_conf, attrs_id, attrs_conf: [n]
 
-    Example:
+    Examples:
         >>> r = Obj36Record("img", 10, 20, torch.zeros(2, 4), torch.zeros(2, 3),
         ...                 torch.zeros(2, dtype=torch.long), torch.ones(2), torch.zeros(2, dtype=torch.long), torch.ones(2))
         >>> r.num_boxes
@@ -176,7 +176,7 @@ def iter_obj36(
     Returns:
         An iterator of records. Raises `AdvlabValueError` naming the file and line number for a malformed line.
 
-    Example:
+    Examples:
         >>> import base64, tempfile, os, numpy as np
         >>> enc = lambda a: base64.b64encode(a.tobytes()).decode()
         >>> n = 2
@@ -220,7 +220,7 @@ def load_obj36(
 ) -> dict[str, Obj36Record]:
     r"""Read a whole obj36 TSV file into `img_id -> record`; arguments as `iter_obj36`.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "empty.tsv")
         >>> _ = open(path, "w").write("\n")
@@ -249,7 +249,7 @@ def collate_obj36(records: Sequence[Obj36Record]) -> tuple[Tensor, Tensor, Tenso
         visual_pos: [b, n, 4]
         visual_attention_mask: [b, n]
 
-    Example:
+    Examples:
         >>> mk = lambda n: Obj36Record("i", 1, 1, torch.rand(n, 4), torch.ones(n, 3), torch.zeros(n, dtype=torch.long),
         ...                            torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n))
         >>> feats, boxes, mask = collate_obj36([mk(2), mk(3)])

@@ -52,7 +52,7 @@ def pos_feat_from_norm_bb(norm_bb: Tensor) -> Tensor:
     Shape:
         norm_bb: [n, 6]. Output: [n, 7].
 
-    Example:
+    Examples:
         >>> pos_feat_from_norm_bb(torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.4, 0.4]]))
         tensor([[0.1000, 0.2000, 0.5000, 0.6000, 0.4000, 0.4000, 0.1600]])
     """
@@ -75,7 +75,7 @@ def vqa_target(labels: Sequence[int], scores: Sequence[float], num_answers: int 
     Shape:
         Output: [num_answers].
 
-    Example:
+    Examples:
         >>> vqa_target([2, 0], [0.3, 1.0], num_answers=4)
         tensor([1.0000, 0.0000, 0.3000, 0.0000])
     """
@@ -109,7 +109,7 @@ def get_gather_index(txt_lens: Sequence[int], num_bbs: Sequence[int], max_txt_le
     Shape:
         Output: [b, out_size], long.
 
-    Example:
+    Examples:
         >>> get_gather_index([5, 3], [3, 4], max_txt_len=5, out_size=8)
         tensor([[0, 1, 2, 3, 4, 5, 6, 7],
                 [0, 1, 2, 5, 6, 7, 8, 7]])
@@ -213,7 +213,7 @@ class UniterImgDb:
     Shape:
         `db[fname]` returns features [nbb, d] and position features [nbb, 7], float32.
 
-    Example:
+    Examples:
         >>> import tempfile, lmdb, msgpack, numpy as np
         >>> d = tempfile.mkdtemp()
         >>> env = lmdb.open(f"{d}/feat_numbb2", map_size=1 << 20)
@@ -337,7 +337,7 @@ class UniterTxtDb:
         db_dir: The `<name>.db` directory (an LMDB environment with the JSON sidecars).
         max_txt_len: Longest text kept, in word pieces without [CLS] / [SEP]; -1 for all.
 
-    Example:
+    Examples:
         >>> import tempfile, json, lmdb, msgpack, lz4.frame
         >>> d = tempfile.mkdtemp()
         >>> env = lmdb.open(d, map_size=1 << 20)
@@ -429,7 +429,7 @@ class UniterVqaDataset(torch.utils.data.Dataset):
     Shape:
         input_ids: [lt]; img_feat: [nbb, d]; img_pos_feat: [nbb, 7]; target: [num_answers].
 
-    Example:
+    Examples:
         >>> issubclass(UniterVqaDataset, torch.utils.data.Dataset)
         True
     """
@@ -494,7 +494,7 @@ def uniter_collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         img_pos_feat: [b, nr, 7]; attention_mask, gather_index: [b, l] with
         l = max(lt_i + nbb_i).
 
-    Example:
+    Examples:
         >>> rows = [{"input_ids": torch.tensor([1, 5, 5, 5, 2]), "img_feat": torch.ones(3, 4),
         ...          "img_pos_feat": torch.ones(3, 7)},
         ...         {"input_ids": torch.tensor([1, 5, 2]), "img_feat": torch.ones(4, 4),
