@@ -1,0 +1,30 @@
+"""Data readers: UNITER feature and text databases, LXMERT obj36 features, image-caption folders.
+
+Optional packages (lmdb, msgpack, lz4, numpy, Pillow) are imported inside the functions that need them.
+"""
+
+from advlab.data.obj36 import Obj36Record as Obj36Record
+from advlab.data.obj36 import iter_obj36 as iter_obj36
+from advlab.data.obj36 import load_obj36 as load_obj36
+from advlab.data.obj36 import collate_obj36 as collate_obj36
+from advlab.data.uniter_db import UniterImgDb as UniterImgDb
+from advlab.data.uniter_db import UniterTxtDb as UniterTxtDb
+from advlab.data.uniter_db import UniterVqaDataset as UniterVqaDataset
+from advlab.data.uniter_db import get_gather_index as get_gather_index
+from advlab.data.uniter_db import pos_feat_from_norm_bb as pos_feat_from_norm_bb
+from advlab.data.uniter_db import uniter_collate as uniter_collate
+from advlab.data.uniter_db import vqa_target as vqa_target
+
+__all__ = [
+    "Obj36Record",
+    "iter_obj36",
+    "load_obj36",
+    "collate_obj36",
+    "UniterImgDb",
+    "UniterTxtDb",
+    "UniterVqaDataset",
+    "get_gather_index",
+    "pos_feat_from_norm_bb",
+    "uniter_collate",
+    "vqa_target",
+]
