@@ -40,7 +40,7 @@ def default_cache_dir() -> Path:
     Returns:
         The path; it need not exist yet.
 
-    Example:
+    Examples:
         >>> default_cache_dir().name
         'tuxpaint'
     """
@@ -81,7 +81,7 @@ def tuxpaint_stamps_dir(
         FileNotFoundError: No copy was found and none could be fetched; the message says
             what was tried and how to fix it.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> try:  # offline and quick: an installed copy, or a clear error
         ...     folder = tuxpaint_stamps_dir(cache_dir=tempfile.mkdtemp(), download=False)

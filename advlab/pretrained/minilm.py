@@ -59,7 +59,7 @@ def minilm_dir() -> Path:
     Raises:
         ModuleNotFoundError: The wheel is not installed; the message gives the pip command.
 
-    Example:
+    Examples:
         >>> sorted(p.name for p in minilm_dir().glob("*.txt"))
         ['vocab.txt']
     """
@@ -89,7 +89,7 @@ class MiniLMConfig:
         layer_norm_eps: LayerNorm epsilon.
         pad_token_id: Id of `[PAD]`.
 
-    Example:
+    Examples:
         >>> MiniLMConfig().hidden_size // MiniLMConfig().num_attention_heads
         32
     """
@@ -149,7 +149,7 @@ def load_minilm(folder: str | os.PathLike[str] | None = None) -> tuple[dict[str,
         ModuleNotFoundError: `folder` is None and the wheel is not installed.
         AdvlabValueError: The file's tensors disagree with its `config.json`.
 
-    Example:
+    Examples:
         >>> state_dict, config = load_minilm()
         >>> config.num_hidden_layers, config.hidden_size, tuple(state_dict["embeddings.word_embeddings.weight"].shape)
         (6, 384, (30522, 384))
@@ -182,7 +182,7 @@ class TokenBatch:
         input_ids: [b, L], int64.
         attention_mask: [b, L], bool.
 
-    Example:
+    Examples:
         >>> batch = TokenBatch(torch.tensor([[101, 102, 0]]), torch.tensor([[True, True, False]]))
         >>> batch.lengths
         tensor([2])
@@ -205,7 +205,7 @@ class TokenBatch:
         Returns:
             A new batch on `device`.
 
-        Example:
+        Examples:
             >>> TokenBatch(torch.tensor([[101, 102]]), torch.tensor([[True, True]])).to("cpu").input_ids
             tensor([[101, 102]])
         """
@@ -228,7 +228,7 @@ class MiniLMTokenizer:
         AdvlabValueError: `max_length` is below 2.
         ModuleNotFoundError: The wheel or the `tokenizers` package is missing.
 
-    Example:
+    Examples:
         >>> tok = MiniLMTokenizer(max_length=8)
         >>> batch = tok(["A brown potato.", "A rhea."])
         >>> batch.input_ids
@@ -279,7 +279,7 @@ class MiniLMTokenizer:
         Raises:
             AdvlabTypeError: `text` is not a str.
 
-        Example:
+        Examples:
             >>> MiniLMTokenizer().tokenize("A Tyrannosaurus rex.")
             [1037, 5939, 5521, 15460, 17342, 10151, 1012]
         """
@@ -296,7 +296,7 @@ class MiniLMTokenizer:
         Returns:
             One string per id.
 
-        Example:
+        Examples:
             >>> MiniLMTokenizer().convert_ids_to_tokens([101, 1037, 5939, 5521, 15460, 17342, 10151, 102])
             ['[CLS]', 'a', 'ty', '##ran', '##nos', '##aurus', 'rex', '[SEP]']
         """
@@ -323,7 +323,7 @@ class MiniLMTokenizer:
         Shape:
             input_ids, attention_mask: [b, L] with b = len(texts) and L <= max_length.
 
-        Example:
+        Examples:
             >>> tok = MiniLMTokenizer(max_length=5)
             >>> tok(["A rhea.", "A cat sat on the mat."], padding="max_length").input_ids
             tensor([[  101,  1037, 24775,  1012,   102],
@@ -368,7 +368,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     Shape:
         hidden: [b, L, d]; attention_mask: [b, L]; result: [b, d].
 
-    Example:
+    Examples:
         >>> mean_pool(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[True, True, False]]))
         tensor([[2.]])
     """
@@ -486,7 +486,7 @@ class MiniLMEncoder(nn.Module):
     Shape:
         input_ids, attention_mask: [b, L]; output: [b, L, hidden_size].
 
-    Example:
+    Examples:
         >>> tiny = MiniLMConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
         ...                     intermediate_size=16)
         >>> encoder = MiniLMEncoder(tiny)
