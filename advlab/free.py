@@ -348,6 +348,8 @@ class FreeTraining:
                 self._k = k
                 self._stepped = False
                 self._active_in_step = set()
+                if k == 0 and self._is_ddp() and self._clean_real is None and self.steps > 1:
+                    self._sync.enter_context(self.model.no_sync())  # no clean forward (FreeLB): steps 0..K-2 local
                 if k == self.steps - 1:
                     self._sync.close()  # the last forward and the one backward outside no_sync: one all-reduce
                 needs_grad = {m for m, p in self.perturbations.items() if p.direction != "random"}
