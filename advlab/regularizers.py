@@ -70,14 +70,12 @@ def _log_probs(logits: Tensor, distribution: str) -> tuple[Tensor, ...]:
     return (F.logsigmoid(logits), F.logsigmoid(-logits))
 
 
-def _kl_elementwise(p_logits: Tensor, q_logits: Tensor, distribution: str) -> Tensor:
-    """Per-class KL(p‖q) terms, [..., c]."""
-    terms = None
-    for log_p, log_q in zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)):
-        t = log_p.exp() * (log_p - log_q)
-        terms = t if terms is None else terms + t
-    assert terms is not None
-    return terms
+def _kl_elementwise(p_logits: Tensor, q_logits: Tensor, distribution: str, *, stop_p: bool = False) -> Tensor:
+    """Per-class KL(p‖q) terms, [..., c]; with `stop_p`, KL(sg(p)‖q) (gradient only through q)."""
+    if stop_p:
+        p_logits = p_logits.detach()
+    pairs = zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution))
+    return sum((log_p.exp() * (log_p - log_q) for log_p, log_q in pairs), torch.zeros((), dtype=p_logits.dtype))
 
 
 def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
@@ -160,19 +158,9 @@ def symmetric_kl(
         forward = _kl_elementwise(p_logits, q_logits, distribution)
         backward = _kl_elementwise(q_logits, p_logits, distribution)
     else:
-        forward = _kl_sg_target(p_logits, q_logits, distribution)
-        backward = _kl_sg_target(q_logits, p_logits, distribution)
+        forward = _kl_elementwise(p_logits, q_logits, distribution, stop_p=True)
+        backward = _kl_elementwise(q_logits, p_logits, distribution, stop_p=True)
     return _reduce(forward + backward, reduction)
-
-
-def _kl_sg_target(p_logits: Tensor, q_logits: Tensor, distribution: str) -> Tensor:
-    """KL(sg(p)‖q) elementwise: the value of KL(p‖q), gradient only through q."""
-    terms = None
-    for log_p, log_q in zip(_log_probs(p_logits.detach(), distribution), _log_probs(q_logits, distribution)):
-        t = log_p.exp() * (log_p - log_q)
-        terms = t if terms is None else terms + t
-    assert terms is not None
-    return terms
 
 
 def js_divergence(
