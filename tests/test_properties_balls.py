@@ -1,0 +1,342 @@
+"""Properties of the balls (normalise, project, row norms) and of the ascent steps built on them.
+
+float32 and float64 are checked tightly, bfloat16 within its rounding; values are drawn in
+float32 and cast. Norms in the assertions are recomputed independently in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import advlab
+from tests.strategies import (
+    bad_radii,
+    dtypes,
+    exact_dtypes,
+    expand_mask,
+    fills,
+    generator,
+    masks,
+    norms,
+    optional_masks,
+    poison_masked,
+    radii,
+    ref_norm,
+    rtol_for,
+    seeds,
+    shapes,
+    tensors,
+    tensors_elementwise,
+    unmasked_rows,
+)
+
+PROJECTIONS = {
+    "l2": advlab.project_l2,
+    "l2_token": advlab.project_l2_token,
+    "linf": advlab.project_linf,
+}
+NORMALIZERS = {
+    "l2": advlab.normalize_l2,
+    "l2_token": advlab.normalize_l2_token,
+    "linf": advlab.normalize_linf,
+}
+
+
+@st.composite
+def masked_inputs(draw, dtype=dtypes, elementwise=True):
+    """(x, mask or None) with x's values drawn in float32 and cast to a drawn dtype."""
+    shape = draw(shapes)
+    dtype = draw(dtype)
+    x = draw(tensors_elementwise(shape, dtype) if elementwise else tensors(shape, dtype))
+    return x, draw(optional_masks(shape))
+
+
+# ---------------------------------------------------------------------------------------------- project
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+@given(data=masked_inputs(), radius=radii)
+def test_project_is_idempotent_and_inside_the_ball(norm, data, radius):
+    x, mask = data
+    once = advlab.project(x, norm, radius, mask=mask)
+    assert once.dtype == x.dtype and once.shape == x.shape
+    # the named function and the Ball are the same projection, bit for bit
+    assert torch.equal(PROJECTIONS[norm](x, radius, mask=mask), once)
+    ball = advlab.Ball(norm, radius)
+    assert torch.equal(ball.project(x, mask=mask), once)
+
+    twice = advlab.project(once, norm, radius, mask=mask)
+    assert_close(twice, once)  # the dtype's default tolerances: bfloat16 may move by one rounding
+    assert (ref_norm(once, norm) <= radius * (1 + rtol_for(x.dtype))).all()
+    assert torch.isfinite(once).all()
+    if x.dtype != torch.bfloat16:
+        assert ball.contains(once, mask=mask).all()
+        assert ball.contains(once).all()
+    else:
+        assert ball.contains(once, mask=mask, rtol=rtol_for(x.dtype)).all()
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+@given(data=masked_inputs(), factor=st.floats(0.25, 4.0))
+def test_project_leaves_points_inside_the_ball_untouched(norm, data, factor):
+    x, mask = data
+    n = ref_norm(x, norm, mask)
+    radius = max(float(n.max()) * factor, 1e-3)  # radius relative to the data: some rows in, some out
+    out = advlab.project(x, norm, radius, mask=mask)
+    masked_x = torch.where(expand_mask(mask, x), x, torch.zeros((), dtype=x.dtype))
+    if norm == "linf":
+        inside = masked_x.double().abs() <= radius * (1 - 1e-6)  # elementwise clamp
+        assert torch.equal(out[inside], masked_x[inside])
+        return
+    inside = n <= radius * (1 - 1e-6)  # margin: rows on the sphere may be rescaled by a rounding
+    assert torch.equal(out[inside], masked_x[inside])  # bit-identical, bfloat16 included
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+@given(x=tensors_elementwise(dtype=dtypes), radius=radii)
+def test_project_unbounded_only_masks(norm, x, radius):
+    assert torch.equal(advlab.project(x, norm, None), x)
+    assert advlab.Ball(norm, None).contains(x).all()
+
+
+@given(x=tensors_elementwise(), radius=radii, norm=st.sampled_from(["l2", "l2_token"]))
+def test_project_bfloat16_is_the_float32_projection_rounded(x, radius, norm):
+    xb = x.bfloat16()
+    assert torch.equal(advlab.project(xb, norm, radius), advlab.project(xb.float(), norm, radius).bfloat16())
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+@given(data=st.data(), norm=norms, fill=fills, radius=st.none() | radii, dtype=dtypes)
+def test_masked_positions_are_exact_zeros_and_never_leak(data, norm, fill, radius, dtype):
+    shape = data.draw(shapes)
+    x = data.draw(tensors_elementwise(shape, dtype))
+    mask = data.draw(masks(shape))
+    poisoned = poison_masked(x, mask, fill)  # NaN / inf / huge at masked positions only
+    full = expand_mask(mask, x)
+    outs = {
+        "normalize": (advlab.normalize(poisoned, norm, mask=mask), advlab.normalize(x, norm, mask=mask)),
+        "normalize_sign": (advlab.normalize_sign(poisoned, mask=mask), advlab.normalize_sign(x, mask=mask)),
+        "project": (advlab.project(poisoned, norm, radius, mask=mask), advlab.project(x, norm, radius, mask=mask)),
+        "pgd_step": (
+            advlab.pgd_step(poisoned, poisoned, step_size=0.1, norm=norm, radius=radius, mask=mask),
+            advlab.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius, mask=mask),
+        ),
+        "smart_step": (
+            advlab.smart_step(poisoned, poisoned, step_size=0.1, mask=mask),
+            advlab.smart_step(x, x, step_size=0.1, mask=mask),
+        ),
+    }
+    for name, (out, clean) in outs.items():
+        assert out.dtype == x.dtype, name
+        assert (out[~full] == 0).all(), name
+        assert torch.isfinite(out).all(), name
+        # what was at the masked positions changed nothing anywhere
+        assert torch.equal(out, clean), name
+    n_poisoned = advlab.row_norm(poisoned, norm, mask=mask)
+    assert torch.equal(n_poisoned, advlab.row_norm(x, norm, mask=mask))
+    # atol: float32 squares of elements below ~1e-19 underflow (harmless: far below the 1e-8 clamp)
+    assert_close(n_poisoned.double(), ref_norm(x, norm, mask), rtol=rtol_for(torch.float32), atol=1e-18)
+
+
+@given(data=st.data(), norm=norms, dtype=dtypes)
+def test_fully_masked_rows_normalise_and_project_to_zero(data, norm, dtype):
+    shape = data.draw(shapes)
+    x = data.draw(tensors(shape, dtype))
+    mask = torch.zeros(shape[:-1], dtype=torch.bool)
+    assert torch.equal(advlab.normalize(x, norm, mask=mask), torch.zeros_like(x))
+    assert torch.equal(advlab.project(x, norm, 1.0, mask=mask), torch.zeros_like(x))
+    assert torch.equal(advlab.row_norm(x, norm, mask=mask), torch.zeros_like(advlab.row_norm(x, norm)))
+
+
+# ---------------------------------------------------------------------------------------------- normalise
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+@given(data=st.data(), dtype=dtypes)
+def test_normalize_has_unit_norm_or_is_zero(norm, data, dtype):
+    shape = data.draw(shapes)
+    x = data.draw(tensors_elementwise(shape, dtype))
+    mask = data.draw(optional_masks(shape))
+    zero_rows = data.draw(st.lists(st.integers(0, shape[0] - 1), max_size=2))
+    x[zero_rows] = 0.0  # exact zero rows, also negative zero below
+    if data.draw(st.booleans()):
+        x = -x
+    out = advlab.normalize(x, norm, mask=mask)
+    assert torch.equal(NORMALIZERS[norm](x, mask=mask), out)
+    assert torch.equal(advlab.Ball(norm).normalize(x, mask=mask), out)
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+
+    g_norm = ref_norm(x, norm, mask)
+    out_norm = ref_norm(out, norm)
+    big = g_norm > 2e-8  # clear of the 1e-8 clamp
+    assert_close(out_norm[big], torch.ones_like(out_norm[big]), rtol=0.0, atol=rtol_for(dtype))
+    small = g_norm < 0.5e-8  # below the clamp: g / 1e-8
+    assert_close(out_norm[small], g_norm[small] / 1e-8, rtol=rtol_for(dtype), atol=1e-6)
+    zero = g_norm == 0
+    assert (out_norm[zero] == 0).all()
+    # the direction is g's: same signs, nothing where g is 0
+    masked_x = torch.where(expand_mask(mask, x), x, torch.zeros((), dtype=x.dtype))
+    assert (torch.sign(out) == torch.sign(masked_x))[out != 0].all()
+    assert (out[masked_x == 0] == 0).all()
+
+
+@given(x=tensors_elementwise(), norm=norms)
+def test_normalize_bfloat16_is_the_float32_direction_rounded(x, norm):
+    xb = x.bfloat16()
+    assert torch.equal(advlab.normalize(xb, norm), advlab.normalize(xb.float(), norm).bfloat16())
+
+
+@given(data=masked_inputs())
+def test_normalize_sign_is_minus_one_zero_or_one(data):
+    x, mask = data
+    out = advlab.normalize_sign(x, mask=mask)
+    assert out.dtype == x.dtype
+    assert torch.isin(out.double(), torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)).all()
+    full = expand_mask(mask, x)
+    assert torch.equal(out[full], torch.sign(x)[full])
+    assert (out[~full] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- norms, radii
+
+
+@given(x=tensors_elementwise(), norm=norms, data=st.data())
+def test_row_norm_is_at_least_float32(x, norm, data):
+    mask = data.draw(optional_masks(x.shape))
+    xb = x.bfloat16()
+    nb = advlab.row_norm(xb, norm, mask=mask)
+    assert nb.dtype == torch.float32
+    assert torch.equal(nb, advlab.row_norm(xb.float(), norm, mask=mask))  # not accumulated in bfloat16
+    assert advlab.row_norm(x, norm, mask=mask).dtype == torch.float32
+    n64 = advlab.row_norm(x.double(), norm, mask=mask)
+    assert n64.dtype == torch.float64
+    assert_close(n64, ref_norm(x, norm, mask), rtol=1e-12, atol=0.0)
+    expected_shape = x.shape[:-1] if norm == "l2_token" else x.shape[:1]
+    assert nb.shape == expected_shape
+
+
+@given(radius=bad_radii, norm=norms)
+def test_nonpositive_or_nonfinite_radius_raises(radius, norm):
+    x = torch.ones(2, 3)
+    for call in (
+        lambda: advlab.project(x, norm, radius),
+        lambda: PROJECTIONS[norm](x, radius),
+        lambda: advlab.Ball(norm, radius),
+        lambda: advlab.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius),
+        lambda: advlab.PGDAscender(0.1, norm, radius),
+        lambda: advlab.Perturbation(0.1, radius=radius, norm=norm),
+    ):
+        with pytest.raises(advlab.AdvlabValueError, match="radius"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------- ascent
+
+
+@given(
+    data=st.data(),
+    norm=norms,
+    direction=st.sampled_from(["gradient", "sign", "random"]),
+    radius=st.none() | radii,
+    step_size=st.floats(0.0, 10.0),
+    steps=st.integers(1, 4),
+    dtype=dtypes,
+    fill=fills,
+)
+def test_pgd_step_keeps_masked_zero_and_stays_in_the_ball(data, norm, direction, radius, step_size, steps, dtype, fill):
+    shape = data.draw(shapes)
+    mask = data.draw(masks(shape))
+    gen = generator(data.draw(seeds))
+    delta = advlab.project(data.draw(tensors(shape, dtype)), norm, radius, mask=mask)
+    full = expand_mask(mask, delta)
+    for _ in range(steps):
+        grad = 10 * torch.randn(shape, generator=gen).to(dtype)
+        grad = poison_masked(grad, mask, fill)
+        delta = advlab.pgd_step(
+            delta, grad, step_size=step_size, norm=norm, radius=radius, direction=direction, mask=mask, generator=gen
+        )
+        assert delta.dtype == dtype and delta.shape == shape
+        assert (delta[~full] == 0).all()
+        assert torch.isfinite(delta).all()
+        if radius is not None:
+            assert (ref_norm(delta, norm) <= radius * (1 + rtol_for(dtype))).all()
+
+
+@given(data=st.data(), norm=norms, step_size=st.floats(1e-3, 10.0), dtype=exact_dtypes)
+def test_pgd_step_random_direction_moves_by_step_size(data, norm, step_size, dtype):
+    shape = data.draw(shapes)
+    mask = data.draw(optional_masks(shape))
+    seed = data.draw(seeds)
+    delta = advlab.UniformSampler(step_size)(torch.empty(shape, dtype=dtype), mask=mask, generator=generator(seed + 1))
+    out = advlab.pgd_step(
+        delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed)
+    )
+    move = ref_norm(out.double() - delta.double(), norm)
+    live = unmasked_rows(mask, delta, norm)
+    assert_close(move[live], torch.full_like(move[live], step_size), rtol=4 * rtol_for(dtype), atol=0.0)
+    assert (move[~live] == 0).all()
+    # equal seeds, equal moves; another seed, another move
+    again = advlab.pgd_step(
+        delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed)
+    )
+    assert torch.equal(again, out)
+    full = expand_mask(mask, delta)
+    per_unit = full.sum(-1) if norm == "l2_token" else full.reshape(shape[0], -1).sum(-1)
+    if (per_unit >= 2).any():  # a 1-element unit has only the directions +-1
+        other = advlab.pgd_step(
+            delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed ^ 1)
+        )
+        assert not torch.equal(other, out)
+
+
+@given(
+    data=st.data(),
+    norm=norms,
+    direction=st.sampled_from(["gradient", "sign"]),
+    radius=st.none() | radii,
+    exponent=st.integers(-10, 10),
+    dtype=exact_dtypes,
+)
+def test_pgd_step_is_invariant_to_scaling_the_gradient(data, norm, direction, radius, exponent, dtype):
+    """A loss scaled by 2**16 (GradScaler's initial scale) moves δ identically: the step normalises."""
+    shape = data.draw(shapes)
+    mask = data.draw(optional_masks(shape))
+    g = data.draw(tensors(shape, dtype, scale=2.0**exponent))  # normal floats: no subnormal squares
+    g[data.draw(st.integers(0, shape[0] - 1))] = 0.0  # a zero row stays put in both
+    delta = data.draw(tensors(shape, dtype, scale=0.1))
+    kwargs = {"step_size": 0.05, "norm": norm, "radius": radius, "direction": direction, "mask": mask}
+    assert torch.equal(advlab.pgd_step(delta, g * 2.0**16, **kwargs), advlab.pgd_step(delta, g, **kwargs))
+
+
+@given(
+    data=st.data(),
+    step_size=st.floats(0.0, 1e3),
+    eps=st.sampled_from([0.0, 1e-6]),
+    dtype=dtypes,
+    steps=st.integers(1, 3),
+)
+def test_smart_step_is_bounded_per_position(data, step_size, eps, dtype, steps):
+    shape = data.draw(shapes)
+    mask = data.draw(optional_masks(shape))
+    delta = data.draw(tensors_elementwise(shape, dtype))
+    full = expand_mask(mask, delta)
+    for _ in range(steps):
+        grad = data.draw(tensors_elementwise(shape, dtype))
+        delta = advlab.smart_step(delta, grad, step_size=step_size, eps=eps, mask=mask)
+        assert delta.dtype == dtype and delta.shape == shape
+        assert torch.isfinite(delta).all()
+        assert (delta.double().abs().amax(-1) <= 1.0).all()
+        assert (delta[~full] == 0).all()
+
+
+def test_smart_step_max_abs_is_one_without_eps():
+    """Independent value: after one step each nonzero position has max-abs exactly 1 when eps = 0."""
+    g = torch.tensor([[[2.0, -4.0], [0.0, 0.0], [0.5, 0.25]]])
+    out = advlab.smart_step(torch.zeros_like(g), g, step_size=3.0, eps=0.0)
+    assert torch.equal(out, torch.tensor([[[0.5, -1.0], [0.0, 0.0], [1.0, 0.5]]]))
