@@ -88,7 +88,7 @@ def row_norm(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None) -> Ten
         >>> row_norm(torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), "linf", mask=torch.tensor([[True, False]]))
         tensor([4.])
     """
-    x = check_float_tensor(x, "x", min_dim=2 if norm == "l2_token" else 1)
+    x = check_float_tensor(x, "x", min_dim=2)
     check_choice(norm, NORMS, "norm")
     out = _norm_keepdim(apply_mask(x, broadcast_mask(mask, x)), norm)
     if norm == "l2_token":
@@ -120,7 +120,7 @@ def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, ep
         <BLANKLINE>
                 [[0.0000, 0.0000]]])
     """
-    grad = check_float_tensor(grad, "grad", min_dim=2 if norm == "l2_token" else 1)
+    grad = check_float_tensor(grad, "grad", min_dim=2)
     check_choice(norm, NORMS, "norm")
     g = apply_mask(grad, broadcast_mask(mask, grad, "mask"))
     denom = _norm_keepdim(g, norm).clamp_min(eps)
@@ -195,7 +195,7 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
         >>> project(torch.tensor([[0.3, -0.05]]), "linf", radius=0.1)
         tensor([[ 0.1000, -0.0500]])
     """
-    delta = check_float_tensor(delta, "delta", min_dim=2 if norm == "l2_token" else 1)
+    delta = check_float_tensor(delta, "delta", min_dim=2)
     check_choice(norm, NORMS, "norm")
     radius = check_radius(radius)
     d = apply_mask(delta, broadcast_mask(mask, delta, "mask"))
@@ -274,8 +274,14 @@ class Ball:
         """Norm per row, or per position for `"l2_token"` (see `row_norm`)."""
         return row_norm(x, self.norm, mask=mask)
 
-    def contains(self, delta: Tensor, *, mask: Tensor | None = None, rtol: float = 1e-5) -> Tensor:
-        """Whether each row (position for `"l2_token"`) lies in the ball, up to `rtol`."""
+    def contains(self, delta: Tensor, *, mask: Tensor | None = None, rtol: float | None = None) -> Tensor:
+        """Whether each row lies in the ball (every position for `"l2_token"`), up to `rtol`.
+
+        The default `rtol` is 1e-5, or the dtype's machine epsilon for bfloat16 / float16,
+        whose rounding can put a projected row slightly outside.
+        """
+        if rtol is None:
+            rtol = max(1e-5, torch.finfo(delta.dtype).eps) if delta.is_floating_point() else 1e-5
         n = row_norm(delta, self.norm, mask=mask)
         if self.radius is None:
             return torch.ones_like(n, dtype=torch.bool)
