@@ -17,9 +17,9 @@ with advlab.free_training(model, sites, perturbations, steps=3, mode="alter") as
 
 Backward schedules (identical parameter gradients):
 
-- `"deferred"` (default): the KL terms of steps 0..K-2 see a detached copy of the clean
-  logits; the gradient they send to it is accumulated, and one backward through the clean
-  graph at the last step (`backward([loss_K, clean_logits], [1, g_clean])`) applies it.
+- `"deferred"` (default): the KL terms see a detached copy of the clean logits; the
+  gradient they send to it is accumulated, and one backward through the clean graph at the
+  last step (`backward([loss_K, clean_logits], [1, g_clean])`) applies it.
   Each graph is back-propagated once: 1 + 3MK + 2 cost units instead of 1 + K(3M + 2).
 - `"retain"`: the official code's structure, every step back-propagates through the clean
   graph again (`retain_graph=True`).
@@ -139,7 +139,8 @@ class FreeTraining:
     """The context returned by `free_training`; see that function for the arguments.
 
     Methods, in the order a step uses them: `clean`, iteration (`for step in ft`),
-    `forward`, `backward` (or `ascend` for a δ-only ascent step), `clean_loss`.
+    `forward`, `accumulate` (optional, one part of a step), `backward` (or `ascend` for a
+    δ-only ascent step), `clean_loss`.
     """
 
     def __init__(
@@ -269,20 +270,17 @@ class FreeTraining:
 
     @property
     def clean_logits(self) -> Tensor:
-        """The clean logits to use in a loss now.
+        """The clean logits to use in a loss.
 
-        With the `"deferred"` schedule, during steps 0..K-2 this is a detached leaf that
-        collects the gradient the losses send to the clean prediction; at the last step
-        (and outside the iteration) it is the clean forward's own logits.
+        With the `"deferred"` and `"lean"` schedules this is a detached leaf that collects
+        the gradient the losses send to the clean prediction; the last backward applies that
+        gradient to the clean forward's graph once. With `"retain"` it is the clean forward's
+        own logits (every backward goes through the clean graph, as in the official code).
         """
         self._require_open()
         if self._clean_real is None:
             raise AdvlabValueError("Expected `ft.clean(forward)` to run before the clean logits are used.")
-        if self._clean_leaf is not None and (
-            self.schedule == "lean" or (self._k is not None and self._k < self.steps - 1)
-        ):
-            return self._clean_leaf
-        return self._clean_real
+        return self._clean_leaf if self._clean_leaf is not None else self._clean_real
 
     # ------------------------------------------------------------------ the step
     def clean(self, forward: Callable[[], Any]) -> Any:
@@ -379,12 +377,36 @@ class FreeTraining:
         self._active_in_step.update(active)
         return output
 
+    def accumulate(self, loss: Tensor) -> None:
+        """Back-propagate one part of the current step's loss now, keeping the step open.
+
+        Use it to free each forward's graph as soon as its loss is known (one part per
+        forward in `"alter"` mode): parameter and δ gradients accumulate, and the step's last
+        part goes to `backward`, which moves δ. Under DDP the last step's parts must go to one
+        `backward` (a part back-propagated outside `no_sync` would be all-reduced early).
+
+        Args:
+            loss: Scalar part of this step's loss, weighted as it should enter the gradient.
+        """
+        self._require_open()
+        self._check_loss(loss)
+        if self._k is None:
+            raise AdvlabValueError("Expected `accumulate` inside `for step in ft:`, but no ascent step is running.")
+        if self._k == self.steps - 1 and self._is_ddp():
+            raise AdvlabValueError(
+                "Expected the last ascent step's loss in one `backward` under DistributedDataParallel, but got "
+                "`accumulate`: its backward would be all-reduced before the rest of the step."
+            )
+        if self._is_finite(loss, "loss"):
+            self._plain_backward(loss)
+
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate one ascent step's loss and move δ.
+        """Back-propagate one ascent step's loss (or its last part) and move δ.
 
         Parameter gradients accumulate (".grad += ..."); δ takes one ascent step unless this
         is the last step. At the last step (or outside the iteration) the pending clean
-        backward runs too. With a `scaler`, the loss is scaled and δ's gradient unscaled.
+        backward runs too, in the same backward call. With a `scaler`, the loss is scaled
+        and δ's gradient unscaled.
 
         Args:
             loss: Scalar loss of this step, already weighted as it should enter the
@@ -401,17 +423,20 @@ class FreeTraining:
         if final:
             self._backward_final(loss)
         else:
-            try:
-                self._scale(loss).backward(retain_graph=self.schedule == "retain")
-            except RuntimeError as err:
-                if "second time" in str(err) and self.schedule == "deferred":
-                    raise AdvlabValueError(
-                        "Expected the step's loss to use `step.clean_logits` (or `ft.clean_logits`) for the clean "
-                        "prediction, not the logits of the clean output itself: with schedule='deferred' the clean "
-                        "graph is back-propagated once, at the last step."
-                    ) from err
-                raise
+            self._plain_backward(loss)
             self._update_deltas(self._delta_grads_from_leaves())
+
+    def _plain_backward(self, loss: Tensor) -> None:
+        try:
+            self._scale(loss).backward(retain_graph=self.schedule == "retain")
+        except RuntimeError as err:
+            if "second time" in str(err) and self.schedule != "retain":
+                raise AdvlabValueError(
+                    "Expected the step's loss to use `step.clean_logits` (or `ft.clean_logits`) for the clean "
+                    f"prediction, not the logits of the clean output itself: with schedule={self.schedule!r} the "
+                    "clean graph is back-propagated once, at the last step."
+                ) from err
+            raise
 
     def ascend(self, loss: Tensor) -> None:
         """δ-only ascent step: move δ along the gradient of `loss`; no parameter gradient.
@@ -466,14 +491,22 @@ class FreeTraining:
     def _backward_final(self, loss: Tensor | None) -> None:
         tensors: list[Tensor] = []
         grads: list[Tensor | None] = []
+        leaf = self._clean_leaf
+        leaf_grad = leaf.grad if leaf is not None else None
         if loss is not None:
+            scaled = self._scale(loss)
             if self.schedule == "lean":
-                self._scale(loss).backward()  # fills the clean leaf's gradient first
+                scaled.backward()  # fills the clean leaf's gradient first
+                leaf_grad = leaf.grad if leaf is not None else None
             else:
-                tensors.append(self._scale(loss))
+                if leaf is not None and scaled.requires_grad:
+                    # this loss's gradient at the clean logits: a walk down the regulariser only
+                    (last,) = torch.autograd.grad(scaled, leaf, retain_graph=True, allow_unused=True)
+                    if last is not None:
+                        leaf_grad = last if leaf_grad is None else leaf_grad + last
+                tensors.append(scaled)
                 grads.append(None)
         clean_logits, clean_output = self._clean_real, self._clean_output
-        leaf_grad = self._clean_leaf.grad if self._clean_leaf is not None else None
         if self.schedule == "lean" and (leaf_grad is not None or self._clean_loss_fns):
             clean_output = self._recompute_clean()
             clean_logits = self._logits(clean_output)

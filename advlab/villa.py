@@ -40,6 +40,12 @@ from advlab.stats import StepStats, collect_stats
 __all__ = ["VILLA"]
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 class VILLA:
     """VILLA on any nn.Module: a preset plus overrides, and `step` for one batch.
 
@@ -123,7 +129,7 @@ class VILLA:
                                          "distribution")
         self.sites = {m: site for m, (site, _) in resolve_sites(model, sites).items()}
         self.perturbations = self._build_perturbations(perturbations, p.step_size, step_size, radius, norm, init)
-        forward_groups(self.mode, list(self.perturbations))  # validates the mode now, not at the first step
+        self.groups = forward_groups(self.mode, list(self.perturbations))  # validates the mode now
         self.logits = logits or default_logits
         self.schedule: Schedule = schedule
         self.on_nonfinite = on_nonfinite
@@ -224,21 +230,29 @@ class VILLA:
             clean_output = ft.clean(forward)
             if self.flavour == "paper":
                 ft.clean_loss(lambda out: task_loss(out) * scale)
+            per_forward = len(self.groups) if self.flavour == "official" else 1
+            weight = scale / (self.steps * per_forward)
+            # one backward per forward frees each graph at once ("alter": two graphs never coexist);
+            # the official structure and DDP keep one backward per step
+            split = self.schedule != "retain" and not _is_ddp(self.model)
             for step in ft:
                 total: Tensor | float = 0.0
                 step_task, step_kl = [], []
-                for group in step.groups:
+                for i, group in enumerate(step.groups):
                     output = ft.forward(forward, group)
                     task = task_loss(output)
                     kl = symmetric_kl(
                         self.logits(output), step.clean_logits, distribution=self.distribution,  # type: ignore[arg-type]
                         reduction=self.kl_reduction,  # type: ignore[arg-type]
                     )
-                    total = total + task + self.kl_weight * kl
+                    part = task + self.kl_weight * kl
                     step_task.append(task.detach())
                     step_kl.append(kl.detach())
-                per_forward = len(step.groups) if self.flavour == "official" else 1
-                ft.backward(total * (scale / (self.steps * per_forward)))  # type: ignore[operator]
+                    if split and i < len(step.groups) - 1:
+                        ft.accumulate(part * weight)
+                    else:
+                        total = total + part
+                ft.backward(total * weight)  # type: ignore[operator]
                 task_values.append(torch.stack(step_task).mean())
                 kl_values.append(torch.stack(step_kl).mean())
             norms = ft.delta_norms()

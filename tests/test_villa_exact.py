@@ -227,3 +227,53 @@ def test_adversarial_graphs_are_freed_after_their_backward():
     for loss in kept:
         with pytest.raises(RuntimeError, match="second time"):
             loss.backward()
+
+
+def _peak_saved_bytes(fn):
+    """Peak bytes of tensors saved for backward while `fn` runs (each save counted while its graph lives)."""
+    state = {"cur": 0, "peak": 0}
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.untyped_storage().nbytes()
+            state["cur"] += self.n
+            state["peak"] = max(state["peak"], state["cur"])
+
+        def __del__(self):
+            state["cur"] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        fn()
+    return state["peak"]
+
+
+def test_alter_mode_never_keeps_two_adversarial_graphs():
+    """VILLA back-propagates each forward of an "alter" step at once: its peak of saved tensors is
+    the joint mode's (clean graph + one adversarial graph), not one graph more."""
+    model = TinyVL(hidden=64).double()
+    batch = tiny_batch()
+    peaks = {mode: _peak_saved_bytes(lambda mode=mode: advlab_step(model, batch, steps=3, mode=mode))
+             for mode in ("joint", "alter")}
+    official = _peak_saved_bytes(lambda: advlab_step(model, batch, steps=3, mode="alter", schedule="retain"))
+    assert peaks["alter"] <= peaks["joint"] * 1.05
+    assert official > peaks["alter"] * 1.3
+
+
+@pytest.mark.parametrize("schedule", ["deferred", "lean"])
+def test_accumulate_parts_equals_one_backward_per_step(schedule):
+    """`ft.accumulate` per forward, then `ft.backward` for the last part, gives the official gradient."""
+    model = TinyVL().double()
+    ids, img, tm, im, y = batch = tiny_batch()
+    ref = official_loop(model, batch, K=3, mode="alter", lr=0.3, kl_w=1.5)
+    model.zero_grad()
+    sites = {"txt": "word", "img": advlab.Site("img_proj", where="input")}
+    perts = {"txt": advlab.Perturbation(0.3), "img": advlab.Perturbation(0.3)}
+    fwd = lambda: model(ids, img, tm, im)
+    with advlab.free_training(model, sites, perts, steps=3, mode="alter", schedule=schedule, masks={"txt": tm, "img": im}) as ft:
+        ft.clean(fwd)
+        for step in ft:
+            for i, group in enumerate(step.groups):
+                out = ft.forward(fwd, group)
+                part = (F.cross_entropy(out, y) + 1.5 * advlab.symmetric_kl(out, step.clean_logits)) / 6
+                (ft.accumulate if i == 0 else ft.backward)(part)
+    assert_grads_equal(grads(model), ref, atol=1e-10)
