@@ -60,7 +60,6 @@ class _SiteState:
     shapes: list[torch.Size | None] = field(default_factory=list)
     masks: list[Tensor | None] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
-    last_tensors: list[Tensor | None] = field(default_factory=list)
 
 
 class SiteHooks:
@@ -124,7 +123,7 @@ class SiteHooks:
             n = site.calls
             self._states[modality] = _SiteState(
                 modality, site, module, label, perturbations[modality], masks.get(modality),
-                shapes=[None] * n, masks=[None] * n, deltas=[None] * n, last_tensors=[None] * n,
+                shapes=[None] * n, masks=[None] * n, deltas=[None] * n,
             )
         self._generator = generator
         self._delta_dtype = delta_dtype
@@ -159,10 +158,6 @@ class SiteHooks:
     def modalities(self) -> tuple[str, ...]:
         """Perturbed modalities, in the order the sites were given."""
         return tuple(self._states)
-
-    def site_state(self, modality: str) -> _SiteState:
-        """Internal state of one modality (site, module, δ per call)."""
-        return self._states[modality]
 
     def deltas(self, modality: str) -> list[Tensor | None]:
         """Current δ of each call of `modality` (None before its first active forward)."""
@@ -219,12 +214,11 @@ class SiteHooks:
                     f"in one forward, but it ran {state.calls_this_forward} time(s)."
                 )
         batch = {
-            m: tuple(s.shapes[0]) for m, s in self._states.items() if s.shapes and s.shapes[0] is not None
+            (m if len(st.shapes) == 1 else f"{m}[call {i}]"): tuple(shape)
+            for m, st in self._states.items()
+            for i, shape in enumerate(st.shapes)
+            if shape is not None
         }
-        for m, s in self._states.items():
-            for shape in s.shapes[1:]:
-                if shape is not None and shape[0] != s.shapes[0][0]:  # type: ignore[index]
-                    batch[f"{m}[call {s.shapes.index(shape)}]"] = tuple(shape)
         if len({shape[0] for shape in batch.values()}) > 1:
             raise AdvlabValueError(
                 "Expected every site tensor to be batch-first with the same batch size (dimension 0), but got "
