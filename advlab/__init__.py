@@ -50,6 +50,7 @@ from advlab.samplers import UniformSampler as UniformSampler
 from advlab.samplers import NormalSampler as NormalSampler
 from advlab.samplers import SphereSampler as SphereSampler
 from advlab.sites import HasPerturbationSites as HasPerturbationSites
+from advlab.sites import ResolvedSites as ResolvedSites
 from advlab.sites import Site as Site
 from advlab.sites import resolve_sites as resolve_sites
 from advlab.sites import unwrap_model as unwrap_model
@@ -110,6 +111,7 @@ __all__ = [
     "NormalSampler",
     "SphereSampler",
     "HasPerturbationSites",
+    "ResolvedSites",
     "Site",
     "resolve_sites",
     "unwrap_model",

@@ -76,7 +76,7 @@ class FreeLB:
         m = check_nonnegative(init_magnitude, "init_magnitude")
         init = ZeroSampler() if m == 0 else (UniformSampler(m) if norm == "linf" else ScaledUniformSampler(m))
         self.model = model
-        self.sites = {k: site for k, (site, _) in resolve_sites(model, sites).items()}
+        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.perturbations = dict(perturbations) if perturbations is not None else {
             k: Perturbation(step_size=step_size, radius=radius, norm=norm, init=init) for k in self.sites
         }

@@ -35,8 +35,10 @@ def check_not_compiled(model: nn.Module) -> None:
     """
     import sys
 
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # never imported => nothing is compiled
-    optimized = getattr(dynamo, "OptimizedModule", ()) if dynamo is not None else ()
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is None:
+        return  # torch.compile and Module.compile import dynamo: never imported => nothing is compiled
+    optimized = getattr(dynamo, "OptimizedModule", ())
     for name, module in [("", model), *model.named_modules()]:
         if (optimized and isinstance(module, optimized)) or getattr(module, "_compiled_call_impl", None) is not None:
             where = f"submodule {name!r}" if name else "the model"
@@ -98,7 +100,6 @@ class SiteHooks:
         delta_dtype: torch.dtype | None = None,
     ) -> None:
         resolved = resolve_sites(model, sites)
-        names = {id(m): n for n, m in model.named_modules()}
         for modality, pert in perturbations.items():
             if modality not in resolved:
                 raise AdvlabValueError(
@@ -119,7 +120,7 @@ class SiteHooks:
         for modality, (site, module) in resolved.items():
             if modality not in perturbations:
                 continue  # a site without a perturbation is simply not perturbed
-            label = site.module if isinstance(site.module, str) else names.get(id(module), type(module).__name__)
+            label = resolved.labels.get(modality) or type(module).__name__
             n = site.calls
             self._states[modality] = _SiteState(
                 modality, site, module, label, perturbations[modality], masks.get(modality),

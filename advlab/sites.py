@@ -15,7 +15,7 @@ from torch import nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
-__all__ = ["Site", "SiteLike", "HasPerturbationSites", "resolve_sites", "unwrap_model"]
+__all__ = ["Site", "SiteLike", "HasPerturbationSites", "ResolvedSites", "resolve_sites", "unwrap_model"]
 
 Where = Literal["output", "input"]
 
@@ -115,7 +115,19 @@ def _as_site(modality: str, site: SiteLike) -> Site:
     )
 
 
-def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None) -> dict[str, tuple[Site, nn.Module]]:
+class ResolvedSites(dict):
+    """Modality to `(site, module)`, as `resolve_sites` returns it; `labels` names each site.
+
+    Passing one back to `resolve_sites` (or to `free_training`) skips the resolution, so a
+    recipe resolves its sites once, not at every step.
+    """
+
+    def __init__(self, items: dict[str, tuple[Site, nn.Module]], labels: dict[str, str]) -> None:
+        super().__init__(items)
+        self.labels = labels
+
+
+def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None) -> ResolvedSites:
     """Resolve each modality's site to the module it names.
 
     Args:
@@ -123,7 +135,7 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
         sites: Modality to site. `None` asks the model (`model.perturbation_sites()`).
 
     Returns:
-        Modality to `(site, module)`.
+        Modality to `(site, module)` (a `ResolvedSites`; one given is returned as is).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
@@ -131,6 +143,8 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
         >>> resolved["x"][1]
         Linear(in_features=3, out_features=4, bias=True)
     """
+    if isinstance(sites, ResolvedSites):
+        return sites
     model = unwrap_model(model)
     if sites is None:
         if not isinstance(model, HasPerturbationSites):
@@ -141,8 +155,9 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
         sites = model.perturbation_sites()
     if not isinstance(sites, Mapping) or len(sites) == 0:
         raise AdvlabValueError(f"Expected `sites` to be a non-empty mapping modality -> site, but got {sites!r}.")
-    owned = {id(m) for m in model.modules()}
+    names: dict[int, str] | None = None  # id(module) -> its name, built only if a site is a module object
     resolved: dict[str, tuple[Site, nn.Module]] = {}
+    labels: dict[str, str] = {}
     for modality, raw in sites.items():
         if not isinstance(modality, str):
             raise AdvlabTypeError(f"Expected modality names to be str, but got {modality!r}.")
@@ -160,11 +175,14 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
                 ) from None
         else:
             module = site.module
-            if id(module) not in owned:
+            if names is None:
+                names = {id(m): n for n, m in model.named_modules()}
+            if id(module) not in names:
                 raise AdvlabValueError(
                     f"Expected `sites[{modality!r}]` to be a submodule of {type(model).__name__}, "
                     f"but the {type(module).__name__} given is not part of it."
                 )
+        labels[modality] = site.module if isinstance(site.module, str) else (names or {}).get(id(module), "")
         resolved[modality] = (site, module)
     seen: dict[tuple[int, str, int | str], str] = {}
     for modality, (site, module) in resolved.items():
@@ -175,4 +193,4 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
                 f"{site.where} of the same module; use `Site(..., calls=n)` for a module called several times."
             )
         seen[key] = modality
-    return resolved
+    return ResolvedSites(resolved, labels)

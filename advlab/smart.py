@@ -76,7 +76,7 @@ class SMART:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise AdvlabValueError(f"Expected `steps` to be an int >= 1, but got {steps!r}.")
         self.model = model
-        self.sites = {k: site for k, (site, _) in resolve_sites(model, sites).items()}
+        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.steps = steps
         self.ascender = SMARTAscender(step_size, eps)
         self.perturbations = {

@@ -127,7 +127,7 @@ class VILLA:
                                          "kl_reduction")
         self.distribution = check_choice(p.distribution if distribution is None else distribution, DISTRIBUTIONS,
                                          "distribution")
-        self.sites = {m: site for m, (site, _) in resolve_sites(model, sites).items()}
+        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.perturbations = self._build_perturbations(perturbations, p.step_size, step_size, radius, norm, init)
         self.groups = forward_groups(self.mode, list(self.perturbations))  # validates the mode now
         self.logits = logits or default_logits
