@@ -1,0 +1,193 @@
+"""The retrieval experiment: R@K, re-ranking, the gate, resumability and a tiny end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+from advlab.experiments import retrieval as R
+from advlab.experiments.retrieval import (
+    GateError,
+    RetrievalConfig,
+    check_gate,
+    draw_plot,
+    itc_loss,
+    pool_grid,
+    prepare_data,
+    recall_at_k,
+    rerank_scores,
+    results_markdown,
+    run_experiment,
+    summarize,
+)
+
+TINY = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+WORDS = ["red", "blue", "green", "cat", "dog", "car", "tree", "sun", "a", "big", "small", "boat"]
+
+
+def _tokenizer(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word -> id from WORDS (3 + index), [CLS]=1 ... [SEP]=2, padded with 0 to 8."""
+    ids = torch.zeros(len(texts), 8, dtype=torch.long)
+    for i, text in enumerate(texts):
+        toks = [1] + [3 + WORDS.index(w) for w in text.lower().rstrip(".").split() if w in WORDS][:6] + [2]
+        ids[i, : len(toks)] = torch.tensor(toks)
+    return ids, ids != 0
+
+
+def _features(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1 + 4x4 'region' set per image from its mean colour, so captions are learnable."""
+    feats, boxes = [], []
+    for p in paths:
+        rgb = torch.tensor(Image.open(p).convert("RGB").getpixel((0, 0)), dtype=torch.float32) / 255
+        f = torch.zeros(17, 6)
+        f[:, :3] = rgb
+        f[:, 3:] = torch.linspace(0, 1, 17)[:, None]
+        feats.append(f)
+        boxes.append(torch.rand(17, 4, generator=torch.Generator().manual_seed(len(feats))).sort(-1).values)
+    return torch.stack(feats), torch.stack(boxes)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("captions")
+    colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    things = ["cat", "dog", "car", "tree"]
+    for c, rgb in colours.items():
+        for t in things:
+            Image.new("RGB", (6, 6), rgb).save(root / f"{c}_{t}.png")
+            (root / f"{c}_{t}.txt").write_text(f"A {c} {t}.\nfr.utf8=Un {t}.\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(folder: Path) -> R.RetrievalData:
+    return prepare_data(folder, tokenizer=_tokenizer, features=_features, text_weights=None, vocab_size=len(WORDS) + 3)
+
+
+def _config(**kw: object) -> RetrievalConfig:
+    base = dict(layers=1, epochs=1, batch_size=4, proj_dim=8, rerank_k=2, eval_batch=8, adv_steps=2,
+                txt_step=0.1, img_step=0.1)
+    base.update(kw)
+    return RetrievalConfig(**base)  # type: ignore[arg-type]
+
+
+def test_recall_at_k_hand_computed() -> None:
+    # query 0: true 0.9 is top -> rank 0; query 1: 0.5 < 0.8 -> rank 1; query 2: 0.1 below 0.3, 0.2 -> rank 2
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.3, 0.2, 0.1]])
+    assert recall_at_k(scores, ks=(1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
+    # ties count for the true item
+    assert recall_at_k(torch.ones(2, 2), ks=(1,)) == {1: 1.0}
+    with pytest.raises(R.AdvlabValueError, match="square"):
+        recall_at_k(torch.ones(2, 3))
+
+
+def test_rerank_moves_itm_choice_to_the_top_and_keeps_the_rest() -> None:
+    itc = torch.tensor([[0.5, 0.9, 0.8, 0.1]])
+    top = itc.topk(2, dim=1).indices  # items 1, 2
+    out = rerank_scores(itc, torch.tensor([[-3.0, 2.0]]), top)  # ITM prefers item 2
+    assert out.argsort(dim=1, descending=True).tolist() == [[2, 1, 0, 3]]
+
+
+def test_itc_loss_treats_same_caption_rows_as_positives() -> None:
+    # rows 0 and 1 share a caption and each picks the other: a hard loss punishes that, the soft one half as much
+    logits = torch.tensor([[-5.0, 5.0, -5.0], [5.0, -5.0, -5.0], [-5.0, -5.0, 5.0]], dtype=torch.float64)
+    soft = itc_loss(logits, logits, torch.tensor([0, 0, 1]))
+    hard = itc_loss(logits, logits, torch.tensor([0, 1, 2]))
+    p = torch.softmax(logits, dim=1)
+    expected_soft = -(0.5 * p[0].log()[:2].sum() + 0.5 * p[1].log()[:2].sum() + p[2].log()[2]) / 3
+    assert_close(soft, expected_soft, rtol=1e-9, atol=1e-9)
+    assert float(hard) > float(soft)
+
+
+def test_pool_grid_matches_block_means() -> None:
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 17, 3, generator=gen)
+    b = torch.rand(2, 17, 4, generator=gen)
+    pf, pb = pool_grid(f, b, 2)
+    assert pf.shape == (2, 5, 3) and pb.shape == (2, 5, 4)
+    assert_close(pf[:, 0], f[:, 0], rtol=0, atol=0)
+    cells = f[:, 1:].reshape(2, 4, 4, 3)
+    assert_close(pf[:, 1], cells[:, :2, :2].mean(dim=(1, 2)), rtol=1e-6, atol=1e-6)
+
+
+def test_gate_refuses(data: R.RetrievalData, tmp_path: Path) -> None:
+    ok, line = check_gate([0.01, 0.02], 64)
+    assert not ok and "FAIL" in line
+    # a baseline that cannot pass (factor impossible to reach: R@1 <= 1 < 3 x chance when chance = 1)
+    tiny_val = R.SplitTensors(*(t[:1] for t in (data.val.input_ids, data.val.attention_mask, data.val.features,
+                                                 data.val.boxes, data.val.caption_ids)))
+    one = R.RetrievalData(data.train, tiny_val, data.test, data.vocab_size)
+    with pytest.raises(GateError, match="refusing"):
+        run_experiment(one, arms=("baseline", "villa"), seeds=(0,), configs={"uniter": _config(itm_weight=0.0)},
+                       out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
+    assert not list(tmp_path.glob("uniter-villa-*.json"))  # the compared arm never ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["uniter", "lxmert"])
+def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path, backbone: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(R, "check_gate", lambda val, n, factor=3.0: (True, "gate: PASS (test)"))
+    configs = {backbone: _config()}
+    arms = R.ARMS_FULL
+    records = run_experiment(data, backbones=(backbone,), arms=arms, seeds=(0, 1), configs=configs,
+                             out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
+    assert len(records) == 2 * len(arms)
+    for r in records:
+        for key in ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10"):
+            assert 0.0 <= r["test"][key] <= 1.0
+        assert r["test"]["n"] == len(data.test)
+    saved = json.loads((tmp_path / f"{backbone}-villa-seed1.json").read_text())
+    assert saved["arm"] == "villa" and not saved["resumed"]
+    text = summarize(records)
+    assert "VILLA joint - baseline" in text and "VILLA joint - noise control" in text
+    md = results_markdown(records, wall_seconds=12.0)
+    assert md.startswith("| backbone | arm | seeds | IR R@1")
+    png = draw_plot(records, tmp_path / "r1.png")
+    assert Image.open(png).size[0] > 100
+
+    # resumability: finished runs are loaded, never recomputed
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(R, "train_run", boom)
+    again = run_experiment(data, backbones=(backbone,), arms=arms, seeds=(0, 1), configs=configs,
+                           out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
+    assert all(r["resumed"] for r in again)
+    assert [r["test"] for r in again] == [r["test"] for r in records]
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_and_recomputes_changed_settings(data: R.RetrievalData, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(itm_weight=0.0)
+    calls: list[str] = []
+    real = R.train_run
+
+    def counting(model: R.RetrievalModel, d: R.RetrievalData, arm: str, *a: object, **k: object) -> list[float]:
+        calls.append(arm)
+        return real(model, d, arm, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(R, "train_run", counting)
+    kw = dict(arms=("baseline",), seeds=(0,), out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
+    run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]
+    run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]
+    assert calls == ["baseline"]
+    run_experiment(data, configs={"uniter": cfg.with_steps(0.2, 0.2)}, **kw)  # type: ignore[arg-type]
+    assert calls == ["baseline", "baseline"]
+
+
+def test_cli_reports_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert R.main(["--data", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_split_has_no_caption_leakage(data: R.RetrievalData) -> None:
+    assert len(data.train) + len(data.val) + len(data.test) == 12
+    ids = [set(s.caption_ids.tolist()) for s in (data.train, data.val, data.test)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
