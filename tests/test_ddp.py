@@ -11,7 +11,9 @@ schedules:
   optimizer step (one round), with ≥ 2 buckets;
 - gradient accumulation over 2 micro-batches (the first under an outer `no_sync`) composes;
 - `schedule="lean"` raises a clear error under DDP;
-- `SMART` under DDP: gradients are all-reduced (identical on both ranks, one round).
+- `SMART` under DDP: gradients are all-reduced (identical on both ranks, one round);
+- FSDP2 (`fully_shard`): VILLA's gradients, gathered from the shards, equal one process on the
+  global batch (FSDP reduce-scatters at every backward, so K rounds per step: correct, not lean).
 """
 
 from __future__ import annotations
@@ -119,6 +121,17 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         calls.clear()
         _smart_step(ddp, mine)
         results["smart"] = {"calls": list(calls), "grads": grads(model)}
+
+        from torch.distributed.fsdp import fully_shard
+
+        for mode in ("joint", "alter"):
+            sharded = TinyVL(hidden=HIDDEN)
+            fully_shard(sharded.mix)
+            fully_shard(sharded)
+            _villa_step(sharded, mine, mode=mode)
+            results[("fsdp", mode)] = {
+                n: p.grad.full_tensor().detach().clone() for n, p in sharded.named_parameters() if p.grad is not None
+            }
     except Exception:  # noqa: BLE001
         results["error"] = traceback.format_exc()
     finally:
@@ -216,3 +229,11 @@ def test_smart_grads_are_all_reduced(ranks):
     mean_of_halves = {n: (halves[0][n] + halves[1][n]) / 2 for n in halves[0]}
     for r in ranks:
         _assert_grads(r["smart"]["grads"], mean_of_halves, 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "alter"])
+def test_fsdp2_grads_equal_single_process(ranks, mode):
+    full = tiny_batch(dtype=torch.float32, batch=8)
+    ref = _reference(lambda m: _villa_step(m, full, mode=mode))
+    for r in ranks:
+        _assert_grads(r[("fsdp", mode)], ref, 1e-6)
