@@ -133,7 +133,7 @@ def test_gate_refuses(data: R.RetrievalData, tmp_path: Path) -> None:
 def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path, backbone: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(R, "check_gate", lambda val, n, factor=3.0: (True, "gate: PASS (test)"))
-    configs = {backbone: _config()}
+    configs = {backbone: _config(itm_weight=1.0)}  # the ITM path too
     arms = R.ARMS_FULL
     records = run_experiment(data, backbones=(backbone,), arms=arms, seeds=(0, 1), configs=configs,
                              out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)

@@ -1,0 +1,11 @@
+"""Reproduce VILLA's retrieval effect on real data: a thin wrapper of `python -m advlab.experiments.retrieval`.
+
+    bash scripts/setup_data.sh          # once: wheels, Tux Paint stamps
+    python examples/retrieval.py        # quick default: UNITER-mini, baseline / noise / VILLA, 2 seeds
+    python examples/retrieval.py --full # both backbones, six arms, 5 seeds, resumable under runs/retrieval
+"""
+
+from advlab.experiments.retrieval import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
