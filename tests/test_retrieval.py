@@ -150,6 +150,8 @@ def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path
     assert md.startswith("| backbone | arm | seeds | IR R@1")
     png = draw_plot(records, tmp_path / "r1.png")
     assert Image.open(png).size[0] > 100
+    assert R.main(["--report", "--out", str(tmp_path)]) == 0  # tabulates finished runs without training
+    assert (tmp_path / "results.md").read_text().startswith("| backbone |")
 
     # resumability: finished runs are loaded, never recomputed
     def boom(*args: object, **kwargs: object) -> None:
