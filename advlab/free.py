@@ -448,7 +448,7 @@ class FreeTraining:
         if not self._is_finite(loss, "loss"):
             return
         leaves = [
-            (m, i, d) for m in self._active_in_step for i, d in enumerate(self._hooks.deltas(m))
+            (m, i, d) for m in self._active_in_order() for i, d in enumerate(self._hooks.deltas(m))
             if d is not None and d.requires_grad
         ]
         if not leaves:
@@ -541,9 +541,14 @@ class FreeTraining:
         if pending and not self._final_done:
             self._backward_final(None)
 
+    def _active_in_order(self) -> list[str]:
+        # the sites' order, never the set's: set order of strings changes with PYTHONHASHSEED, and
+        # random directions are drawn from one generator in this order
+        return [m for m in self._hooks.modalities if m in self._active_in_step]
+
     def _delta_grads_from_leaves(self) -> dict[tuple[str, int], Tensor | None]:
         out: dict[tuple[str, int], Tensor | None] = {}
-        for m in self._active_in_step:
+        for m in self._active_in_order():
             for i, d in enumerate(self._hooks.deltas(m)):
                 if d is not None:
                     out[(m, i)] = d.grad

@@ -878,9 +878,17 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Bumped when an arm's results change for the same settings, so that records of older code are
+# not resumed. noise 2: random directions are drawn in the sites' order (before, a set's order,
+# which changed with PYTHONHASHSEED from one process to the next).
+_ARM_REVISIONS = {"noise": 2}
+
+
 def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: RetrievalData) -> str:
-    blob = json.dumps({"backbone": backbone, "arm": arm, "config": asdict(config), "data": data.summary},
-                      sort_keys=True)
+    fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": asdict(config), "data": data.summary}
+    if arm in _ARM_REVISIONS:
+        fields["revision"] = _ARM_REVISIONS[arm]
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
