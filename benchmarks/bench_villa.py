@@ -101,7 +101,8 @@ def _update(d, lr=STEP_SIZE):
 
 def _init_deltas(model, inputs):
     b, n = inputs["input_ids"].shape
-    return (torch.zeros(b, n, model.config.hidden_size), torch.zeros_like(inputs["img_feat"]))
+    device = inputs["img_feat"].device
+    return (torch.zeros(b, n, model.config.hidden_size, device=device), torch.zeros_like(inputs["img_feat"]))
 
 
 def official_step(model, inputs, targets, *, K, mode):
