@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from advlab._checks import broadcast_mask
+from advlab._checks import broadcast_mask, check_tensor
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.perturbation import Perturbation
 from advlab.sites import Site, SiteLike, resolve_sites
@@ -116,6 +116,7 @@ class SiteHooks:
                 raise AdvlabValueError(
                     f"Expected `masks` keys to be modalities with a site {sorted(resolved)}, but got {modality!r}."
                 )
+        _check_masks_eagerly(masks, {m: site.calls for m, (site, _) in resolved.items()})
         self._states: dict[str, _SiteState] = {}
         for modality, (site, module) in resolved.items():
             if modality not in perturbations:
@@ -377,3 +378,38 @@ def perturb_sites(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]) -> None:
+    """Type, dtype and batch size of every mask, before any forward.
+
+    A mask's full shape is checked against its site tensor when the site runs perturbed; this
+    catches, up front, a mistake in a mask of a modality the current mode never perturbs.
+    """
+    batch: dict[int, list[str]] = {}
+    for modality, mask in masks.items():
+        if mask is None:
+            continue
+        parts = [mask] if isinstance(mask, Tensor) else list(mask) if isinstance(mask, (list, tuple)) else None
+        if parts is None:
+            raise AdvlabTypeError(
+                f"Expected `masks[{modality!r}]` to be a bool tensor or a list of {calls[modality]} (one per call), "
+                f"but got {type(mask).__name__}."
+            )
+        if not isinstance(mask, Tensor) and len(parts) != calls[modality]:
+            raise AdvlabValueError(
+                f"Expected `masks[{modality!r}]` to be one tensor or {calls[modality]} tensors (one per call), "
+                f"but got {len(parts)}."
+            )
+        for i, part in enumerate(parts):
+            name = f"masks[{modality!r}]" if isinstance(mask, Tensor) else f"masks[{modality!r}][{i}]"
+            part = check_tensor(part, name)
+            if part.is_floating_point() or part.is_complex():
+                raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer) tensor, but got dtype {part.dtype}.")
+            if part.dim() < 1:
+                raise AdvlabValueError(f"Expected `{name}` to have a batch dimension, but got a 0-d tensor.")
+            batch.setdefault(int(part.shape[0]), []).append(name)
+    if len(batch) > 1:
+        seen = "; ".join(f"{b} in {', '.join(names)}" for b, names in sorted(batch.items()))
+        raise AdvlabValueError(f"Expected every mask to have the same batch size (dimension 0), but got {seen}.")
+

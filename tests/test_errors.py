@@ -257,3 +257,18 @@ def test_overrides_are_recorded_in_stats_and_repr():
     assert "kl_weight" in repr(villa) and "alter" in repr(villa)
     stats = run_villa(preset="vqa-base", kl_weight=0.5, mode="alter")
     assert stats.overrides == {"kl_weight": 0.5, "mode": "alter"}
+
+
+def test_mask_of_an_unperturbed_modality_is_checked_too():
+    """mode="txt" never hooks the img site, yet a broken img mask is refused before any forward."""
+    ids = torch.ones(4, 5, dtype=torch.bool)
+    with pytest.raises(advlab.AdvlabTypeError, match=r"masks\['img'\].*bool.*float32"):
+        run_villa(mode="txt", masks={"txt": ids, "img": torch.ones(4, 3)})
+    with pytest.raises(advlab.AdvlabValueError, match=r"same batch size.*3 in masks\['img'\].*4 in masks\['txt'\]"):
+        run_villa(mode="txt", masks={"txt": ids, "img": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(advlab.AdvlabTypeError, match=r"masks\['img'\].*bool tensor.*got str"):
+        run_villa(mode="txt", masks={"txt": ids, "img": "all"})
+    with pytest.raises(advlab.AdvlabValueError, match=r"masks\['img'\].*one tensor or 1 tensors.*got 2"):
+        run_villa(mode="txt", masks={"txt": ids, "img": [ids, ids]})
+    # a well-formed mask of an unperturbed modality is fine
+    run_villa(mode="txt", masks={"txt": ids, "img": torch.ones(4, 3, dtype=torch.bool)})
