@@ -75,6 +75,7 @@ def test_compressed_img_db_reads_nbb_rows_and_appends_area(compressed_img_dir):
     expected = np.concatenate([bb, bb[:, 4:5] * bb[:, 5:6]], axis=1)
     assert_close(pos, torch.from_numpy(expected), rtol=1e-6, atol=1e-6)
     assert db.nbb("coco_2.npz") == 3
+    assert sorted(db._record("coco_1.npz")) == ["conf", "features", "norm_bb"]  # soft_labels is never inflated
     again = UniterImgDb(img_dir, compressed=True)  # a second reader of the same LMDB (train and val share it)
     assert torch.equal(again["coco_1.npz"][0], feat)
     with pytest.raises(KeyError, match="coco_9.npz"):

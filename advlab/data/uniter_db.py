@@ -190,6 +190,9 @@ class _Lmdb:
 # --------------------------------------------------------------------------------------
 
 
+_USED_ARRAYS = ("features", "norm_bb", "conf")  # never `soft_labels` [n, 1601], as in the official reader
+
+
 class UniterImgDb:
     """UNITER's region-feature LMDB (`DetectFeatLmdb`): features and 7-d box features per image.
 
@@ -268,8 +271,8 @@ class UniterImgDb:
             if self.compressed:
                 import numpy as np
 
-                with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                    return {k: npz[k] for k in npz.files}
+                with np.load(io.BytesIO(raw), allow_pickle=False) as npz:  # each array inflates on access
+                    return {k: npz[k] for k in npz.files if k in _USED_ARRAYS}
             import msgpack
 
             record = msgpack.loads(raw, raw=False, object_hook=_decode_msgpack_numpy)
