@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from advlab._checks import broadcast_mask, check_tensor
+from advlab._checks import broadcast_mask, check_tensor, compute_dtype
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.perturbation import Perturbation
 from advlab.sites import Site, SiteLike, resolve_sites
@@ -76,8 +76,7 @@ class SiteHooks:
         perturbations: Modality to `Perturbation`; only these modalities are hooked.
         masks: Modality to bool mask (True = real element), or a sequence of masks, one per
             call, for `Site(..., calls=n)`.
-        generator: Randomness for the initial δ.
-        delta_dtype: dtype δ is held in; None = float32 (float64 sites get float64).
+        generator: Randomness for the initial δ (δ is held in float32, float64 for float64 sites).
 
     Examples:
         >>> model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
@@ -97,7 +96,6 @@ class SiteHooks:
         *,
         masks: Mapping[str, MaskLike] | None = None,
         generator: torch.Generator | None = None,
-        delta_dtype: torch.dtype | None = None,
     ) -> None:
         resolved = resolve_sites(model, sites)
         for modality, pert in perturbations.items():
@@ -128,7 +126,6 @@ class SiteHooks:
                 shapes=[None] * n, masks=[None] * n, deltas=[None] * n,
             )
         self._generator = generator
-        self._delta_dtype = delta_dtype
         self._handles: list[RemovableHandle] = []
         self._active: frozenset[str] = frozenset()
         self._requires_grad: set[str] = set()
@@ -279,7 +276,7 @@ class SiteHooks:
         return mask[call]
 
     def _initial_delta(self, state: _SiteState, call: int, x: Tensor) -> Tensor:
-        dtype = self._delta_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+        dtype = compute_dtype(x)
         like = torch.zeros(x.shape, dtype=dtype, device=x.device)
         mask = state.masks[call]
         flat_mask = None if mask is None else mask.squeeze(-1)
