@@ -44,10 +44,15 @@ def default_cache_dir() -> Path:
         >>> default_cache_dir().name
         'tuxpaint'
     """
+    return _cache_root() / "tuxpaint"
+
+
+def _cache_root() -> Path:
+    """`$ADVLAB_CACHE`, else `$XDG_CACHE_HOME/advlab`, else `~/.cache/advlab` (also CRAFT's feature cache)."""
     root = os.environ.get("ADVLAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
     )
-    return Path(root) / "tuxpaint"
+    return Path(root)
 
 
 def _has_stamps(folder: Path) -> bool:

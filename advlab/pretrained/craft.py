@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.data.tuxpaint import _cache_root
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -544,13 +545,6 @@ def feature_cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("ADVLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
-    )
-    return Path(root) / "features"
-
-
 def _progress(total: int, enabled: bool, desc: str):  # tqdm if installed, else a silent stand-in
     if enabled:
         try:
@@ -625,7 +619,7 @@ def extract_features(
     ckpt = Path(checkpoint) if checkpoint is not None else craft_checkpoint_path()
     _check_px_grid(px, grid)  # before any work; the trunk is loaded only on a cache miss
     key = feature_cache_key(paths, px=px, grid=grid, checkpoint=ckpt, background=background)
-    folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root() / "features"
     cache_path = folder / f"craft-{px}px-g{grid}-{key[:16]}.pt"
     names = tuple(str(p) for p in paths)
     if use_cache and cache_path.is_file():
