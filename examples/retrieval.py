@@ -1,4 +1,6 @@
-"""Reproduce VILLA's retrieval effect on real data: a thin wrapper of `python -m advlab.experiments.retrieval`.
+"""Test VILLA on real-data image–caption retrieval: a thin wrapper of `python -m advlab.experiments.retrieval`.
+
+VILLA did not help there (docs/reproducing.md).
 
     bash scripts/setup_data.sh          # once: wheels, Tux Paint stamps
     python examples/retrieval.py        # quick default: UNITER-mini, baseline / noise / VILLA, 2 seeds

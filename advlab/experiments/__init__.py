@@ -1,1 +1,1 @@
-"""Experiments built on advlab: `python -m advlab.experiments.retrieval` reproduces VILLA's retrieval effect."""
+"""Experiments built on advlab: `python -m advlab.experiments.retrieval` tests VILLA on real-data retrieval."""
