@@ -55,7 +55,7 @@ class _SiteState:
     site: Site
     module: nn.Module
     name: str
-    perturbation: Perturbation | None
+    perturbation: Perturbation
     mask_arg: MaskLike = None
     calls_this_forward: int = 0
     total_calls: int = 0
@@ -265,22 +265,14 @@ class SiteHooks:
         return x + delta.to(x.dtype)
 
     def _mask_for(self, state: _SiteState, call: int) -> Tensor | None:
-        mask = state.mask_arg
-        if mask is None or isinstance(mask, Tensor):
-            return mask
-        if len(mask) != state.site.calls:
-            raise AdvlabValueError(
-                f"Expected `masks[{state.modality!r}]` to be one tensor or {state.site.calls} tensors (one per call), "
-                f"but got {len(mask)}."
-            )
-        return mask[call]
+        mask = state.mask_arg  # its type and per-call count were checked in __init__
+        return mask if mask is None or isinstance(mask, Tensor) else mask[call]
 
     def _initial_delta(self, state: _SiteState, call: int, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
         like = torch.zeros(x.shape, dtype=dtype, device=x.device)
         mask = state.masks[call]
         flat_mask = None if mask is None else mask.squeeze(-1)
-        assert state.perturbation is not None
         delta = state.perturbation.init(like, mask=flat_mask, generator=self._generator)
         if not isinstance(delta, Tensor) or delta.shape != like.shape:
             raise AdvlabValueError(
