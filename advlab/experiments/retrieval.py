@@ -1219,8 +1219,9 @@ def tune(
 ) -> dict[str, Any]:
     """Pick VILLA's step sizes on the validation split only (test is never evaluated).
 
-    Each scale s sets the steps to s × the typical per-row norms (word embeddings of a caption
-    ≈ 3.0; raw region features ≈ 50). One seed, `base.epochs` epochs, VILLA joint.
+    Each scale s sets the steps to s × `typical_norms` (word embeddings of a caption ≈ 3.0; the
+    cached 1 + 4 x 4 raw region set ≈ 50, its 1 + 2 x 2 pooling at the `img` site ≈ 25). One seed,
+    `base.epochs` epochs, VILLA joint.
 
     Args:
         data: Prepared splits.
