@@ -314,10 +314,12 @@ class _SelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # [b, l, h]
 
 
-class _SelfOutput(nn.Module):
-    def __init__(self, config: UniterConfig) -> None:
+class _Output(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual): BERT's SelfOutput (x of width h) and Output (x of the FFN width)."""
+
+    def __init__(self, config: UniterConfig, in_features: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -329,7 +331,7 @@ class _Attention(nn.Module):
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
         self.self = _SelfAttention(config)
-        self.output = _SelfOutput(config)
+        self.output = _Output(config, config.hidden_size)
 
     def forward(self, hidden: Tensor, extended_mask: Tensor) -> Tensor:
         return self.output(self.self(hidden, extended_mask), hidden)
@@ -344,23 +346,12 @@ class _Intermediate(nn.Module):
         return F.gelu(self.dense(hidden))  # erf form, as UNITER's layer.py gelu
 
 
-class _Output(nn.Module):
-    def __init__(self, config: UniterConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class _Layer(nn.Module):
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
         self.attention = _Attention(config)
         self.intermediate = _Intermediate(config)
-        self.output = _Output(config)
+        self.output = _Output(config, config.intermediate_size)
 
     def forward(self, hidden: Tensor, extended_mask: Tensor) -> Tensor:
         attended = self.attention(hidden, extended_mask)
