@@ -345,10 +345,12 @@ class _Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_size)  # [b, s_q, h]
 
 
-class _AttOutput(nn.Module):
-    def __init__(self, config: LxmertConfig) -> None:
+class _Output(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual), after attention (x of width h) and after the FFN (x of its width)."""
+
+    def __init__(self, config: LxmertConfig, in_features: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = _layer_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -360,7 +362,7 @@ class _CrossAttLayer(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.att = _Attention(config)
-        self.output = _AttOutput(config)
+        self.output = _Output(config, config.hidden_size)
 
     def forward(self, hidden: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
         return self.output(self.att(hidden, context, context_mask), hidden)
@@ -370,7 +372,7 @@ class _SelfAttLayer(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.self = _Attention(config)  # `self.self`: the original (BERT) key name `attention.self.query...`
-        self.output = _AttOutput(config)
+        self.output = _Output(config, config.hidden_size)
 
     def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
         return self.output(self.self(hidden, hidden, mask), hidden)
@@ -385,17 +387,6 @@ class _Intermediate(nn.Module):
         return F.gelu(self.dense(hidden))  # exact erf GELU, as the original
 
 
-class _Output(nn.Module):
-    def __init__(self, config: LxmertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = _layer_norm(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class _Layer(nn.Module):
     """A post-LN BERT layer: self-attention, then FFN. Used for the language and relationship stages."""
 
@@ -403,7 +394,7 @@ class _Layer(nn.Module):
         super().__init__()
         self.attention = _SelfAttLayer(config)
         self.intermediate = _Intermediate(config)
-        self.output = _Output(config)
+        self.output = _Output(config, config.intermediate_size)
 
     def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
         hidden = self.attention(hidden, mask)
@@ -420,9 +411,9 @@ class _XLayer(nn.Module):
         self.lang_self_att = _SelfAttLayer(config)
         self.visn_self_att = _SelfAttLayer(config)
         self.lang_inter = _Intermediate(config)
-        self.lang_output = _Output(config)
+        self.lang_output = _Output(config, config.intermediate_size)
         self.visn_inter = _Intermediate(config)
-        self.visn_output = _Output(config)
+        self.visn_output = _Output(config, config.intermediate_size)
 
     def forward(
         self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
