@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -30,10 +29,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones.uniter import UniterConfig, UniterEncoder
 
 __all__ = [
     "MiniLMConfig",
@@ -397,70 +396,6 @@ class _Embeddings(nn.Module):
         return self.LayerNorm(x)
 
 
-class _Dense(nn.Module):  # BertSelfOutput / BertOutput: dense, then residual LayerNorm
-    def __init__(self, d_in: int, d_out: int, eps: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        d = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        b, L, d = x.shape
-        q, k, v = (
-            proj(x).view(b, L, self.num_heads, d // self.num_heads).transpose(1, 2)
-            for proj in (self.query, self.key, self.value)
-        )  # [b, h, L, d/h]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.num_heads) + bias  # [b, h, L, L]
-        return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, L, d)
-
-
-class _Attention(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.self = _SelfAttention(config)
-        self.output = _Dense(config.hidden_size, config.hidden_size, config.layer_norm_eps)
-
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        return self.output(self.self(x, bias), x)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))  # exact (erf) GELU, BERT's "gelu"
-
-
-class _Layer(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.attention = _Attention(config)
-        self.intermediate = _Intermediate(config)
-        self.output = _Dense(config.intermediate_size, config.hidden_size, config.layer_norm_eps)
-
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        x = self.attention(x, bias)
-        return self.output(self.intermediate(x), x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
-
-
 class _Pooler(nn.Module):
     def __init__(self, config: MiniLMConfig) -> None:
         super().__init__()
@@ -470,7 +405,8 @@ class _Pooler(nn.Module):
 class MiniLMEncoder(nn.Module):
     """A plain-torch BERT encoder for the MiniLM-L6 weights (dropout-free; single segment).
 
-    Parameter names are `BertModel`'s, so `load_state_dict` takes the output of
+    The layers are [`UniterEncoder`][advlab.backbones.uniter.UniterEncoder]'s (the same post-LN BERT
+    layers UNITER-mini loads these weights into). Parameter names are `BertModel`'s, so `load_state_dict` takes the output of
     [`load_minilm`][advlab.pretrained.minilm.load_minilm] unchanged (the unused BERT pooler is kept
     for that reason). For sentence embeddings, apply
     [`mean_pool`][advlab.pretrained.minilm.mean_pool] to the output.
@@ -505,7 +441,18 @@ class MiniLMEncoder(nn.Module):
             config = MiniLMConfig(**{**config.__dict__, "num_hidden_layers": num_layers})
         self.config = config
         self.embeddings = _Embeddings(config)
-        self.encoder = _Encoder(config)
+        self.encoder = UniterEncoder(  # UNITER's post-LN BERT layers, BertModel's names; dropout 0 is a no-op
+            UniterConfig(
+                vocab_size=config.vocab_size,
+                hidden_size=config.hidden_size,
+                num_hidden_layers=config.num_hidden_layers,
+                num_attention_heads=config.num_attention_heads,
+                intermediate_size=config.intermediate_size,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                layer_norm_eps=config.layer_norm_eps,
+            )
+        )
         self.pooler = _Pooler(config)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -532,6 +479,6 @@ class MiniLMEncoder(nn.Module):
         x = self.embeddings(input_ids)  # [b, L, d]
         bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~attention_mask.bool(), torch.finfo(x.dtype).min)[:, None, None, :]  # [b, 1, 1, L]
-        for layer in self.encoder.layer:
+        for layer in self.encoder.layer:  # not UniterEncoder.forward: its mask adds -10000, BertModel's finfo.min
             x = layer(x, bias)
         return x
