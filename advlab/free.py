@@ -186,6 +186,8 @@ class FreeTraining:
         self._hooks = SiteHooks(unwrap_model(model), sites, active_perts, masks=masks, generator=generator)
         self.groups = groups
         self.perturbations: dict[str, Perturbation] = active_perts
+        # δ whose gradient is used: a "random" direction ignores it
+        self._needs_grad = {m for m, p in active_perts.items() if p.direction != "random"}
         self._ascenders = self._make_ascenders(ascender)
         self._phase = "new"
         self._k: int | None = None
@@ -221,7 +223,7 @@ class FreeTraining:
         if self._phase != "new":
             raise ContextExitedError("Expected a fresh free_training context, but this one was already entered.")
         self._hooks.install()
-        self._hooks.set_requires_grad({m for m, p in self.perturbations.items() if p.direction != "random"})
+        self._hooks.set_requires_grad(self._needs_grad)
         self._phase = "open"
         return self
 
@@ -350,8 +352,7 @@ class FreeTraining:
                     self._sync.enter_context(self.model.no_sync())  # no clean forward (FreeLB): steps 0..K-2 local
                 if k == self.steps - 1:
                     self._sync.close()  # the last forward and the one backward outside no_sync: one all-reduce
-                needs_grad = {m for m, p in self.perturbations.items() if p.direction != "random"}
-                self._hooks.set_requires_grad(needs_grad)
+                self._hooks.set_requires_grad(self._needs_grad)
                 yield AscentStep(k, k == self.steps - 1, self.groups, self)
                 if not self._stepped:
                     raise AdvlabValueError(f"Expected ascent step {k} to end with `ft.backward(loss)`, but it did not.")
