@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from advlab.backbones.lxmert import LxmertConfig, LxmertForPreTraining, LxmertModel
+from advlab.backbones.lxmert import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering, LxmertModel
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -132,6 +132,18 @@ def test_pretraining_heads_match_transformers_original_names():
     assert_close(out.lm_logits, ref.prediction_logits, **TOL)
     assert_close(out.match_logits, ref.cross_relationship_score, **TOL)
     assert_close(out.qa_logits, ref.question_answering_score, **TOL)
+
+
+def test_question_answering_matches_transformers_key_for_key():
+    cfg = LxmertConfig.tiny()
+    hf = transformers.LxmertForQuestionAnswering(hf_config(cfg)).eval()
+    randomise_(hf, seed=4)
+    ours = LxmertForQuestionAnswering.from_pretrained(hf.state_dict(), config=cfg)
+    assert list(ours.state_dict()) == list(hf.state_dict())
+    assert ours.num_answers == cfg.num_qa_labels
+    batch = inputs(cfg)
+    with torch.no_grad():
+        assert_close(ours(**batch).logits, hf(**batch).question_answering_score, **TOL)
 
 
 @pytest.mark.slow
