@@ -279,12 +279,12 @@ class Ball:
 
         The default `rtol` is 1e-5, or the dtype's machine epsilon for bfloat16 / float16,
         whose rounding can put a projected row slightly outside.
+
+        Returns:
+            One bool per row, shape [b], for every norm and input shape.
         """
         if rtol is None:
             rtol = max(1e-5, torch.finfo(delta.dtype).eps) if delta.is_floating_point() else 1e-5
-        n = row_norm(delta, self.norm, mask=mask)
-        if self.radius is None:
-            return torch.ones_like(n, dtype=torch.bool)
-        if self.norm == "l2_token":
-            return (n <= self.radius * (1 + rtol)).all(dim=-1) if n.dim() > 1 else n <= self.radius * (1 + rtol)
-        return n <= self.radius * (1 + rtol)
+        n = row_norm(delta, self.norm, mask=mask)  # [b], or delta.shape[:-1] for "l2_token"
+        inside = torch.ones_like(n, dtype=torch.bool) if self.radius is None else n <= self.radius * (1 + rtol)
+        return inside.flatten(1).all(dim=-1) if inside.dim() > 1 else inside
