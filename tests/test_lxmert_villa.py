@@ -118,7 +118,17 @@ def test_text_perturbation_changes_the_output_through_the_word_lookup():
     villa = advlab.VILLA.from_preset("lxmert-vqa", model, step_size=1.0, steps=2)
     with torch.no_grad():
         clean = model(**batch).logits
-    villa.step(lambda: model(**batch), loss, masks=masks)
+    seen = []
+
+    def forward():
+        out = model(**batch)
+        seen.append(out.logits.detach().clone())
+        return out
+
+    stats = villa.step(forward, loss, masks=masks)
+    assert stats.delta_norm["txt"] > 0 and stats.delta_norm.get("img", 0.0) == 0.0  # the preset is text only
+    assert torch.equal(seen[0], clean)  # the first pass is clean (δ starts at zero, no dropout)
+    assert any(not torch.allclose(logits, clean) for logits in seen[1:])  # a perturbed pass changed the output
     with torch.no_grad():  # hooks are gone after the step: outputs are clean again, bit for bit
         assert torch.equal(model(**batch).logits, clean)
 
