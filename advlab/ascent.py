@@ -108,7 +108,7 @@ def pgd_step(
     else:
         if grad is None:
             raise AdvlabValueError(f"Expected `grad` to be a tensor for direction={direction!r}, but got None.")
-        grad = check_float_tensor(grad, "grad")
+        grad = check_float_tensor(grad, "grad").detach()
         if grad.shape != delta.shape:
             raise AdvlabValueError(
                 f"Expected `grad` to have the shape of `delta` {tuple(delta.shape)}, but got {tuple(grad.shape)}."

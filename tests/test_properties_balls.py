@@ -317,6 +317,15 @@ def test_pgd_step_is_invariant_to_scaling_the_gradient(data, norm, direction, ra
     assert torch.equal(advlab.pgd_step(delta, g * 2.0**16, **kwargs), advlab.pgd_step(delta, g, **kwargs))
 
 
+@pytest.mark.parametrize("direction", ["gradient", "sign", "random"])
+def test_pgd_step_returns_a_detached_perturbation(direction):
+    """Documented: the new δ is detached, also when δ and its gradient still carry a graph."""
+    delta = torch.zeros(2, 3, 4, requires_grad=True)
+    grad = torch.randn(2, 3, 4, generator=generator(0)).requires_grad_()
+    out = advlab.pgd_step(delta * 1.0, grad * 1.0, step_size=0.1, radius=1.0, direction=direction)
+    assert not out.requires_grad and out.grad_fn is None
+
+
 @given(
     data=st.data(),
     step_size=st.floats(0.0, 1e3),
