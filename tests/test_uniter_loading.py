@@ -108,7 +108,6 @@ def test_released_pretraining_state_dict_loads_into_every_head():
 
 
 def test_config_is_inferred_from_shapes():
-    gen = torch.Generator().manual_seed(1)
     cfg = UniterConfig.tiny(hidden_size=64, num_attention_heads=1, intermediate_size=96)
     state = {k: v.detach().clone() for k, v in UniterForVQA(cfg, num_answers=4).state_dict().items()}
     model = UniterForVQA.from_pretrained(state, num_answers=4)
@@ -117,7 +116,6 @@ def test_config_is_inferred_from_shapes():
     assert UniterForVCR.from_pretrained(grown).config == cfg
     with pytest.raises(AdvlabValueError, match="attention heads"):
         UniterModel.from_pretrained(UniterModel(CFG).state_dict())
-    del gen
 
 
 def test_bert_and_tf_names_are_renamed():

@@ -113,11 +113,6 @@ def test_mask_embedding_adds_row_one_to_masked_regions_only():
     assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def forward_kwargs(gen, rows=2):
-    batch = make_rows(gen, [4, 3, 4, 2][:rows], [3, 2, 2, 3][:rows])
-    return batch
-
-
 HEADS = {
     "vqa": lambda: UniterForVQA(CFG, num_answers=7),
     "ve": lambda: UniterForVisualEntailment(CFG),
