@@ -86,6 +86,8 @@ def test_feature_dim_is_checked(tmp_path):
     assert next(iter_obj36(path, feature_dim=8)).features.shape == (2, 8)
     with pytest.raises(advlab.AdvlabValueError, match="line 1.*features"):
         next(iter_obj36(path, feature_dim=2048))
+    narrow = write(tmp_path, [fixture_line(n=2, dim=1)[0]], name="narrow.tsv")
+    assert next(iter_obj36(narrow)).features.shape == (2, 1)  # a width-1 feature is still [n, f]
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def _decode(field: str, b64: str, dtype: str, num_boxes: int, where: str, per_bo
             f"({itemsize * num_boxes * per_box} bytes) for num_boxes={num_boxes}, but got {len(raw)} bytes."
         )
     array = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)  # little-endian on disk
-    shape = (num_boxes,) if per_box == 1 and field != "boxes" else (num_boxes, per_box)
+    shape = (num_boxes, per_box) if field in ("boxes", "features") else (num_boxes,)  # [n, 1] features stay 2-d
     return torch.from_numpy(array.reshape(shape))
 
 
