@@ -30,6 +30,7 @@ from advlab._checks import (
 )
 from advlab._errors import AdvlabValueError
 from advlab.balls import NORMS, Norm, normalize, normalize_sign, project
+from advlab.samplers import _rand
 
 __all__ = ["Direction", "DIRECTIONS", "pgd_step", "random_direction", "smart_step", "PGDAscender", "SMARTAscender"]
 
@@ -58,9 +59,7 @@ def random_direction(
         True
     """
     like = check_float_tensor(like, "like")
-    device = generator.device if generator is not None else like.device
-    z = torch.randn(like.shape, generator=generator, dtype=compute_dtype(like), device=device).to(like.device)
-    return normalize(z, norm, mask=mask).to(like.dtype)
+    return normalize(_rand(like, generator, "normal"), norm, mask=mask).to(like.dtype)
 
 
 def pgd_step(
@@ -149,8 +148,8 @@ def smart_step(
     m = broadcast_mask(mask, delta)
     moved = apply_mask(delta.detach().to(compute_dtype(delta)) + step_size * grad.to(compute_dtype(delta)), m)
     denom = moved.abs().amax(dim=-1, keepdim=True) + eps
-    out = torch.where(denom > 0, moved / torch.where(denom > 0, denom, torch.ones_like(denom)), moved)
-    return out.to(delta.dtype)
+    # denom is 0 only where the whole position is 0: divide by 1 there
+    return (moved / torch.where(denom > 0, denom, torch.ones_like(denom))).to(delta.dtype)
 
 
 @dataclass(frozen=True)
