@@ -496,14 +496,14 @@ class _BatchOut:
 
 def _mine_negatives(sim: Tensor, caption_ids: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Hard negatives drawn from the ITC softmax, never a row with the same caption (ALBEF's sampling)."""
-    same = caption_ids[:, None] == caption_ids[None, :]
-    weights = F.softmax(sim.detach().float(), dim=1).masked_fill(same, 0.0) + 1e-9 * (~same)
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
-    neg_img = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # for each caption
-    weights_t = F.softmax(sim.detach().float().t(), dim=1).masked_fill(same, 0.0) + 1e-9 * (~same)
-    weights_t = torch.where(weights_t.sum(1, keepdim=True) > 0, weights_t, torch.ones_like(weights_t))
-    neg_txt = torch.multinomial(weights_t, 1, generator=generator).squeeze(1)  # for each image
-    return neg_img, neg_txt
+    same = caption_ids[:, None] == caption_ids[None, :]  # symmetric: serves both directions
+
+    def draw(scores: Tensor) -> Tensor:
+        weights = F.softmax(scores.detach().float(), dim=1).masked_fill(same, 0.0) + 1e-9 * (~same)
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+    return draw(sim), draw(sim.t())  # a negative image per caption, then a negative caption per image
 
 
 def _batch_forward(
