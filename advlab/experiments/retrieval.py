@@ -40,7 +40,7 @@ from advlab._errors import AdvlabError, AdvlabValueError
 from advlab.free import free_training
 from advlab.perturbation import Perturbation
 from advlab.regularizers import symmetric_kl
-from advlab.sites import Site
+from advlab.sites import Site, resolve_sites
 
 __all__ = [
     "Backbone",
@@ -732,6 +732,7 @@ def train_run(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total)
     )
     perts, mode = (None, "") if arm == "baseline" else _arm_perturbations(arm, config)
+    sites = resolve_sites(model)  # once per run, not at every step
     itm = config.itm_weight > 0
     losses: list[float] = []
     bar = _progress(total, progress, desc or arm)
@@ -754,7 +755,7 @@ def train_run(
                     epoch_loss.append(float(loss.detach()))
                 else:
                     with free_training(
-                        model, model.perturbation_sites(), perts, steps=config.adv_steps, mode=mode,
+                        model, sites, perts, steps=config.adv_steps, mode=mode,
                         masks={"txt": batch["attention_mask"]}, logits=lambda o: o.packed, generator=gen,
                     ) as ft:
                         clean = ft.clean(fwd)
