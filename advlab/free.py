@@ -448,15 +448,16 @@ class FreeTraining:
         self._check_loss(loss)
         if not self._is_finite(loss, "loss"):
             return
-        leaves = [
-            (m, i, d) for m in self._active_in_order() for i, d in enumerate(self._hooks.deltas(m))
-            if d is not None and d.requires_grad
+        active = [
+            (m, i, d) for m in self._active_in_order() for i, d in enumerate(self._hooks.deltas(m)) if d is not None
         ]
-        if not leaves:
+        if not active:
             raise AdvlabValueError("Expected a perturbed forward (`ft.forward`) before `ascend`, but none ran.")
-        grads = torch.autograd.grad(self._scale(loss), [d for _, _, d in leaves], allow_unused=True)
-        self._update_deltas({(m, i): g for (m, i, _), g in zip(leaves, grads)})
-        self._hooks.set_requires_grad(set(self.perturbations))
+        leaves = [(m, i, d) for m, i, d in active if d.requires_grad]  # a "random" δ moves without its gradient
+        grads = torch.autograd.grad(self._scale(loss), [d for _, _, d in leaves], allow_unused=True) if leaves else ()
+        found = {(m, i): g for (m, i, _), g in zip(leaves, grads)}
+        self._update_deltas({(m, i): found.get((m, i)) for m, i, _ in active})
+        self._hooks.set_requires_grad(self._needs_grad)
         self._active_in_step = set()
 
     # ------------------------------------------------------------------ internals

@@ -97,3 +97,30 @@ def test_random_directions_are_drawn_in_site_order() -> None:
         torch.testing.assert_close(seen["img"][k], d_i, rtol=0, atol=1e-12)
         d_t = d_t + eta["txt"] * advlab.random_direction(d_t, mask=tm, generator=g)
         d_i = d_i + eta["img"] * advlab.random_direction(d_i, mask=im, generator=g)
+
+
+def test_ascend_moves_random_directions_from_the_first_step() -> None:
+    """δ-only ascent (`ft.ascend`) moves a "random" δ at every call, as `backward` does, drawn in site
+    order; a context whose only δ is random can ascend too."""
+    model = TinyVL(seed=0).double()
+    ids, img, tm, im, y = tiny_batch()
+    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    sites = {"txt": "word", "img": advlab.Site("img_proj", where="input")}
+    masks = {"txt": tm, "img": im}
+    for perturbed in (("txt", "img"), ("txt",)):
+        perts = {m: advlab.Perturbation(0.3, direction="random") for m in perturbed}
+        seen: list[dict[str, torch.Tensor]] = []
+        with advlab.free_training(model, {m: sites[m] for m in perturbed}, perts, masks={m: masks[m] for m in perturbed},
+                                  generator=torch.Generator().manual_seed(7)) as ft:
+            ft.clean(fwd)
+            for _ in range(2):
+                ft.ascend(F.cross_entropy(ft.forward(fwd), y))
+                seen.append({m: ft.deltas(m)[0].detach().clone() for m in perturbed})
+            for _step in ft:
+                ft.backward(F.cross_entropy(ft.forward(fwd), y))
+        g = torch.Generator().manual_seed(7)
+        d = {"txt": torch.zeros(*ids.shape, model.word.embedding_dim, dtype=torch.float64), "img": torch.zeros_like(img)}
+        for after in seen:
+            for m in perturbed:
+                d[m] = d[m] + 0.3 * advlab.random_direction(d[m], mask=masks[m], generator=g)
+                torch.testing.assert_close(after[m], d[m], rtol=0, atol=1e-12)
