@@ -96,7 +96,7 @@ class ScaledUniformSampler:
 
     def __call__(self, like: Tensor, *, mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Draw the scaled uniform initialisation."""
-        like = check_float_tensor(like, "like")
+        like = check_float_tensor(like, "like", min_dim=2)  # rows: a 1-D tensor has none
         m = broadcast_mask(mask, like)
         u = (2 * _rand(like, generator, "uniform") - 1) * self.magnitude
         scaled = u / _unmasked_count(like, m).clamp_min(1).sqrt()
@@ -162,6 +162,9 @@ class SphereSampler:
     Args:
         radius: Norm of every row that has at least one unmasked element.
 
+    Shape:
+        - like: [b, n, d] or [b, d]; mask: [b, n] or [b]; output: like's shape.
+
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> d = SphereSampler(0.5)(torch.zeros(3, 4, 2), generator=g)
@@ -176,7 +179,7 @@ class SphereSampler:
 
     def __call__(self, like: Tensor, *, mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Draw a random point on the sphere of each row."""
-        like = check_float_tensor(like, "like")
+        like = check_float_tensor(like, "like", min_dim=2)  # rows: a 1-D tensor has none
         m = broadcast_mask(mask, like)
         z = apply_mask(_rand(like, generator, "normal"), m)
         norm = torch.linalg.vector_norm(z, dim=tuple(range(1, like.dim())), keepdim=True)

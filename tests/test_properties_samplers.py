@@ -143,6 +143,13 @@ def test_negative_or_nonfinite_magnitude_raises(kind, m):
         SAMPLERS[kind](m)
 
 
+@pytest.mark.parametrize("kind", ["scaled_uniform", "sphere"])
+def test_row_samplers_reject_a_tensor_without_rows(kind):
+    """A 1-D tensor has no batch dimension: it is refused, not drawn as one row (as it once was)."""
+    with pytest.raises(advlab.AdvlabValueError, match="`like`.*at least 2 dimensions"):
+        SAMPLERS[kind](1.0)(torch.zeros(4))
+
+
 @pytest.mark.parametrize("kind", list(SAMPLERS))
 def test_wrong_mask_shape_raises_with_both_shapes(kind):
     with pytest.raises(advlab.AdvlabValueError, match=r"\(2, 3\).*\(3, 2\)"):
