@@ -58,7 +58,7 @@ def random_direction(
         >>> torch.allclose(torch.linalg.vector_norm(u, dim=(1, 2)), torch.ones(2))
         True
     """
-    like = check_float_tensor(like, "like")
+    like = check_float_tensor(like, "like", min_dim=2)
     return normalize(_rand(like, generator, "normal"), norm, mask=mask).to(like.dtype)
 
 
@@ -98,7 +98,7 @@ def pgd_step(
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=1.0, norm="linf", radius=0.5)
         tensor([[0.5000, 0.5000]])
     """
-    delta = check_float_tensor(delta, "delta")
+    delta = check_float_tensor(delta, "delta", min_dim=2)
     step_size = check_nonnegative(step_size, "step_size")
     check_choice(norm, NORMS, "norm")
     check_choice(direction, DIRECTIONS, "direction")

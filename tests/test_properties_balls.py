@@ -318,6 +318,14 @@ def test_pgd_step_is_invariant_to_scaling_the_gradient(data, norm, direction, ra
 
 
 @pytest.mark.parametrize("direction", ["gradient", "sign", "random"])
+def test_pgd_step_refuses_a_1d_delta_by_its_name(direction):
+    with pytest.raises(advlab.AdvlabValueError, match="`delta`.*at least 2 dimensions"):
+        advlab.pgd_step(torch.zeros(3), torch.ones(3), step_size=0.1, direction=direction)
+    with pytest.raises(advlab.AdvlabValueError, match="`like`.*at least 2 dimensions"):
+        advlab.random_direction(torch.zeros(3))
+
+
+@pytest.mark.parametrize("direction", ["gradient", "sign", "random"])
 def test_pgd_step_returns_a_detached_perturbation(direction):
     """Documented: the new δ is detached, also when δ and its gradient still carry a graph."""
     delta = torch.zeros(2, 3, 4, requires_grad=True)
