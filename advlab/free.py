@@ -67,6 +67,13 @@ class Ascender(Protocol):
         ...
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    """Whether `model` is a DistributedDataParallel wrapper (its steps then run under `no_sync`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 def default_logits(output: Any) -> Tensor:
     """The logits in a model output: a Tensor as is, else `.logits`, else element 0 of a tuple.
 
@@ -297,7 +304,7 @@ class FreeTraining:
         self._require_open()
         if self._clean_real is not None:
             raise AdvlabValueError("Expected one clean forward per context, but `clean` was called twice.")
-        if self._is_ddp():
+        if _is_ddp(self.model):
             if self.schedule == "lean":
                 raise AdvlabValueError(
                     "Expected schedule 'deferred' or 'retain' under DistributedDataParallel, but got 'lean': its "
@@ -348,7 +355,7 @@ class FreeTraining:
                 self._k = k
                 self._stepped = False
                 self._active_in_step = set()
-                if k == 0 and self._is_ddp() and self._clean_real is None and self.steps > 1:
+                if k == 0 and _is_ddp(self.model) and self._clean_real is None and self.steps > 1:
                     self._sync.enter_context(self.model.no_sync())  # no clean forward (FreeLB): steps 0..K-2 local
                 if k == self.steps - 1:
                     self._sync.close()  # the last forward and the one backward outside no_sync: one all-reduce
@@ -393,7 +400,7 @@ class FreeTraining:
         self._check_loss(loss)
         if self._k is None:
             raise AdvlabValueError("Expected `accumulate` inside `for step in ft:`, but no ascent step is running.")
-        if self._k == self.steps - 1 and self._is_ddp():
+        if self._k == self.steps - 1 and _is_ddp(self.model):
             raise AdvlabValueError(
                 "Expected the last ascent step's loss in one `backward` under DistributedDataParallel, but got "
                 "`accumulate`: its backward would be all-reduced before the rest of the step."
@@ -461,11 +468,6 @@ class FreeTraining:
         self._active_in_step = set()
 
     # ------------------------------------------------------------------ internals
-    def _is_ddp(self) -> bool:
-        from torch.nn.parallel import DistributedDataParallel
-
-        return isinstance(self.model, DistributedDataParallel)
-
     def _check_loss(self, loss: Tensor) -> None:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__

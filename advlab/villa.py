@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from advlab._checks import check_choice, check_nonnegative
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
-from advlab.free import Schedule, default_logits, forward_groups, free_training
+from advlab.free import Schedule, _is_ddp, default_logits, forward_groups, free_training
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
 from advlab.presets import get_preset
@@ -38,12 +38,6 @@ from advlab.sites import SiteLike, resolve_sites
 from advlab.stats import StepStats, collect_stats
 
 __all__ = ["VILLA"]
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
 
 
 class VILLA:
@@ -227,7 +221,7 @@ class VILLA:
             schedule=self.schedule, logits=self.logits, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
             generator=self.generator,
         ) as ft:
-            clean_output = ft.clean(forward)
+            ft.clean(forward)
             if self.flavour == "paper":
                 ft.clean_loss(lambda out: task_loss(out) * scale)
             per_forward = len(self.groups) if self.flavour == "official" else 1
