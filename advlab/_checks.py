@@ -46,6 +46,12 @@ def check_nonnegative(value: float, name: str) -> float:
     return float(value)
 
 
+def check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdvlabValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}.")
+    return value
+
+
 def check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise AdvlabValueError(f"Expected `{name}` to be one of {list(choices)}, but got {value!r}.")

@@ -42,7 +42,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice
+from advlab._checks import check_choice, check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError, NonFiniteError
 from advlab.ascent import PGDAscender
 from advlab.balls import row_norm
@@ -168,8 +168,7 @@ class FreeTraining:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise AdvlabTypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise AdvlabValueError(f"Expected `steps` to be an int >= 1, but got {steps!r}.")
+        check_count(steps, "steps")
         if not isinstance(perturbations, Mapping) or not perturbations:
             raise AdvlabValueError(
                 f"Expected `perturbations` to be a non-empty mapping modality -> Perturbation, but got {perturbations!r}."

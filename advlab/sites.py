@@ -13,6 +13,7 @@ from typing import Literal, Protocol, Union, runtime_checkable
 
 from torch import nn
 
+from advlab._checks import check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 __all__ = ["Site", "SiteLike", "HasPerturbationSites", "ResolvedSites", "resolve_sites", "unwrap_model"]
@@ -58,8 +59,7 @@ class Site:
             raise AdvlabTypeError(f"Expected `Site.arg` to be an int position or a keyword name, but got {self.arg!r}.")
         if isinstance(self.arg, int) and self.arg < 0:
             raise AdvlabValueError(f"Expected `Site.arg` to be >= 0, but got {self.arg}.")
-        if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 1:
-            raise AdvlabValueError(f"Expected `Site.calls` to be an int >= 1, but got {self.calls!r}.")
+        check_count(self.calls, "Site.calls")
 
     def __repr__(self) -> str:
         module = self.module if isinstance(self.module, str) else f"<{type(self.module).__name__}>"

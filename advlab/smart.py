@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_nonnegative
-from advlab._errors import AdvlabValueError
+from advlab._checks import check_choice, check_count, check_nonnegative
 from advlab.ascent import SMARTAscender
 from advlab.free import default_logits, free_training
 from advlab.hooks import MaskLike
@@ -73,11 +72,9 @@ class SMART:
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise AdvlabValueError(f"Expected `steps` to be an int >= 1, but got {steps!r}.")
         self.model = model
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.steps = steps
+        self.steps = check_count(steps, "steps")
         self.ascender = SMARTAscender(step_size, eps)
         self.perturbations = {
             k: Perturbation(step_size=step_size, init=NormalSampler(noise_std)) for k in self.sites

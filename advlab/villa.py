@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_nonnegative
+from advlab._checks import check_choice, check_count, check_nonnegative
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
 from advlab.free import Schedule, _is_ddp, default_logits, forward_groups, free_training
@@ -112,9 +112,7 @@ class VILLA:
         self.model = model
         self.preset = p
         self.flavour = p.flavour
-        self.steps = p.steps if steps is None else steps
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise AdvlabValueError(f"Expected `steps` to be an int >= 1, but got {self.steps!r}.")
+        self.steps = check_count(p.steps if steps is None else steps, "steps")
         self.kl_weight = check_nonnegative(p.kl_weight if kl_weight is None else kl_weight, "kl_weight")
         self.mode = p.mode if mode is None else mode
         self.kl_reduction = check_choice(p.kl_reduction if kl_reduction is None else kl_reduction, REDUCTIONS[:3],
