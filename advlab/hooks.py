@@ -98,16 +98,7 @@ class SiteHooks:
         generator: torch.Generator | None = None,
     ) -> None:
         resolved = resolve_sites(model, sites)
-        for modality, pert in perturbations.items():
-            if modality not in resolved:
-                raise AdvlabValueError(
-                    f"Expected every perturbation to have a site, but `perturbations[{modality!r}]` has none; "
-                    f"sites are {sorted(resolved)}."
-                )
-            if not isinstance(pert, Perturbation):
-                raise AdvlabTypeError(
-                    f"Expected `perturbations[{modality!r}]` to be an advlab.Perturbation, but got {type(pert).__name__}."
-                )
+        _check_perturbations(perturbations, resolved)
         masks = dict(masks or {})
         for modality in masks:
             if modality not in resolved:
@@ -367,6 +358,20 @@ def perturb_sites(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _check_perturbations(perturbations: Mapping[str, object], sites: Mapping[str, object]) -> None:
+    """Every perturbation is an `advlab.Perturbation` of a modality that has a site."""
+    for modality, pert in perturbations.items():
+        if modality not in sites:
+            raise AdvlabValueError(
+                f"Expected every perturbation to have a site, but `perturbations[{modality!r}]` has none; "
+                f"sites are {sorted(sites)}."
+            )
+        if not isinstance(pert, Perturbation):
+            raise AdvlabTypeError(
+                f"Expected `perturbations[{modality!r}]` to be an advlab.Perturbation, but got {type(pert).__name__}."
+            )
 
 
 def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]) -> None:

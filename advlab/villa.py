@@ -29,7 +29,7 @@ from advlab._checks import check_choice, check_count, check_nonnegative
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
 from advlab.free import Schedule, _is_ddp, default_logits, forward_groups, free_training
-from advlab.hooks import MaskLike
+from advlab.hooks import MaskLike, _check_perturbations
 from advlab.perturbation import Perturbation
 from advlab.presets import get_preset
 from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, symmetric_kl
@@ -168,16 +168,8 @@ class VILLA:
             raise AdvlabTypeError(
                 f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
             )
-        out: dict[str, Perturbation] = {}
-        for m, pert in perturbations.items():
-            if m not in self.sites:
-                raise AdvlabValueError(
-                    f"Expected every perturbation to have a site, but `perturbations[{m!r}]` has none; "
-                    f"sites are {sorted(self.sites)}."
-                )
-            if not isinstance(pert, Perturbation):
-                raise AdvlabTypeError(f"Expected `perturbations[{m!r}]` to be a Perturbation, but got {type(pert).__name__}.")
-            out[m] = dataclasses.replace(pert, **changes) if changes else pert
+        _check_perturbations(perturbations, self.sites)
+        out = {m: dataclasses.replace(pert, **changes) if changes else pert for m, pert in perturbations.items()}
         if self.flavour == "paper" and any(p.radius is None for p in out.values()):
             raise AdvlabValueError("Expected every perturbation to have a `radius` (ε) with preset='paper', but got None.")
         return out
