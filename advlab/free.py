@@ -336,6 +336,11 @@ class FreeTraining:
                 schedule, which recomputes the clean forward at the end).
         """
         self._require_open()
+        if self._final_done:
+            raise AdvlabValueError(
+                "Expected `clean_loss` before the last `backward` (it is back-propagated with it), but the last "
+                "backward has run, so the loss would be dropped."
+            )
         if callable(loss) and not isinstance(loss, Tensor):
             self._clean_loss_fns.append(loss)
             return

@@ -196,6 +196,19 @@ def test_step_without_backward():
                 ft.forward(lambda: model(ids, img, tm, im))
 
 
+def test_clean_loss_after_the_last_backward_raises():
+    """It would never be back-propagated (the clean backward has run): refused, not dropped silently."""
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    with advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, steps=2) as ft:
+        ft.clean(lambda: model(ids, img, tm, im))
+        ft.clean_loss(lambda out: F.cross_entropy(out, y))  # before: fine
+        for _ in ft:
+            ft.backward(F.cross_entropy(ft.forward(lambda: model(ids, img, tm, im)), y))
+        with pytest.raises(advlab.AdvlabValueError, match="before the last `backward`"):
+            ft.clean_loss(lambda out: F.cross_entropy(out, y))
+
+
 def test_deferred_schedule_explains_a_clean_graph_reused():
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
