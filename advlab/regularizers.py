@@ -20,6 +20,7 @@ Shape notation:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -57,9 +58,7 @@ def _check_pair(p_logits: Tensor, q_logits: Tensor) -> tuple[Tensor, Tensor]:
             f"Expected `p_logits` and `q_logits` to have the same shape, but got {tuple(p_logits.shape)} "
             f"and {tuple(q_logits.shape)}."
         )
-    dtype = compute_dtype(p_logits) if p_logits.dtype == q_logits.dtype else torch.promote_types(
-        compute_dtype(p_logits), compute_dtype(q_logits)
-    )
+    dtype = torch.promote_types(compute_dtype(p_logits), compute_dtype(q_logits))
     return p_logits.to(dtype), q_logits.to(dtype)
 
 
@@ -70,12 +69,10 @@ def _log_probs(logits: Tensor, distribution: str) -> tuple[Tensor, ...]:
     return (F.logsigmoid(logits), F.logsigmoid(-logits))
 
 
-def _kl_elementwise(p_logits: Tensor, q_logits: Tensor, distribution: str, *, stop_p: bool = False) -> Tensor:
-    """Per-class KL(p‖q) terms, [..., c]; with `stop_p`, KL(sg(p)‖q) (gradient only through q)."""
-    if stop_p:
-        p_logits = p_logits.detach()
-    pairs = zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution))
-    return sum((log_p.exp() * (log_p - log_q) for log_p, log_q in pairs), torch.zeros((), dtype=p_logits.dtype))
+def _kl_terms(log_ps: tuple[Tensor, ...], log_qs: tuple[Tensor, ...]) -> Tensor:
+    """Per-class KL(p‖q) terms, [..., c], from the outcome log-probabilities of `_log_probs`."""
+    terms = [log_p.exp() * (log_p - log_q) for log_p, log_q in zip(log_ps, log_qs)]
+    return sum(terms[1:], terms[0])
 
 
 def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
@@ -85,7 +82,7 @@ def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
         return elementwise.sum()
     if reduction == "mean":
         return elementwise.mean()
-    rows = elementwise.numel() // max(elementwise.shape[-1], 1) if elementwise.dim() > 0 else 1
+    rows = elementwise.numel() // max(elementwise.shape[-1], 1)  # the logits are at least 1-D
     return elementwise.sum() / max(rows, 1)
 
 
@@ -118,7 +115,7 @@ def kl_divergence(
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
     p_logits, q_logits = _check_pair(p_logits, q_logits)
-    return _reduce(_kl_elementwise(p_logits, q_logits, distribution), reduction)
+    return _reduce(_kl_terms(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)), reduction)
 
 
 def symmetric_kl(
@@ -154,13 +151,12 @@ def symmetric_kl(
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
     p_logits, q_logits = _check_pair(p_logits, q_logits)
-    if detach == "none":
-        forward = _kl_elementwise(p_logits, q_logits, distribution)
-        backward = _kl_elementwise(q_logits, p_logits, distribution)
+    log_p, log_q = _log_probs(p_logits, distribution), _log_probs(q_logits, distribution)  # once for both terms
+    if detach == "target":  # each term's expectation side is a constant
+        sg_p, sg_q = tuple(t.detach() for t in log_p), tuple(t.detach() for t in log_q)
     else:
-        forward = _kl_elementwise(p_logits, q_logits, distribution, stop_p=True)
-        backward = _kl_elementwise(q_logits, p_logits, distribution, stop_p=True)
-    return _reduce(forward + backward, reduction)
+        sg_p, sg_q = log_p, log_q
+    return _reduce(_kl_terms(sg_p, log_q) + _kl_terms(sg_q, log_p), reduction)
 
 
 def js_divergence(
@@ -189,13 +185,9 @@ def js_divergence(
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
     p_logits, q_logits = _check_pair(p_logits, q_logits)
-    terms = None
-    for log_p, log_q in zip(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)):
-        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype))
-        t = 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
-        terms = t if terms is None else terms + t
-    assert terms is not None
-    return _reduce(terms, reduction)
+    log_p, log_q = _log_probs(p_logits, distribution), _log_probs(q_logits, distribution)
+    log_m = tuple(torch.logaddexp(a, b) - math.log(2.0) for a, b in zip(log_p, log_q))
+    return _reduce(0.5 * (_kl_terms(log_p, log_m) + _kl_terms(log_q, log_m)), reduction)
 
 
 class KLRegularizer(nn.Module):
