@@ -56,6 +56,12 @@ def test_every_public_name_has_an_api_page():
     assert not problems, "\n".join(problems)
 
 
+def test_api_index_lists_every_public_name():
+    listed = set(re.findall(r"`(\w+)`", (DOCS / "api" / "index.md").read_text(encoding="utf-8")))
+    missing = [name for name in advlab.__all__ if name not in listed]
+    assert not missing, f"docs/api/index.md does not list {missing}"
+
+
 def test_every_api_directive_names_an_importable_module():
     for module in api_pages():
         if module.startswith(("advlab.backbones", "advlab.data", "advlab.pretrained")):
