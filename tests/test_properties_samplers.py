@@ -117,6 +117,18 @@ def test_scaled_uniform_sampler_is_within_m_over_sqrt_n(case):
     assert_close(out.double(), expected, rtol=rtol_for(like.dtype), atol=1e-300)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaled_uniform_rows_have_norm_about_m_over_sqrt3_whatever_the_mask(dtype):
+    """Documented: the expected L2 norm of a row is about m / sqrt(3), as N counts only unmasked elements."""
+    like = torch.zeros(64, 32, 32, dtype=dtype)
+    mask = torch.arange(32).expand(64, 32) < torch.arange(64).unsqueeze(1) % 32 + 1  # 1 to 32 real positions
+    out = advlab.ScaledUniformSampler(2.0)(like, mask=mask, generator=generator(0))
+    norms = ref_norm(out, "l2")
+    assert_close(norms.mean(), torch.tensor(2.0 / math.sqrt(3), dtype=torch.float64), rtol=0.03, atol=0.0)
+    full = norms[mask.all(-1)]  # rows with 1024 real elements concentrate tightly
+    assert_close(full, torch.full_like(full, 2.0 / math.sqrt(3)), rtol=0.05, atol=0.0)
+
+
 @given(case=cases(positive))
 def test_sphere_sampler_has_row_norm_r(case):
     like, mask, seed, r = case
