@@ -151,12 +151,15 @@ def symmetric_kl(
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
     p_logits, q_logits = _check_pair(p_logits, q_logits)
-    log_p, log_q = _log_probs(p_logits, distribution), _log_probs(q_logits, distribution)  # once for both terms
-    if detach == "target":  # each term's expectation side is a constant
-        sg_p, sg_q = tuple(t.detach() for t in log_p), tuple(t.detach() for t in log_q)
-    else:
-        sg_p, sg_q = log_p, log_q
-    return _reduce(_kl_terms(sg_p, log_q) + _kl_terms(sg_q, log_p), reduction)
+    # Each term takes its own log-probabilities. Sharing them between the two terms saves two
+    # log_softmax calls but changes the gradient's last bits, and with them every recorded
+    # experiment run (docs/reproducing.md), so it is not done.
+    stop = detach == "target"  # each term's expectation side is a constant
+    forward = _kl_terms(_log_probs(p_logits.detach() if stop else p_logits, distribution),
+                        _log_probs(q_logits, distribution))
+    backward = _kl_terms(_log_probs(q_logits.detach() if stop else q_logits, distribution),
+                         _log_probs(p_logits, distribution))
+    return _reduce(forward + backward, reduction)
 
 
 def js_divergence(
