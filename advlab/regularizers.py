@@ -21,7 +21,7 @@ Shape notation:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ __all__ = [
     "KLRegularizer",
     "SymmetricKLRegularizer",
     "JSRegularizer",
+    "Regularizer",
 ]
 
 Reduction = Literal["batchmean", "mean", "sum", "none"]
@@ -263,3 +264,34 @@ class JSRegularizer(nn.Module):
     def forward(self, p_logits: Tensor, q_logits: Tensor) -> Tensor:
         """JS(p, q)."""
         return js_divergence(p_logits, q_logits, distribution=self.distribution, reduction=self.reduction)  # type: ignore[arg-type]
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """What a recipe calls to compare its clean and perturbed outputs.
+
+    Any callable taking two logits tensors of the same shape and returning a scalar loss
+    fits: the functions of this module (with their keyword arguments bound, e.g. by
+    `functools.partial`), the module classes above, or a user's own function. The first
+    argument is the clean forward's logits, the second the perturbed forward's; the loss
+    should be differentiable with respect to both.
+
+    Shape:
+        - p_logits, q_logits: [..., c]
+        - output: scalar
+
+    Example:
+        >>> import functools
+        >>> import torch
+        >>> from advlab.regularizers import Regularizer, symmetric_kl
+        >>> smart_loss = functools.partial(symmetric_kl, detach="target")
+        >>> isinstance(smart_loss, Regularizer)
+        True
+        >>> p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+        >>> smart_loss(p, q)
+        tensor(3.0464)
+    """
+
+    def __call__(self, p_logits: Tensor, q_logits: Tensor) -> Tensor:
+        """The divergence between the distributions given by `p_logits` and `q_logits` (a scalar)."""
+        ...
