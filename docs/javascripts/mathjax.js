@@ -9,6 +9,9 @@ window.MathJax = {
   options: {
     ignoreHtmlClass: ".*|",
     processHtmlClass: "arithmatex"
+  },
+  svg: {
+    fontCache: "global"   // glyphs drawn once per page from the shipped tex-svg-full.js, no web fonts
   }
 };
 
