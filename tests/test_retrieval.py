@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+from advlab._errors import AdvlabValueError
 from advlab.experiments import retrieval as R
+from advlab.experiments.retrieval import runs
 from advlab.experiments.retrieval import (
     GateError,
     RetrievalConfig,
@@ -82,7 +84,7 @@ def test_recall_at_k_hand_computed() -> None:
     assert recall_at_k(scores, ks=(1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
     # ties count for the true item
     assert recall_at_k(torch.ones(2, 2), ks=(1,)) == {1: 1.0}
-    with pytest.raises(R.AdvlabValueError, match="square"):
+    with pytest.raises(AdvlabValueError, match="square"):
         recall_at_k(torch.ones(2, 3))
 
 
@@ -132,7 +134,7 @@ def test_gate_refuses(data: R.RetrievalData, tmp_path: Path) -> None:
 @pytest.mark.parametrize("backbone", ["uniter", "lxmert"])
 def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path, backbone: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(R, "check_gate", lambda val, n, factor=3.0: (True, "gate: PASS (test)"))
+    monkeypatch.setattr(runs, "check_gate", lambda val, n, factor=3.0: (True, "gate: PASS (test)"))
     configs = {backbone: _config(itm_weight=1.0)}  # the ITM path too
     arms = R.ARMS_FULL
     records = run_experiment(data, backbones=(backbone,), arms=arms, seeds=(0, 1), configs=configs,
@@ -157,7 +159,7 @@ def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(R, "train_run", boom)
+    monkeypatch.setattr(runs, "train_run", boom)
     again = run_experiment(data, backbones=(backbone,), arms=arms, seeds=(0, 1), configs=configs,
                            out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
     assert all(r["resumed"] for r in again)
@@ -175,7 +177,7 @@ def test_resume_skips_finished_and_recomputes_changed_settings(data: R.Retrieval
         calls.append(arm)
         return real(model, d, arm, *a, **k)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(R, "train_run", counting)
+    monkeypatch.setattr(runs, "train_run", counting)
     kw = dict(arms=("baseline",), seeds=(0,), out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
     run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]
     run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]

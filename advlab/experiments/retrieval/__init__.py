@@ -1,0 +1,85 @@
+"""Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs noise control vs VILLA.
+
+The design is advlab's own (no official adversarial retrieval code exists; UNITER's retrieval used
+a hinge `rank_output`). Each backbone encodes text and regions separately for an in-batch
+contrastive loss (ITC) and jointly for an image–text matching head (ITM) trained with negatives
+mined from the ITC similarities (as ALBEF does). Ranking: the full test gallery by ITC, then the
+ITC top-k re-ranked by ITM. VILLA's KL acts on the distributions the losses use: each row of the
+in-batch caption→image and image→caption softmax, and the 2-way ITM distribution.
+
+The forward is structured so that each perturbation site runs once: the word embeddings and the
+region embeddings are computed once per batch and reused by the text-only, image-only and joint
+encodings (negative pairs index them), so δ is shared by all three.
+
+Run `python -m advlab.experiments.retrieval` (quick default), `--tune`, or `--full`.
+
+The package is split by job: `config` (arms, run settings, the settings file), `data` (folder →
+split tensors), `model` (the two-stage model), `losses` (ITC, mined ITM negatives, the KL),
+`metrics` (R@K, evaluation, the gate), `training` (one run), `runs` (every run, resumable records,
+tuning), `report` (tables and plots) and `cli` (the command line, run by `__main__`).
+
+Shape notation:
+    - b: batch size; L: text positions; r: regions; h: hidden width; n: captions in a split
+"""
+
+from advlab.experiments.retrieval.cli import main as main
+from advlab.experiments.retrieval.config import ARM_LABELS as ARM_LABELS
+from advlab.experiments.retrieval.config import ARMS_FULL as ARMS_FULL
+from advlab.experiments.retrieval.config import ARMS_QUICK as ARMS_QUICK
+from advlab.experiments.retrieval.config import SETTINGS_PATH as SETTINGS_PATH
+from advlab.experiments.retrieval.config import Arm as Arm
+from advlab.experiments.retrieval.config import Backbone as Backbone
+from advlab.experiments.retrieval.config import RetrievalConfig as RetrievalConfig
+from advlab.experiments.retrieval.config import configs_from_settings as configs_from_settings
+from advlab.experiments.retrieval.config import load_settings as load_settings
+from advlab.experiments.retrieval.data import RetrievalData as RetrievalData
+from advlab.experiments.retrieval.data import SplitTensors as SplitTensors
+from advlab.experiments.retrieval.data import prepare_data as prepare_data
+from advlab.experiments.retrieval.losses import itc_loss as itc_loss
+from advlab.experiments.retrieval.metrics import check_gate as check_gate
+from advlab.experiments.retrieval.metrics import evaluate as evaluate
+from advlab.experiments.retrieval.metrics import recall_at_k as recall_at_k
+from advlab.experiments.retrieval.metrics import rerank_scores as rerank_scores
+from advlab.experiments.retrieval.model import RetrievalModel as RetrievalModel
+from advlab.experiments.retrieval.model import build_model as build_model
+from advlab.experiments.retrieval.model import pool_grid as pool_grid
+from advlab.experiments.retrieval.report import draw_plot as draw_plot
+from advlab.experiments.retrieval.report import results_markdown as results_markdown
+from advlab.experiments.retrieval.report import summarize as summarize
+from advlab.experiments.retrieval.runs import GateError as GateError
+from advlab.experiments.retrieval.runs import load_records as load_records
+from advlab.experiments.retrieval.runs import run_experiment as run_experiment
+from advlab.experiments.retrieval.runs import tune as tune
+from advlab.experiments.retrieval.training import train_run as train_run
+
+__all__ = [
+    "ARMS_FULL",
+    "ARMS_QUICK",
+    "ARM_LABELS",
+    "SETTINGS_PATH",
+    "Arm",
+    "Backbone",
+    "GateError",
+    "RetrievalConfig",
+    "RetrievalData",
+    "RetrievalModel",
+    "SplitTensors",
+    "build_model",
+    "check_gate",
+    "configs_from_settings",
+    "draw_plot",
+    "evaluate",
+    "itc_loss",
+    "load_records",
+    "load_settings",
+    "main",
+    "pool_grid",
+    "prepare_data",
+    "recall_at_k",
+    "rerank_scores",
+    "results_markdown",
+    "run_experiment",
+    "summarize",
+    "train_run",
+    "tune",
+]

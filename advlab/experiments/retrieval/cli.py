@@ -1,0 +1,123 @@
+"""Command line of the retrieval experiment: `python -m advlab.experiments.retrieval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from advlab._errors import AdvlabError
+from advlab.experiments.retrieval.config import (
+    ARMS_FULL,
+    ARMS_QUICK,
+    SETTINGS_PATH,
+    RetrievalConfig,
+    configs_from_settings,
+    load_settings,
+)
+from advlab.experiments.retrieval.data import _check_wheels, _stamps_folder, prepare_data
+from advlab.experiments.retrieval.report import draw_plot, results_markdown, summarize
+from advlab.experiments.retrieval.runs import GateError, load_records, run_experiment, tune
+
+DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs noise control vs VILLA."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: quick default, `--tune`, `--full`; see `--help`.
+
+    Args:
+        argv: Arguments (default `sys.argv[1:]`).
+
+    Returns:
+        Exit status (0 ok, 2 set-up missing, 3 gate failed).
+    """
+    parser = argparse.ArgumentParser(prog="python -m advlab.experiments.retrieval", description=DESCRIPTION)
+    parser.add_argument("--full", action="store_true", help="both backbones, six arms, 5 seeds")
+    parser.add_argument("--tune", action="store_true", help="pick step sizes on validation and write the settings")
+    parser.add_argument("--data", type=Path, default=None, help="image-caption folder (default: Tux Paint stamps)")
+    parser.add_argument("--out", type=Path, default=Path("runs/retrieval"), help="output folder (resumable)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (quick 2, full 5)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the settings' epochs")
+    parser.add_argument("--backbones", nargs="+", default=None, choices=["uniter", "lxmert"])
+    parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL))
+    parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
+    args = parser.parse_args(argv)
+    if args.report:
+        records = load_records(args.out)
+        if not records:
+            print(f"error: no finished runs in {args.out}", file=sys.stderr)
+            return 2
+        print(summarize(records))
+        (args.out / "results.md").write_text(results_markdown(records))
+        print(f"wrote {args.out / 'results.md'} and {draw_plot(records, args.out / 'r1.png')}")
+        return 0
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    wall0 = time.perf_counter()
+    try:
+        if args.data is None:
+            _check_wheels()
+            folder = _stamps_folder()
+        else:
+            folder = args.data
+            if not folder.is_dir():
+                raise AdvlabError(f"--data {folder} is not a folder.")
+            _check_wheels()
+        data = prepare_data(folder)
+    except (AdvlabError, ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"data: {folder}: {data.summary}")
+    print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
+    settings = load_settings(args.settings)
+    base = RetrievalConfig(**{k: v for k, v in settings.get("base", {}).items()})
+    if args.epochs is not None:
+        base = replace(base, epochs=args.epochs)
+    progress = not args.no_progress
+    if args.tune:
+        backbones = args.backbones or ["uniter"]
+        new = dict(settings)
+        new["base"] = {"epochs": base.epochs, "itm_weight": base.itm_weight}
+        for backbone in backbones:
+            result = tune(data, backbone=backbone, base=base, progress=progress)
+            new[backbone] = result
+            print(f"{backbone}: chose txt_step {result['txt_step']:.3g}, img_step {result['img_step']:.3g}")
+        new["tuned_on"] = f"validation split only, 1 seed, {base.epochs} epochs, VILLA joint; {data.summary}"
+        args.settings.write_text(json.dumps(new, indent=1) + "\n")
+        print(f"wrote {args.settings} ({(time.perf_counter() - wall0) / 60:.1f} min)")
+        return 0
+    backbones = args.backbones or (["uniter", "lxmert"] if args.full else ["uniter"])
+    arms = args.arms or (list(ARMS_FULL) if args.full else list(ARMS_QUICK))
+    n_seeds = args.seeds or (5 if args.full else 2)
+    configs = configs_from_settings(settings, base)
+    try:
+        records = run_experiment(data, backbones=backbones, arms=arms, seeds=range(n_seeds), configs=configs,
+                                 out_dir=args.out, progress=progress)
+    except GateError as err:
+        print(f"REFUSED: {err}", file=sys.stderr)
+        return 3
+    wall = time.perf_counter() - wall0
+    table = summarize(records)
+    print()
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    computed = sum(r["seconds"] for r in records)
+    resumed = sum(r.get("resumed", False) for r in records)
+    (args.out / "results.md").write_text(results_markdown(records, wall_seconds=wall))
+    plot = draw_plot(records, args.out / "r1.png")
+    print(f"\nwall time {wall / 60:.1f} min this invocation ({resumed} of {len(records)} runs loaded from "
+          f"{args.out}; training+evaluation time of all runs {computed / 60:.1f} min)")
+    print(f"wrote {args.out / 'results.md'} and {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

