@@ -14,7 +14,17 @@ Norms:
 - `"linf"`: one max-abs norm per row; projection clamps each element.
 
 Masked elements (mask False) count in no norm and come out exactly 0. Norms are computed
-in at least float32 (float64 stays float64) whatever the input dtype.
+in at least float32 (float64 stays float64) whatever the input dtype. L2 norms do not
+overflow or underflow in the squares: a row of 1e20s (float32) normalises to norm 1 and
+projects onto the sphere like any other row. `row_norm` returns inf only when the norm
+itself exceeds the compute dtype's largest value (bfloat16 rows near 3e38).
+
+These functions do not check finiteness (that would cost a host sync per call). NaN at an
+unmasked element makes its whole row (position for `"l2_token"`) NaN; inf makes
+`normalize` and the L2 projections put NaN in its row, and is clamped to ±radius by the
+L-inf projection. The training engine checks every loss and δ gradient and, by default,
+raises `NonFiniteError` before such a gradient reaches them. Masked elements never matter,
+whatever they hold.
 
 Shape notation:
     - b: batch size (rows)
@@ -24,6 +34,7 @@ Shape notation:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,15 +64,39 @@ NORMS: tuple[str, ...] = ("l2", "l2_token", "linf")
 NORMALIZE_EPS = 1e-8  # the official VILLA / FreeLB clamp on the gradient norm
 
 
+def _norm_parts(x: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """Norm of an already masked tensor as `(scale, rest)`, norm = scale * rest, dims kept.
+
+    Computed in float32 or float64. For `"l2"` / `"l2_token"` `vector_norm` squares the
+    elements: in float32 a row of 1e20s has an infinite squared norm, a row of 1e-25s a zero
+    one, and a row of 3e38s a norm above the largest float. Rows whose max-abs m lies
+    outside a safe range are therefore measured as m · ||x / m|| and returned as (m, ||x / m||),
+    so callers can divide by m first; every other row is returned as (1, `vector_norm(x)`),
+    bit for bit the plain norm. Both are computed and selected without a host sync.
+    """
+    x = x.to(compute_dtype(x))
+    dims = (-1,) if norm == "l2_token" else tuple(range(1, x.dim()))
+    if norm == "linf":
+        m = x.abs().amax(dim=dims, keepdim=True)
+        return torch.ones_like(m), m
+    plain = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
+    if x.numel() == 0:
+        return torch.ones_like(plain), plain
+    m = x.abs().amax(dim=dims, keepdim=True)
+    info = torch.finfo(x.dtype)
+    # below `small` the squares of elements within 2^-23 of m are still normal numbers; below
+    # `big` a sum of up to 2^32 squares stays finite
+    big, small = math.sqrt(info.max) * 2.0**-16, math.sqrt(info.tiny) * 2.0**23
+    extreme = ((m > big) | ((m < small) & (m > 0))) & torch.isfinite(m)
+    scale = torch.where(extreme, m, torch.ones_like(m))
+    rest = torch.where(extreme, torch.linalg.vector_norm(x / scale, ord=2, dim=dims, keepdim=True), plain)
+    return scale, rest
+
+
 def _norm_keepdim(x: Tensor, norm: str) -> Tensor:
     """Norm of an already masked tensor, in float32 or float64, with dims kept for broadcasting."""
-    x = x.to(compute_dtype(x))
-    if norm == "l2_token":
-        return torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)
-    dims = tuple(range(1, x.dim()))
-    if norm == "l2":
-        return torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True)
-    return x.abs().amax(dim=dims, keepdim=True)
+    scale, rest = _norm_parts(x, norm)
+    return scale * rest
 
 
 def row_norm(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None) -> Tensor:
@@ -123,8 +158,9 @@ def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, ep
     grad = check_float_tensor(grad, "grad", min_dim=2)
     check_choice(norm, NORMS, "norm")
     g = apply_mask(grad, broadcast_mask(mask, grad, "mask"))
-    denom = _norm_keepdim(g, norm).clamp_min(eps)
-    return (g.to(denom.dtype) / denom).to(grad.dtype)
+    scale, rest = _norm_parts(g, norm)  # ||g|| = scale * rest; scale is 1 except for extreme rows
+    # g / max(||g||, eps) = (g / scale) / max(rest, eps / scale), exact when scale is 1
+    return (g.to(rest.dtype) / scale / torch.maximum(rest, eps / scale)).to(grad.dtype)
 
 
 def normalize_l2(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMALIZE_EPS) -> Tensor:
@@ -203,9 +239,12 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
         return d
     if norm == "linf":
         return d.clamp(-radius, radius)
-    n = _norm_keepdim(d, norm)
-    scale = torch.where(n > radius, radius / n.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
-    return (d.to(scale.dtype) * scale).to(delta.dtype)
+    scale, rest = _norm_parts(d, norm)  # ||d|| = scale * rest; scale is 1 except for extreme rows
+    rest = rest.clamp_min(torch.finfo(rest.dtype).tiny)
+    plain = scale == 1  # ordinary rows: the plain radius / ||d||, bit for bit
+    ratio = torch.where(plain, radius / rest, radius / scale / rest)
+    factor = torch.where(ratio < 1, ratio, torch.ones_like(ratio))
+    return (d.to(factor.dtype) * factor).to(delta.dtype)
 
 
 def project_l2(delta: Tensor, radius: float | None, *, mask: Tensor | None = None) -> Tensor:

@@ -360,3 +360,32 @@ def test_smart_step_max_abs_is_one_without_eps():
     g = torch.tensor([[[2.0, -4.0], [0.0, 0.0], [0.5, 0.25]]])
     out = advlab.smart_step(torch.zeros_like(g), g, step_size=3.0, eps=0.0)
     assert torch.equal(out, torch.tensor([[[0.5, -1.0], [0.0, 0.0], [1.0, 0.5]]]))
+
+
+# ---------------------------------------------------------------------------------------------- extremes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["l2", "l2_token"])
+@pytest.mark.parametrize("where", ["largest", "smallest"])
+def test_normalize_and_project_survive_values_at_the_dtype_limits(dtype, norm, where):
+    """A row of the dtype's largest (or smallest normal) values: its square over- (under-)flows."""
+    info = torch.finfo(dtype)
+    value = info.max / 2 if where == "largest" else info.tiny * 16  # results stay normal numbers
+    x = torch.full((2, 3, 4), value, dtype=dtype)
+    x[1, :, 1] = -value
+    n_elems = 4 if norm == "l2_token" else 12
+    unit = 1 / n_elems**0.5  # every element has the same magnitude
+    out = advlab.normalize(x, norm, eps=0.0 if where == "smallest" else 1e-8)
+    expected = torch.sign(x.double()) * unit
+    assert_close(out.double(), expected, rtol=rtol_for(dtype), atol=0.0)
+    radius = float(value)  # every row is outside (norm sqrt(n) * value)
+    proj = advlab.project(x, norm, radius)
+    # on the sphere along x's own direction: each element radius / sqrt(n) in magnitude
+    assert_close(proj.double(), expected * radius, rtol=rtol_for(dtype), atol=0.0)
+    n = advlab.row_norm(x, norm)
+    true_norm = float(value) * n_elems**0.5
+    if true_norm > torch.finfo(n.dtype).max:  # bfloat16's largest values: the norm itself exceeds float32
+        assert torch.isinf(n).all()
+    else:
+        assert_close(n.double(), torch.full_like(n, true_norm, dtype=torch.float64), rtol=rtol_for(dtype), atol=0.0)
