@@ -57,6 +57,12 @@ from advlab.sites import unwrap_model as unwrap_model
 from advlab.smart import SMART as SMART
 from advlab.stats import StepStats as StepStats
 from advlab.villa import VILLA as VILLA
+from advlab.r3f import R3F as R3F
+from advlab.r3f import spectral_norm_head as spectral_norm_head
+from advlab.neftune import NEFTune as NEFTune
+from advlab.trades import TRADES as TRADES
+from advlab.vat import VAT as VAT
+from advlab.fast_at import FastAT as FastAT
 
 __version__ = "0.1.0"
 
@@ -118,4 +124,10 @@ __all__ = [
     "SMART",
     "StepStats",
     "VILLA",
+    "R3F",
+    "spectral_norm_head",
+    "NEFTune",
+    "TRADES",
+    "VAT",
+    "FastAT",
 ]
