@@ -15,6 +15,7 @@ from advlab.backbones.uniter import (
     convert_uniter_state_dict,
     load_state_dict_file,
 )
+from advlab.backbones.uniter import _infer_config
 
 H, LAYERS, FFN, VOCAB, POS, IMG = 32, 2, 64, 99, 64, 16
 CFG = UniterConfig.tiny()
@@ -107,15 +108,65 @@ def test_released_pretraining_state_dict_loads_into_every_head():
     assert report.fresh == ["rank_output.bias", "rank_output.weight"]
 
 
-def test_config_is_inferred_from_shapes():
-    cfg = UniterConfig.tiny(hidden_size=64, num_attention_heads=1, intermediate_size=96)
+def meta_state(model_cls, cfg, **kwargs):
+    """A state dict with the right key names and shapes and no data (inference reads shapes only)."""
+    with torch.device("meta"):
+        return dict(model_cls(cfg, **kwargs).state_dict())
+
+
+@pytest.mark.parametrize("preset", ["base", "large"])
+def test_config_is_inferred_for_the_released_sizes(preset):
+    cfg = getattr(UniterConfig, preset)(vocab_size=1000, img_dim=64)
+    assert _infer_config(meta_state(UniterForVQA, cfg, num_answers=4), 0) == cfg
+    grown = meta_state(UniterForVCR, cfg)  # 4 type rows and vocab + 81 words: vocab is inferred without the 81
+    assert _infer_config(grown, UniterForVCR._extra_words) == cfg
+
+
+def test_config_of_an_unreleased_size_is_refused_not_guessed():
+    # hidden 64 could be 1 head of 64 or 4 of 16: the weights do not say (fails if heads = hidden // 64 comes back)
+    cfg = UniterConfig.tiny(hidden_size=64, num_attention_heads=4, intermediate_size=96)
     state = {k: v.detach().clone() for k, v in UniterForVQA(cfg, num_answers=4).state_dict().items()}
-    model = UniterForVQA.from_pretrained(state, num_answers=4)
-    assert model.config == cfg
-    grown = UniterForVCR(cfg).state_dict()  # 4 type rows and vocab + 81 words: vocab is inferred without the 81
-    assert UniterForVCR.from_pretrained(grown).config == cfg
-    with pytest.raises(AdvlabValueError, match="attention heads"):
-        UniterModel.from_pretrained(UniterModel(CFG).state_dict())
+    with pytest.raises(AdvlabValueError, match=r"attention heads is not stored.*hidden_size=64, num_hidden_layers=2, "
+                       r"intermediate_size=96.*num_attention_heads=\.\.\."):
+        UniterForVQA.from_pretrained(state, num_answers=4)
+    assert UniterForVQA.from_pretrained(state, cfg, num_answers=4).config == cfg
+
+
+def test_a_released_size_with_a_missing_last_layer_is_refused():
+    # fails if the layer count is taken from the keys alone (an 11-layer model would be built silently)
+    state = meta_state(UniterModel, UniterConfig.base())
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.layer.11.")}
+    state = {f"uniter.{k}": v for k, v in state.items()}
+    with pytest.raises(AdvlabValueError, match=r"UNITER-base, which has 12 layers.*has 11 layers.*layer\.11\.\*"):
+        _infer_config(state, 0)
+
+
+@pytest.mark.parametrize("drop", ["uniter.encoder.layer.0.", "uniter.encoder.layer.1.output.dense.weight"])
+def test_missing_layer_keys_are_listed_when_inferring(drop):
+    # a whole layer 0 gone (indices start at 1) or one key of the last layer gone: both refused, keys named
+    state = {k: v for k, v in meta_state(UniterForVQA, UniterConfig.base(num_hidden_layers=2), num_answers=2).items()}
+    state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    with pytest.raises(AdvlabValueError, match=r"keys are missing: \[.*" + drop.replace(".", r"\.")):
+        UniterForVQA.from_pretrained(state, num_answers=2)
+
+
+def test_a_corrupt_intermediate_weight_is_named():
+    # one layer's FFN weight with a wrong shape: named, not 23 unrelated size mismatches from a wrong inferred size
+    state = meta_state(UniterModel, UniterConfig.base())
+    state = {f"uniter.{k}": v for k, v in state.items()}
+    state["uniter.encoder.layer.0.intermediate.dense.weight"] = torch.empty(3000, 768, device="meta")
+    with pytest.raises(AdvlabValueError, match=r"Corrupt tensor.*layer\.0\.intermediate\.dense\.weight has shape "
+                       r"\(3000, 768\).*agree on a intermediate size of 3072"):
+        _infer_config(state, 0)
+
+
+def test_wrong_shapes_are_all_listed_with_their_keys():
+    state = {k: v.clone() for k, v in UniterModel(CFG).state_dict().items()}
+    state["encoder.layer.1.intermediate.dense.weight"] = torch.zeros(FFN + 1, H)
+    state["pooler.dense.bias"] = torch.zeros(H + 1)
+    with pytest.raises(AdvlabValueError, match=r"2 differ: .*layer\.1\.intermediate\.dense\.weight expected "
+                       r"\(64, 32\), got \(65, 32\).*pooler\.dense\.bias"):
+        UniterModel.from_pretrained(state, CFG)
 
 
 def test_bert_and_tf_names_are_renamed():
@@ -201,9 +252,12 @@ def test_truncated_or_corrupt_files_name_the_file(tmp_path, name):
 
 
 def test_non_state_dict_file(tmp_path):
-    torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, tmp_path / "ckpt.pt")
+    torch.save({"optimizer": {"lr": 1.0}, "step": 3}, tmp_path / "ckpt.pt")
     with pytest.raises(AdvlabValueError, match="ckpt.pt.*not tensors"):
         load_state_dict_file(tmp_path / "ckpt.pt")
+    # a training checkpoint's model state dict is unwrapped, as the LXMERT reader does
+    torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, tmp_path / "train.pt")
+    assert list(load_state_dict_file(tmp_path / "train.pt")) == ["a"]
 
 
 def test_fresh_head_is_logged(caplog):

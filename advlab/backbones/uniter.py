@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
 __all__ = [
@@ -506,17 +507,27 @@ _TXT_TYPES = "uniter.embeddings.token_type_embeddings.weight"
 _TXT_WORDS = "uniter.embeddings.word_embeddings.weight"
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a flat state dict from a `.pt` / `.bin` (torch pickle) or `.safetensors` file.
+def load_state_dict_file(
+    path: str | os.PathLike[str], *, expected_sha256: str | None = None
+) -> dict[str, Tensor]:
+    """Read a flat state dict from a `.pt` / `.bin` (torch pickle) or `.safetensors` file, or a model folder.
 
-    Pickles are read with `weights_only=True`. A truncated or corrupt file raises an
-    `AdvlabValueError` naming the file instead of a pickle traceback.
+    Pickles are read with `weights_only=True`. A folder must hold `model.safetensors` or
+    `pytorch_model.bin`; a `{"state_dict": ...}` or `{"model": ...}` wrapper is unwrapped. A file that
+    torch or safetensors cannot parse (truncated, not a checkpoint) raises an `AdvlabValueError` naming
+    it. Neither format stores a checksum of the tensor bytes, so a flipped byte inside a tensor is only
+    caught when `expected_sha256` is given.
 
     Args:
-        path: The checkpoint file.
+        path: The checkpoint file or folder.
+        expected_sha256: The file's SHA-256 (64 hex digits); if given, checked before reading.
 
     Returns:
         Key to tensor, on CPU.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (the error is also an `AdvlabValueError`).
+        AdvlabValueError: The file cannot be read, holds no flat dict of tensors, or has another SHA-256.
 
     Examples:
         >>> import tempfile, pathlib
@@ -525,31 +536,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         >>> load_state_dict_file(p)
         {'a': tensor([1., 1.])}
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Expected `path` to be a checkpoint file, but {path!r} does not exist.")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure means the file is unusable
-        raise AdvlabValueError(
-            f"Could not read checkpoint {path!r}: the file is truncated, corrupt or not a state dict "
-            f"({type(err).__name__}: {str(err)[:200]})."
-        ) from None
-    if not isinstance(state, Mapping):
-        raise AdvlabValueError(f"Expected {path!r} to hold a dict of tensors, but it holds a {type(state).__name__}.")
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise AdvlabValueError(
-            f"Expected {path!r} to hold a flat dict of tensors, but these keys are not tensors: {bad[:5]}"
-            + (" (a training checkpoint? pass its model state dict)" if "model" in bad else "")
-            + "."
-        )
-    return dict(state)
+    return read_state_dict(path, expected_sha256=expected_sha256)[0]
 
 
 def convert_uniter_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
@@ -588,35 +575,75 @@ def _resize_rows_(embedding: nn.Embedding, rows: int) -> None:
     embedding.num_embeddings = rows
 
 
-def _infer_config(state: Mapping[str, Tensor], extra_words: int) -> UniterConfig:
-    try:
-        words = state[_TXT_WORDS]
-        hidden = words.shape[1]
-        layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"uniter\.encoder\.layer\.(\d+)\.", k)))
-        ffn = state["uniter.encoder.layer.0.intermediate.dense.weight"].shape[0]
-        positions = state["uniter.embeddings.position_embeddings.weight"].shape[0]
-        img_dim = state["uniter.img_embeddings.img_linear.weight"].shape[1]
-    except (KeyError, ValueError):
+# the released sizes: the number of heads is not in the weights, so only these hidden sizes identify it
+_RELEASED: dict[int, tuple[str, UniterConfig]] = {
+    768: ("UNITER-base", UniterConfig.base()),
+    1024: ("UNITER-large", UniterConfig.large()),
+}
+_LAYER = "uniter.encoder.layer"
+
+
+def _layer_suffixes() -> list[str]:
+    """The keys one encoder layer holds, relative to `uniter.encoder.layer.N.`."""
+    return list(_Layer(UniterConfig.tiny(num_hidden_layers=1)).state_dict())
+
+
+def _infer_config(state: Mapping[str, Tensor], extra_words: int, source: str = "the state dict") -> UniterConfig:
+    """The configuration of a UNITER state dict, or an error saying why it cannot be told for sure."""
+    needed = (_TXT_WORDS, "uniter.embeddings.position_embeddings.weight", "uniter.img_embeddings.img_linear.weight")
+    absent = [k for k in needed if k not in state]
+    if absent:
         raise AdvlabValueError(
-            "Expected a UNITER state dict (uniter.embeddings.*, uniter.encoder.layer.*, uniter.img_embeddings.*) "
-            "to infer the configuration from, but keys are missing; pass `config=` explicitly."
-        ) from None
-    if hidden % 64:
-        raise AdvlabValueError(
-            f"Cannot infer the number of attention heads for hidden size {hidden}; pass `config=` explicitly."
+            f"Expected a UNITER state dict in {source} to infer the configuration from, but it lacks {absent}; "
+            "pass `config=` explicitly."
         )
-    vocab = words.shape[0]
-    if extra_words and state[_TXT_TYPES].shape[0] >= 4:  # an already-grown VCR checkpoint
-        vocab -= extra_words
-    return UniterConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,  # 64-dim heads in both released sizes
-        intermediate_size=ffn,
-        max_position_embeddings=positions,
-        img_dim=img_dim,
+    layers = layer_count(state, _LAYER, _layer_suffixes(), source=source)
+    per_layer = [f"{_LAYER}.{i}." for i in range(layers)]
+    hidden = majority_size(
+        state,
+        [_TXT_WORDS, "uniter.embeddings.position_embeddings.weight"]
+        + [p + "attention.output.LayerNorm.weight" for p in per_layer]
+        + [p + "output.LayerNorm.weight" for p in per_layer],
+        -1,
+        what="hidden size",
+        source=source,
     )
+    ffn = majority_size(
+        state,
+        [p + "intermediate.dense.weight" for p in per_layer] + [p + "intermediate.dense.bias" for p in per_layer],
+        0,
+        what="intermediate size",
+        source=source,
+    )
+    majority_size(state, [p + "output.dense.weight" for p in per_layer], 1, what="intermediate size", source=source)
+    vocab = state[_TXT_WORDS].shape[0]
+    if extra_words and _TXT_TYPES in state and state[_TXT_TYPES].shape[0] >= 4:  # an already-grown VCR checkpoint
+        vocab -= extra_words
+    sizes = {
+        "vocab_size": vocab,
+        "max_position_embeddings": state["uniter.embeddings.position_embeddings.weight"].shape[0],
+        "img_dim": state["uniter.img_embeddings.img_linear.weight"].shape[1],
+    }
+    found = f"num_hidden_layers={layers}, intermediate_size={ffn}, " + ", ".join(f"{k}={v}" for k, v in sizes.items())
+    if hidden not in _RELEASED:
+        raise AdvlabValueError(
+            f"Cannot infer the UNITER configuration from {source}: the number of attention heads is not stored in "
+            f"the weights, and hidden size {hidden} is not that of a released model (768: UNITER-base, 12 heads; "
+            f"1024: UNITER-large, 16 heads). Pass `config=UniterConfig(hidden_size={hidden}, {found}, "
+            "num_attention_heads=...)` with the model's number of attention heads."
+        )
+    name, released = _RELEASED[hidden]
+    if (layers, ffn) != (released.num_hidden_layers, released.intermediate_size):
+        absent_layers = [f"{_LAYER}.{i}.*" for i in range(layers, released.num_hidden_layers)]
+        raise AdvlabValueError(
+            f"Cannot infer the UNITER configuration from {source}: hidden size {hidden} is {name}, which has "
+            f"{released.num_hidden_layers} layers and intermediate size {released.intermediate_size}, but the "
+            f"checkpoint has {layers} layers and intermediate size {ffn}"
+            + (f" (missing: {absent_layers[:6]}{' ...' if len(absent_layers) > 6 else ''})" if absent_layers else "")
+            + ". If the file is complete and the model really has this shape, pass `config=UniterConfig("
+            f"hidden_size={hidden}, {found}, num_attention_heads=...)` with its number of attention heads."
+        )
+    return replace(released, **sizes)
 
 
 class UniterPreTrainedModel(nn.Module):
@@ -684,6 +711,7 @@ class UniterPreTrainedModel(nn.Module):
         *,
         strict: bool = True,
         output_loading_info: bool = False,
+        expected_sha256: str | None = None,
         **head_kwargs: Any,
     ) -> Any:
         """Build the model and load a UNITER / VILLA state dict (a file or a dict).
@@ -698,11 +726,17 @@ class UniterPreTrainedModel(nn.Module):
         as the official `init_type_embedding` / `init_word_embedding` do.
 
         Args:
-            checkpoint: A `.pt` / `.bin` / `.safetensors` file or a state dict.
-            config: The backbone configuration; None infers it from tensor shapes
-                (heads = hidden / 64, true of both released sizes).
+            checkpoint: A `.pt` / `.bin` / `.safetensors` file, a folder holding `model.safetensors`
+                or `pytorch_model.bin`, or a state dict.
+            config: The backbone configuration. None infers it, but only where the checkpoint
+                identifies it for sure: the number of attention heads is not stored in the weights,
+                so the hidden size must be a released one (768: UNITER-base, 12 heads, 12 layers;
+                1024: UNITER-large, 16 heads, 24 layers) and the layers must be that model's, each
+                complete, numbered from 0. Anything else raises and asks for `config=`.
             strict: Raise on missing backbone keys.
             output_loading_info: Also return a `LoadReport`.
+            expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the
+                formats carry no checksum of their own, so only this catches a flipped byte).
             **head_kwargs: Passed to the model constructor (`num_answers`, `variant`, ...).
 
         Returns:
@@ -719,9 +753,11 @@ class UniterPreTrainedModel(nn.Module):
         """
         source = "the state dict"
         if isinstance(checkpoint, (str, os.PathLike)):
-            source = repr(os.fspath(checkpoint))
-            raw = load_state_dict_file(checkpoint)
+            raw, file = read_state_dict(checkpoint, expected_sha256=expected_sha256, argument="checkpoint")
+            source = repr(file)
         elif isinstance(checkpoint, Mapping):
+            if expected_sha256 is not None:
+                raise AdvlabValueError("Expected `expected_sha256` only with a checkpoint file, but got a state dict.")
             raw = dict(checkpoint)
         else:
             raise AdvlabTypeError(
@@ -731,7 +767,7 @@ class UniterPreTrainedModel(nn.Module):
         if not any(k.startswith("uniter.") for k in state) and "embeddings.word_embeddings.weight" in state:
             state = {f"uniter.{k}": v for k, v in state.items()}  # a bare `UniterModel.state_dict()`
         if config is None:
-            config = _infer_config(state, cls._extra_words)
+            config = _infer_config(state, cls._extra_words, source)
         elif not isinstance(config, UniterConfig):
             raise AdvlabTypeError(f"Expected `config` to be a UniterConfig or None, but got {type(config).__name__}.")
         model = cls(config, **head_kwargs)
@@ -770,12 +806,16 @@ class UniterPreTrainedModel(nn.Module):
             ):
                 _resize_rows_(table, state[key].shape[0])
         own = {prefix + k: v for k, v in model.state_dict().items()}
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise AdvlabValueError(
-                    f"Expected {key!r} in {source} to have shape {tuple(own[key].shape)} for {cls.__name__} "
-                    f"with {config}, but got {tuple(value.shape)}."
-                )
+        wrong = [
+            f"{key} expected {tuple(own[key].shape)}, got {tuple(value.shape)}"
+            for key, value in state.items()
+            if tuple(value.shape) != tuple(own[key].shape)
+        ]
+        if wrong:
+            raise AdvlabValueError(
+                f"Expected the tensors in {source} to have the shapes of {cls.__name__} with {config}, but "
+                f"{len(wrong)} differ: {'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
+            )
         to_load = {k[len(prefix) :]: v for k, v in state.items()}
         model.load_state_dict(to_load, strict=False)
         report.grown = model._grow_embeddings()
