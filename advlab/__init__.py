@@ -5,6 +5,8 @@ from advlab._errors import AdvlabTypeError as AdvlabTypeError
 from advlab._errors import AdvlabValueError as AdvlabValueError
 from advlab._errors import ContextExitedError as ContextExitedError
 from advlab._errors import NonFiniteError as NonFiniteError
+from advlab.attacks import attack as attack
+from advlab.attacks import AttackResult as AttackResult
 from advlab.ascent import Direction as Direction
 from advlab.ascent import pgd_step as pgd_step
 from advlab.ascent import random_direction as random_direction
@@ -73,6 +75,8 @@ __all__ = [
     "ContextExitedError",
     "NonFiniteError",
     "Direction",
+    "attack",
+    "AttackResult",
     "pgd_step",
     "random_direction",
     "smart_step",

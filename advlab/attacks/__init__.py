@@ -1,0 +1,13 @@
+"""Robustness evaluation: attacks in embedding space at the same sites adversarial training perturbs.
+
+- `attack`: the per-example worst-case loss of one batch under PGD or APGD, with restarts.
+- `evaluate_robustness`: a metric under attack over a data loader, for a list of radii.
+- `attack_retrieval`: the query side of a ranking, and robust Recall@K.
+"""
+
+from advlab.attacks.apgd import apgd_checkpoints as apgd_checkpoints
+from advlab.attacks.core import Method as Method
+from advlab.attacks.core import attack as attack
+from advlab.attacks.result import AttackResult as AttackResult
+
+__all__ = ["Method", "attack", "AttackResult", "apgd_checkpoints"]
