@@ -1,8 +1,11 @@
 """Free adversarial training: the K-step ascent loop as a context manager.
 
 `free_training` owns the hooks, the perturbations and the backward schedule; recipes
-(`VILLA`, `FreeLB`, `SMART`) are short loops over it. A step of VILLA's Algorithm 1
-("free" multi-modal adversarial training) reads:
+(`VILLA`, `FreeLB`, `SMART`) are short loops over it. A step of VILLA as its official code
+runs it (each loss divided by the number of forwards of the step and by K, δ starting at 0
+so that step 0 plays the clean loss) reads as follows; the paper's printed Algorithm 1
+differs (an explicit clean loss, the modalities summed, δ_0 drawn in the ε-ball) and is
+`VILLA(preset="paper")`:
 
 ```python
 with advlab.free_training(model, sites, perturbations, steps=3, mode="alter") as ft:
@@ -49,6 +52,7 @@ from advlab.balls import row_norm
 from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
 from advlab.perturbation import Perturbation
 from advlab.sites import SiteLike, unwrap_model
+from advlab.stats import DeltaNorms
 
 __all__ = ["free_training", "FreeTraining", "AscentStep", "Ascender", "Schedule", "default_logits", "forward_groups"]
 
@@ -209,6 +213,11 @@ class FreeTraining:
         self._final_done = False
         self._sync = ExitStack()
         self.skipped_steps = 0
+        self.skip_reason: str | None = None
+        # finiteness of every loss and δ gradient of the step, as device booleans: read once, at the end
+        self._checks: list[tuple[int | None, str, Tensor]] = []
+        self._saved_grads: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
+        self._settled = False
 
     def _make_ascenders(self, ascender: Ascender | Mapping[str, Ascender] | None) -> dict[str, Ascender]:
         if ascender is None:
@@ -219,15 +228,36 @@ class FreeTraining:
             missing = [m for m in self.perturbations if m not in ascender]
             if missing:
                 raise AdvlabValueError(f"Expected an ascender for every perturbed modality, but {missing} have none.")
-            return {m: ascender[m] for m in self.perturbations}
-        if not callable(ascender):
+            chosen = {m: ascender[m] for m in self.perturbations}
+        elif not callable(ascender):
             raise AdvlabTypeError(f"Expected `ascender` to be callable, but got {type(ascender).__name__}.")
-        return {m: ascender for m in self.perturbations}
+        else:
+            chosen = {m: ascender for m in self.perturbations}
+        for m, a in chosen.items():  # relative sizes reach the ascender as `scale=`
+            if self.perturbations[m].relative and not _takes_scale(a):
+                raise AdvlabValueError(
+                    f"Expected the ascender of modality {m!r} to accept `scale=` (the clean embedding norm per row) "
+                    f"because its Perturbation has relative=True, but {type(a).__name__} does not; use the default "
+                    "ascender (PGDAscender) or absolute sizes."
+                )
+        return chosen
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> FreeTraining:
         if self._phase != "new":
             raise ContextExitedError("Expected a fresh free_training context, but this one was already entered.")
+        if not torch.is_grad_enabled():
+            raise AdvlabValueError(
+                "Expected gradients to be enabled, but the step runs under torch.no_grad() or "
+                "torch.inference_mode(): adversarial training needs the parameter and δ gradients."
+            )
+        self._saved_grads = _snapshot_grads(unwrap_model(self.model))
+        if not self._saved_grads:
+            raise AdvlabValueError(
+                f"Expected `model` ({type(self.model).__name__}) to have a parameter with requires_grad=True, but "
+                "every parameter is frozen: the step would accumulate no gradient. Unfreeze the parameters to "
+                "train (e.g. `model.requires_grad_(True)`)."
+            )
         self._hooks.install()
         self._hooks.set_requires_grad(self._needs_grad)
         self._phase = "open"
@@ -237,6 +267,8 @@ class FreeTraining:
         try:
             if exc_type is None and self._phase == "open":
                 self._finish()
+            elif self._phase == "open" and not self._settled:
+                _restore_grads(self._saved_grads)  # a step that failed midway adds nothing to the gradients
         finally:
             self._hooks.remove()
             self._sync.close()
@@ -263,8 +295,13 @@ class FreeTraining:
         """Current δ of each call of `modality` (None before its first perturbed forward)."""
         return self._hooks.deltas(modality)
 
-    def delta_norms(self) -> dict[str, Tensor]:
-        """Mean per-row norm (in each perturbation's norm) of the current δ of each modality."""
+    def delta_norms(self) -> DeltaNorms:
+        """Mean per-row norm (in each perturbation's norm) of the current δ of each modality.
+
+        The result also carries what reached the model at the last perturbed forward
+        (`collect_stats` reports it as `StepStats.effective_delta_norm` and warns once per
+        site when less than half of δ's norm got through a low-precision embedding).
+        """
         out: dict[str, Tensor] = {}
         for m, p in self.perturbations.items():
             norms = [
@@ -274,7 +311,7 @@ class FreeTraining:
             ]
             if norms:
                 out[m] = torch.stack(norms).mean()
-        return out
+        return DeltaNorms(out, self._hooks.reached_norms(), self._hooks.warn_if_lost)
 
     @property
     def clean_logits(self) -> Tensor:
@@ -409,8 +446,8 @@ class FreeTraining:
                 "Expected the last ascent step's loss in one `backward` under DistributedDataParallel, but got "
                 "`accumulate`: its backward would be all-reduced before the rest of the step."
             )
-        if self._is_finite(loss, "loss"):
-            self._plain_backward(loss)
+        self._note_finite(loss, "loss")
+        self._plain_backward(loss)
 
     def backward(self, loss: Tensor) -> None:
         """Back-propagate one ascent step's loss (or its last part) and move δ.
@@ -428,10 +465,7 @@ class FreeTraining:
         self._check_loss(loss)
         final = self._k is None or self._k == self.steps - 1
         self._stepped = True
-        if not self._is_finite(loss, "loss"):
-            if final:
-                self._backward_final(None)
-            return
+        self._note_finite(loss, "loss")
         if final:
             self._backward_final(loss)
         else:
@@ -457,8 +491,7 @@ class FreeTraining:
         """
         self._require_open()
         self._check_loss(loss)
-        if not self._is_finite(loss, "loss"):
-            return
+        self._note_finite(loss, "loss")
         active = [
             (m, i, d) for m in self._active_in_order() for i, d in enumerate(self._hooks.deltas(m)) if d is not None
         ]
@@ -476,22 +509,54 @@ class FreeTraining:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
             raise AdvlabValueError(f"Expected `loss` to be a scalar tensor, but got {got}.")
-
-    def _is_finite(self, value: Tensor, what: str) -> bool:
-        return self._allow(bool(torch.isfinite(value.detach()).all()), what)
-
-    def _allow(self, finite: bool, what: str) -> bool:
-        """Apply the non-finite policy: True to go on, False to skip (counted), or raise."""
-        if finite:
-            return True
-        if self.on_nonfinite == "raise":
-            step = "outside the ascent loop" if self._k is None else f"at ascent step {self._k}"
-            raise NonFiniteError(
-                f"Expected a finite {what} {step}, but it contains NaN or inf; pass on_nonfinite='skip' to skip "
-                "such steps (the default with a GradScaler)."
+        if not loss.requires_grad:
+            raise AdvlabValueError(
+                "Expected `loss` to depend on a parameter with requires_grad=True (or on δ), but it does not "
+                "require grad: the model's parameters the loss reaches are frozen, or the loss was computed "
+                "without gradients (torch.no_grad, .detach(), .item())."
             )
-        self.skipped_steps += 1
-        return False
+
+    def _note_finite(self, value: Tensor, what: str) -> None:
+        """Record, on the device, whether `value` is finite; `_settle` reads every record at once."""
+        self._checks.append((self._k, what, torch.isfinite(value.detach()).all()))
+
+    def _settle(self) -> None:
+        """Apply the non-finite policy to the whole step, with one device-to-host read.
+
+        Every loss and δ gradient of the step was recorded by `_note_finite`. If any is NaN
+        or inf, the parameter gradients are put back exactly as they were when the context
+        was entered (bitwise, None stays None), then `"raise"` raises and `"skip"` counts
+        the ascent steps that had a non-finite value in `skipped_steps`.
+        """
+        if self._settled:
+            return
+        self._settled = True
+        if not self._checks:
+            return
+        flags = torch.stack([c.to(self._checks[0][2].device) for _, _, c in self._checks])
+        if _is_ddp(self.model):  # every rank takes the same decision (the gradients were all-reduced)
+            import torch.distributed as dist
+
+            flags = flags.to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite = flags.tolist()
+        if all(finite):
+            return
+        bad = [(k, what) for (k, what, _), ok in zip(self._checks, finite) if not ok]
+        _restore_grads(self._saved_grads)
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
+            # the gradients the scaler would have found non-finite are gone: lower the scale as it would
+            self.scaler.update(float(self.scaler.get_scale()) * float(self.scaler.get_backoff_factor()))
+        k, what = bad[0]
+        where = "outside the ascent loop" if k is None else f"at ascent step {k}"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"Expected a finite {what} {where}, but it contains NaN or inf; the parameter gradients were left "
+                "as they were before the step. Pass on_nonfinite='skip' to skip such steps (the default with a "
+                "GradScaler)."
+            )
+        self.skipped_steps = len({k for k, _ in bad})
+        self.skip_reason = f"non-finite {what} {where}; parameter gradients left as before the step"
 
     def _scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -519,14 +584,17 @@ class FreeTraining:
             clean_output = self._recompute_clean()
             clean_logits = self._logits(clean_output)
         if leaf_grad is not None and clean_logits is not None:
+            self._note_finite(leaf_grad, "gradient at the clean logits")
             tensors.append(clean_logits)
             grads.append(leaf_grad)
         for fn in self._clean_loss_fns:
             clean = fn(clean_output)
             self._check_loss(clean)
+            self._note_finite(clean, "clean loss")
             tensors.append(self._scale(clean))
             grads.append(None)
         for clean in self._clean_losses:
+            self._note_finite(clean, "clean loss")
             tensors.append(self._scale(clean))
             grads.append(None)
         if tensors:
@@ -535,6 +603,10 @@ class FreeTraining:
         if self._clean_leaf is not None:
             self._clean_leaf.grad = None
         self._final_done = True
+        for d in self._delta_grads_from_leaves().values():  # the last step's δ gradient moves nothing, but is checked
+            if d is not None:
+                self._note_finite(d, "δ gradient")
+        self._settle()
 
     def _recompute_clean(self) -> Any:
         """The lean schedule's clean forward again, with gradients and the same RNG stream."""
@@ -548,6 +620,7 @@ class FreeTraining:
         )
         if pending and not self._final_done:
             self._backward_final(None)
+        self._settle()
 
     def _active_in_order(self) -> list[str]:
         # the sites' order, never the set's: set order of strings changes with PYTHONHASHSEED, and
@@ -576,16 +649,53 @@ class FreeTraining:
                 g = g.detach().to(self._hooks.deltas(key[0])[key[1]].dtype)  # type: ignore[union-attr]
                 unscaled[key] = g / scale if scale != 1.0 else g
         present = [g for g in unscaled.values() if g is not None]
-        if present and not self._allow(bool(torch.stack([torch.isfinite(g).all() for g in present]).all()),
-                                       "δ gradient"):
-            return
+        # a non-finite δ gradient leaves every δ unchanged (decided on the device: no host read here)
+        finite = torch.stack([torch.isfinite(g).all() for g in present]).all() if present else None
+        if finite is not None:
+            self._checks.append((self._k, "δ gradient", finite))
         for (m, i), g in unscaled.items():
             delta = self._hooks.deltas(m)[i]
             assert delta is not None
             mask = self._hooks.masks(m)[i]
+            if finite is not None and g is not None:
+                g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            scale = self._hooks.scales(m)[i]  # relative sizes: the clean norm per row, else None
+            extra = {} if scale is None else {"scale": scale}
             new = self._ascenders[m](delta.detach(), g, mask=None if mask is None else mask.squeeze(-1),
-                                     generator=self.generator)
+                                     generator=self.generator, **extra)
+            if finite is not None:
+                new = torch.where(finite, new, delta.detach())
             self._hooks.set_delta(m, i, new.detach())
+
+
+def _snapshot_grads(model: nn.Module) -> list[tuple[nn.Parameter, Tensor | None, Tensor | None]]:
+    """Each trainable parameter with its `.grad` object and a copy of its values (None if no grad)."""
+    out: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            g = p.grad
+            out.append((p, g, None if g is None else g.detach().clone()))
+    return out
+
+
+def _restore_grads(saved: list[tuple[nn.Parameter, Tensor | None, Tensor | None]]) -> None:
+    """Put every `.grad` back: the same tensor object with its old values, or None."""
+    with torch.no_grad():
+        for p, g, values in saved:
+            if g is not None and values is not None:
+                g.copy_(values)
+            p.grad = g
+
+
+def _takes_scale(ascender: Any) -> bool:
+    """Whether `ascender(..., scale=...)` is accepted (a `scale` keyword or **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(ascender).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "scale" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class _RngSnapshot:
@@ -644,9 +754,18 @@ def free_training(
             `"lean"` (clean forward without a graph, recomputed at the end).
         logits: Output -> logits; default `default_logits`.
         scaler: A `torch.amp.GradScaler`: losses are scaled, δ gradients unscaled.
-        on_nonfinite: `"raise"` (default without a scaler) or `"skip"` (default with one):
-            a non-finite loss is not back-propagated and a non-finite δ gradient leaves δ
-            unchanged; both are counted in `skipped_steps`.
+        on_nonfinite: What a NaN or inf in any loss of the step (ascent, clean or δ-only)
+            or in any δ gradient does. Either way every parameter `.grad` of `model` is
+            put back exactly as it was when the context was entered (the same tensor with
+            the same bits; None stays None), and a non-finite δ gradient leaves δ unchanged.
+            `"raise"` (the default without a scaler) then raises `NonFiniteError` naming the
+            first non-finite value; `"skip"` (the default with a scaler) counts the ascent
+            steps that had one in `skipped_steps`, describes it in `skip_reason`, and with a
+            scaler lowers its scale by its backoff factor, as the scaler would have. The
+            checks stay on the device and are read once, at the last backward (under DDP
+            the ranks agree on the outcome through one all-reduce of the flags). Keeping
+            the old gradients costs one copy of every `.grad` that exists on entry (none
+            after `zero_grad(set_to_none=True)`).
         generator: Randomness for initial δ and random directions.
         ascender: Override of the δ update (one for all modalities or one per modality);
             default `PGDAscender` from each `Perturbation`.
