@@ -12,7 +12,6 @@ from torch.testing import assert_close
 
 from advlab._errors import AdvlabValueError
 from advlab.experiments import retrieval as R
-from advlab.experiments.retrieval import runs
 from advlab.experiments.retrieval import (
     GateError,
     RetrievalConfig,
@@ -25,6 +24,7 @@ from advlab.experiments.retrieval import (
     rerank_scores,
     results_markdown,
     run_experiment,
+    runs,
     summarize,
 )
 
@@ -54,9 +54,8 @@ def _features(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(feats), torch.stack(boxes)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("captions")
+def make_folder(root: Path) -> Path:
+    """12 one-colour images, each with a caption naming its colour and a thing (shared by the retrieval tests)."""
     colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
     things = ["cat", "dog", "car", "tree"]
     for c, rgb in colours.items():
@@ -66,16 +65,30 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def data(folder: Path) -> R.RetrievalData:
-    return prepare_data(folder, tokenizer=_tokenizer, features=_features, text_weights=None, vocab_size=len(WORDS) + 3)
+def make_data(root: Path) -> R.RetrievalData:
+    """The tiny fixture's splits: word-list tokenizer, colour features, random text weights."""
+    return prepare_data(root, tokenizer=_tokenizer, features=_features, text_weights=None, vocab_size=len(WORDS) + 3)
 
 
-def _config(**kw: object) -> RetrievalConfig:
-    base = dict(layers=1, epochs=1, batch_size=4, proj_dim=8, rerank_k=2, eval_batch=8, adv_steps=2,
-                txt_step=0.1, img_step=0.1)
+def tiny_config(**kw: object) -> RetrievalConfig:
+    """A 1-layer, 1-epoch config for the tiny fixture (16-wide model with TINY)."""
+    base = {"layers": 1, "epochs": 1, "batch_size": 4, "proj_dim": 8, "rerank_k": 2, "eval_batch": 8, "adv_steps": 2,
+                "txt_step": 0.1, "img_step": 0.1}
     base.update(kw)
     return RetrievalConfig(**base)  # type: ignore[arg-type]
+
+
+_config = tiny_config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("captions"))
+
+
+@pytest.fixture(scope="module")
+def data(folder: Path) -> R.RetrievalData:
+    return make_data(folder)
 
 
 def test_recall_at_k_hand_computed() -> None:
@@ -178,7 +191,7 @@ def test_resume_skips_finished_and_recomputes_changed_settings(data: R.Retrieval
         return real(model, d, arm, *a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runs, "train_run", counting)
-    kw = dict(arms=("baseline",), seeds=(0,), out_dir=tmp_path, text_size=TINY, progress=False, log=lambda s: None)
+    kw = {"arms": ("baseline",), "seeds": (0,), "out_dir": tmp_path, "text_size": TINY, "progress": False, "log": lambda s: None}
     run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]
     run_experiment(data, configs={"uniter": cfg}, **kw)  # type: ignore[arg-type]
     assert calls == ["baseline"]

@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from advlab._errors import AdvlabError
+from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
     ARMS_QUICK,
@@ -25,6 +26,47 @@ from advlab.experiments.retrieval.data import _check_wheels, _stamps_folder, pre
 from advlab.experiments.retrieval.report import draw_plot, results_markdown, summarize
 from advlab.experiments.retrieval.runs import GateError, load_records, run_experiment, tune
 
+
+def _count(text: str) -> int:
+    """Argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse argument combinations that would run something else than asked (exits with 2)."""
+    if args.arms is not None:
+        args.arms = list(dict.fromkeys(args.arms))
+        if "baseline" not in args.arms and not args.tune:
+            parser.error(f"argument --arms: 'baseline' must be among the arms (the gate needs it), got {args.arms}")
+    if args.backbones is not None:
+        args.backbones = list(dict.fromkeys(args.backbones))
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} exists and is not a folder")
+    if not args.tune and not args.report and not args.settings.is_file():
+        parser.error(f"argument --settings: no such file: {args.settings}")
+    if args.tune and not args.settings.parent.is_dir():
+        parser.error(f"argument --settings: the folder {args.settings.parent} does not exist (--tune writes the file)")
+
+
+def _base_config(settings: Mapping[str, Any], path: Path) -> RetrievalConfig:
+    """The settings file's `base` entry as a config; unknown or bad fields are named with the file."""
+    entry = settings.get("base", {})
+    known = {f.name for f in fields(RetrievalConfig)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise AdvlabValueError(f"{path}: unknown field(s) {unknown} in 'base'; known: {sorted(known)}.")
+    try:
+        return RetrievalConfig(**entry)
+    except AdvlabError as err:
+        raise AdvlabValueError(f"{path}: 'base': {err}") from None
+
+
 DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs noise control vs VILLA."
 
 
@@ -35,22 +77,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (default `sys.argv[1:]`).
 
     Returns:
-        Exit status (0 ok, 2 set-up missing, 3 gate failed).
+        Exit status: 0 ok, 2 set-up missing or a bad argument (argparse's usage error also exits
+        with 2, naming the argument), 3 the baseline failed the gate, 4 a run diverged (NaN or inf).
     """
     parser = argparse.ArgumentParser(prog="python -m advlab.experiments.retrieval", description=DESCRIPTION)
-    parser.add_argument("--full", action="store_true", help="both backbones, six arms, 5 seeds")
-    parser.add_argument("--tune", action="store_true", help="pick step sizes on validation and write the settings")
+    job = parser.add_mutually_exclusive_group()
+    job.add_argument("--full", action="store_true", help="both backbones, six arms, 5 seeds")
+    job.add_argument("--tune", action="store_true", help="pick step sizes on validation and write the settings")
+    job.add_argument("--report", action="store_true",
+                     help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
     parser.add_argument("--data", type=Path, default=None, help="image-caption folder (default: Tux Paint stamps)")
     parser.add_argument("--out", type=Path, default=Path("runs/retrieval"), help="output folder (resumable)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (quick 2, full 5)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the settings' epochs")
+    parser.add_argument("--seeds", type=_count, default=None,
+                        help="number of seeds, an integer >= 1: seeds 0 .. N-1 (quick 2, full 5)")
+    parser.add_argument("--epochs", type=_count, default=None, help="override the settings' epochs (>= 1)")
     parser.add_argument("--backbones", nargs="+", default=None, choices=["uniter", "lxmert"])
-    parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL))
+    parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
+                        help="arms to run; 'baseline' must be among them (the gate and the paired differences)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.report:
         records = load_records(args.out)
         if not records:
@@ -77,8 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"data: {folder}: {data.summary}")
     print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
-    settings = load_settings(args.settings)
-    base = RetrievalConfig(**{k: v for k, v in settings.get("base", {}).items()})
+    try:
+        settings = load_settings(args.settings)
+        base = _base_config(settings, args.settings)
+    except AdvlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.epochs is not None:
         base = replace(base, epochs=args.epochs)
     progress = not args.no_progress
@@ -104,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GateError as err:
         print(f"REFUSED: {err}", file=sys.stderr)
         return 3
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     wall = time.perf_counter() - wall0
     table = summarize(records)
     print()

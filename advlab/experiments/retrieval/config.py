@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 Backbone = Literal["uniter", "lxmert"]
 Arm = Literal["baseline", "noise", "villa", "alter", "txt", "img"]
@@ -22,6 +25,12 @@ ARM_LABELS: dict[str, str] = {
     "img": "VILLA image-only",
 }
 SETTINGS_PATH = Path(__file__).with_name("settings.json")
+# minimum of each integer field (a batch needs 2 pairs for in-batch negatives; LXMERT may drop r-layers)
+_COUNTS = {"layers": 1, "x_layers": 1, "r_layers": 0, "epochs": 1, "batch_size": 2, "rerank_k": 1, "proj_dim": 1,
+           "adv_steps": 1, "max_length": 2, "eval_batch": 1, "grid": 1}
+# float fields: True where 0 is not allowed
+_REALS = {"lr": True, "lr_fresh": True, "temperature": True, "itm_weight": False, "kl_weight": False,
+          "txt_step": False, "img_step": False}
 
 
 @dataclass(frozen=True)
@@ -51,9 +60,18 @@ class RetrievalConfig:
             pooled from the cached 4 x 4 CRAFT grid.
         freeze_word_embeddings: Keep MiniLM's word-embedding table fixed (CPU time).
 
+    Raises:
+        AdvlabValueError: A count below its minimum, or a rate, weight or size that is negative,
+            zero where it must be positive, or not finite.
+        AdvlabTypeError: A field of the wrong type.
+
     Examples:
         >>> RetrievalConfig().with_steps(0.5, 8.0).txt_step
         0.5
+        >>> RetrievalConfig(epochs=0)
+        Traceback (most recent call last):
+        ...
+        advlab._errors.AdvlabValueError: Expected `epochs` to be an int >= 1, but got 0.
     """
 
     layers: int = 2
@@ -75,6 +93,22 @@ class RetrievalConfig:
     eval_batch: int = 256
     grid: int = 2
     freeze_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in _COUNTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AdvlabValueError(f"Expected `{name}` to be an int >= {low}, but got {value!r}.")
+        for name, positive in _REALS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdvlabTypeError(f"Expected `{name}` to be a float, but got {value!r}.")
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise AdvlabValueError(
+                    f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
+                )
+        if not isinstance(self.freeze_word_embeddings, bool):
+            raise AdvlabTypeError(f"Expected `freeze_word_embeddings` to be a bool, but got {self.freeze_word_embeddings!r}.")
 
     def with_steps(self, txt_step: float, img_step: float) -> RetrievalConfig:
         """A copy with other perturbation step sizes.

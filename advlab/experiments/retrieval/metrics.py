@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advlab._errors import AdvlabValueError
+from advlab._errors import AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import RetrievalConfig
 from advlab.experiments.retrieval.data import SplitTensors
 from advlab.experiments.retrieval.model import RetrievalModel, _Encoded
@@ -18,7 +19,8 @@ def recall_at_k(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, flo
     """Recall@K of a square score matrix whose true match of query i is gallery item i.
 
     The rank of the true item is the number of gallery items scoring strictly higher
-    (ties favour the true item).
+    (ties favour the true item). Non-finite scores are refused: NaN compares False with
+    everything, so a NaN matrix would rank every true item first.
 
     Args:
         scores: Query × gallery scores.
@@ -26,6 +28,10 @@ def recall_at_k(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, flo
 
     Returns:
         K -> fraction of queries whose true item ranks in the top K.
+
+    Raises:
+        AdvlabValueError: `scores` is not square.
+        NonFiniteError: `scores` holds NaN or inf.
 
     Shape:
         scores: [n, n].
@@ -37,6 +43,7 @@ def recall_at_k(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, flo
     """
     if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
         raise AdvlabValueError(f"Expected a square [n, n] score matrix, but got shape {tuple(scores.shape)}.")
+    _require_finite(scores, "scores")
     true = scores.diagonal().unsqueeze(1)  # [n, 1]
     rank = (scores > true).sum(dim=1)  # [n]
     return {int(k): int((rank < k).sum()) / scores.shape[0] for k in ks}
@@ -65,6 +72,16 @@ def rerank_scores(itc: Tensor, itm: Tensor, top: Tensor) -> Tensor:
     return out
 
 
+def _require_finite(scores: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        rows = int(bad.any(dim=-1).sum()) if scores.dim() > 1 else 1
+        raise NonFiniteError(
+            f"Expected finite {what}, but {int(bad.sum())} of {scores.numel()} are NaN or inf ({rows} of "
+            f"{scores.shape[0] if scores.dim() else 1} rows); a model with non-finite outputs has no rank."
+        )
+
+
 @torch.no_grad()
 def evaluate(model: RetrievalModel, split: SplitTensors, config: RetrievalConfig) -> dict[str, float]:
     """R@1/5/10 of image retrieval (IR: caption → image) and text retrieval (TR: image → caption).
@@ -80,6 +97,10 @@ def evaluate(model: RetrievalModel, split: SplitTensors, config: RetrievalConfig
     Returns:
         `ir_r1, ir_r5, ir_r10, tr_r1, tr_r5, tr_r10`, their mean `r1` of IR and TR R@1, the
         ITC-only `itc_ir_r1` / `itc_tr_r1`, and `n` (gallery size).
+
+    Raises:
+        NonFiniteError: The model's ITC similarities or ITM scores hold NaN or inf (for example
+            after training diverged): such a model is refused, never ranked.
     """
     model.eval()
     try:
@@ -92,6 +113,7 @@ def evaluate(model: RetrievalModel, split: SplitTensors, config: RetrievalConfig
                         torch.cat([t.itc for t in texts]))
         image = _Encoded(torch.cat([v.joint_in for v in images]), None, torch.cat([v.itc for v in images]))
         sim = text.itc @ image.itc.t()  # [n, n] captions × images
+        _require_finite(sim, f"ITC similarities of the {model.backbone_name} model on this {len(split)}-pair split")
         n = sim.shape[0]
         out: dict[str, float] = {"n": float(n)}
         itc_ir, itc_tr = recall_at_k(sim), recall_at_k(sim.t())
@@ -109,6 +131,7 @@ def evaluate(model: RetrievalModel, split: SplitTensors, config: RetrievalConfig
                                   dim=-1)[:, 1]
                     for j in range(0, len(ti), config.eval_batch)
                 ]).reshape(n, k)
+                _require_finite(itm, f"ITM match scores of the {model.backbone_name} model")
                 final = rerank_scores(scores, itm, top)
             for kk, v in recall_at_k(final).items():
                 out[f"{name}_r{kk}"] = v
@@ -129,11 +152,19 @@ def check_gate(val_r1: Sequence[float], n_val: int, *, factor: float = 3.0) -> t
     Returns:
         Whether it passes, and the line to print.
 
+    Raises:
+        AdvlabValueError: A value is not a finite number in [0, 1], or `n_val` < 1.
+
     Examples:
         >>> check_gate([0.10, 0.12], 64)[0], check_gate([0.02], 64)[0]
         (True, False)
     """
-    chance = 1.0 / max(1, n_val)
+    if n_val < 1:
+        raise AdvlabValueError(f"Expected `n_val` >= 1 (the validation gallery size), but got {n_val}.")
+    bad = [v for v in val_r1 if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise AdvlabValueError(f"Expected `val_r1` values that are finite fractions in [0, 1], but got {bad}.")
+    chance = 1.0 / n_val
     mean = sum(val_r1) / max(1, len(val_r1))
     ok = bool(val_r1) and mean >= factor * chance
     line = (

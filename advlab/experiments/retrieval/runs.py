@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -11,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from advlab._errors import AdvlabError, AdvlabValueError
+from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData
 from advlab.experiments.retrieval.metrics import check_gate, evaluate
@@ -40,6 +41,12 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
         fields["revision"] = _ARM_REVISIONS[arm]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finite_record(rec: Mapping[str, Any]) -> bool:
+    """False for a record holding a NaN or inf loss or metric (never resumed: it is recomputed)."""
+    values = list(rec.get("losses", [])) + [v for part in ("val", "test") for v in rec.get(part, {}).values()]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def _run_path(out_dir: Path, backbone: str, arm: str, seed: int) -> Path:
@@ -80,9 +87,25 @@ def run_experiment(
     Raises:
         GateError: A backbone's baseline fails the gate while other arms were asked for; none
             of them is run.
+        NonFiniteError: A run's training loss, gradient or evaluation scores are NaN or inf; the
+            message names the run, and no record is written for it.
+        AdvlabValueError: An unknown backbone or arm, no baseline among the arms, or seeds that
+            are not distinct integers >= 0.
     """
     if "baseline" not in arms:
         raise AdvlabValueError(f"Expected 'baseline' among the arms (the gate needs it), but got {list(arms)}.")
+    unknown = [a for a in arms if a not in ARMS_FULL]
+    if unknown:
+        raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL)}, but got {unknown}.")
+    bad = [b for b in backbones if b not in ("uniter", "lxmert")]
+    if bad or not backbones:
+        raise AdvlabValueError(f"Expected `backbones` among ['uniter', 'lxmert'] (at least one), but got {list(backbones)}.")
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) < len(
+        seeds
+    ):
+        raise AdvlabValueError(f"Expected `seeds` to be distinct integers >= 0 (at least one), but got {seeds}.")
+    arms = list(dict.fromkeys(arms))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
@@ -97,7 +120,7 @@ def run_experiment(
                 rec = json.loads(path.read_text())
             except (OSError, ValueError):
                 rec = {}
-            if rec.get("key") == key:
+            if rec.get("key") == key and _finite_record(rec):
                 rec["resumed"] = True
                 records.append(rec)
                 log(f"[{backbone}] {arm} seed {seed}: loaded from {path}")
@@ -105,8 +128,11 @@ def run_experiment(
         t0 = time.perf_counter()
         model = build_model(backbone, config, data, seed=seed, text_size=text_size)
         losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}")
-        val = evaluate(model, data.val, config)
-        test = evaluate(model, data.test, config)
+        try:
+            val = evaluate(model, data.val, config)
+            test = evaluate(model, data.test, config)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{backbone} {arm} seed {seed}, evaluation: {err} No record is written.") from err
         rec = {
             "backbone": backbone, "arm": arm, "seed": seed, "key": key, "config": asdict(config),
             "val": val, "test": test, "losses": losses, "seconds": time.perf_counter() - t0, "resumed": False,

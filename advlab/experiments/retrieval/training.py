@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._errors import AdvlabValueError
+from advlab._errors import AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import ARMS_FULL, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData, _batches
 from advlab.experiments.retrieval.losses import _batch_forward, _BatchOut, _kl, _task_loss
@@ -62,6 +62,10 @@ def train_run(
 
     Returns:
         Mean training loss of each epoch.
+
+    Raises:
+        NonFiniteError: A training loss or gradient norm is NaN or inf; the message names the run
+            (backbone, arm, seed), the epoch and the step.
     """
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed)
@@ -78,11 +82,13 @@ def train_run(
     losses: list[float] = []
     bar = _progress(total, progress, desc or arm)
     model.train()
+    run = f"{model.backbone_name} {arm} seed {seed}"
     try:
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             order = torch.randperm(len(split), generator=gen)
             epoch_loss = []
-            for batch in _batches(split, order, config.batch_size):
+            for step_i, batch in enumerate(_batches(split, order, config.batch_size)):
+                where = f"{run}, epoch {epoch + 1}/{config.epochs}, step {step_i + 1}/{steps_per_epoch}"
                 opt.zero_grad(set_to_none=True)
                 negatives: dict[str, Tensor] = {}
                 b = batch["caption_ids"].shape[0]
@@ -92,25 +98,35 @@ def train_run(
 
                 if perts is None:
                     loss = _task_loss(fwd(), batch["caption_ids"], config.itm_weight)
+                    _check_finite(loss, "training loss", where)
                     loss.backward()
                     epoch_loss.append(float(loss.detach()))
                 else:
-                    with free_training(
-                        model, sites, perts, steps=config.adv_steps, mode=mode,
-                        masks={"txt": batch["attention_mask"]}, logits=lambda o: o.packed, generator=gen,
-                    ) as ft:
-                        clean = ft.clean(fwd)
-                        clean_loss = _task_loss(clean, batch["caption_ids"], config.itm_weight)
-                        ft.clean_loss(clean_loss)
-                        for step in ft:
-                            total_loss: Tensor = torch.zeros(())
-                            for group in step.groups:
-                                out = ft.forward(fwd, group)
-                                total_loss = total_loss + _task_loss(out, batch["caption_ids"], config.itm_weight)
-                                total_loss = total_loss + config.kl_weight * _kl(out.packed, step.clean_logits, b, itm)
-                            ft.backward(total_loss / (len(step.groups) * ft.steps))
+                    try:
+                        with free_training(
+                            model, sites, perts, steps=config.adv_steps, mode=mode,
+                            masks={"txt": batch["attention_mask"]}, logits=lambda o: o.packed, generator=gen,
+                        ) as ft:
+                            clean = ft.clean(fwd)
+                            clean_loss = _task_loss(clean, batch["caption_ids"], config.itm_weight)
+                            _check_finite(clean_loss, "training loss", where)
+                            ft.clean_loss(clean_loss)
+                            for step in ft:
+                                total_loss: Tensor = torch.zeros(())
+                                for group in step.groups:
+                                    out = ft.forward(fwd, group)
+                                    total_loss = total_loss + _task_loss(out, batch["caption_ids"], config.itm_weight)
+                                    total_loss = total_loss + config.kl_weight * _kl(
+                                        out.packed, step.clean_logits, b, itm
+                                    )
+                                ft.backward(total_loss / (len(step.groups) * ft.steps))
+                    except NonFiniteError as err:
+                        if str(err).startswith(run):
+                            raise
+                        raise NonFiniteError(f"{where}: {err}") from err
                     epoch_loss.append(float(clean_loss.detach()))
-                nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                _check_finite(grad_norm, "gradient norm", where)
                 opt.step()
                 sched.step()
                 bar.update(1)
@@ -119,6 +135,15 @@ def train_run(
     finally:
         bar.close()
     return losses
+
+
+def _check_finite(value: Tensor, what: str, where: str) -> None:
+    """Stop a run whose loss or gradient is NaN or inf, naming the run, the epoch and the step."""
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise NonFiniteError(
+            f"{where}: the {what} is {float(value.detach()):g}; training diverged or an input holds NaN or inf "
+            "(check the features, or lower the learning rates or step sizes). No record is written for this run."
+        )
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
