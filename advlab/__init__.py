@@ -34,6 +34,7 @@ from advlab.free import forward_groups as forward_groups
 from advlab.freelb import FreeLB as FreeLB
 from advlab.hooks import perturb_sites as perturb_sites
 from advlab.perturbation import Perturbation as Perturbation
+from advlab.perturbation import embedding_scale as embedding_scale
 from advlab.presets import VillaPreset as VillaPreset
 from advlab.presets import PRESETS as PRESETS
 from advlab.presets import get_preset as get_preset
@@ -74,9 +75,9 @@ __all__ = [
     "AdvlabValueError",
     "ContextExitedError",
     "NonFiniteError",
-    "Direction",
     "attack",
     "AttackResult",
+    "Direction",
     "pgd_step",
     "random_direction",
     "smart_step",
@@ -103,6 +104,7 @@ __all__ = [
     "FreeLB",
     "perturb_sites",
     "Perturbation",
+    "embedding_scale",
     "VillaPreset",
     "PRESETS",
     "get_preset",

@@ -29,7 +29,7 @@ from advlab._checks import (
     compute_dtype,
 )
 from advlab._errors import AdvlabValueError
-from advlab.balls import NORMS, Norm, normalize, normalize_sign, project
+from advlab.balls import NORMS, Norm, _norm_keepdim, normalize, normalize_sign, project
 from advlab.samplers import _rand
 
 __all__ = ["Direction", "DIRECTIONS", "pgd_step", "random_direction", "smart_step", "PGDAscender", "SMARTAscender"]
@@ -72,8 +72,13 @@ def pgd_step(
     direction: Direction = "gradient",
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """One projected ascent step: `project(delta + step_size * direction, radius)`.
+
+    With `scale` (a relative perturbation, see `embedding_scale`) the step size and the
+    radius are multiplied by it row by row (position by position for `"l2_token"`):
+    `project(delta + step_size * s * direction, radius * s)`.
 
     Args:
         delta: Current perturbation.
@@ -85,12 +90,15 @@ def pgd_step(
         direction: `"gradient"` (normalised gradient), `"sign"`, or `"random"`.
         mask: True at real elements; masked elements stay exactly 0.
         generator: Randomness for `direction="random"`.
+        scale: Per-row (or per-position) unit of `step_size` and `radius`, finite and
+            >= 0, as `embedding_scale` returns it; None = absolute sizes.
 
     Returns:
         The new perturbation, detached, in `delta`'s dtype.
 
     Shape:
         - delta, grad: [b, n, d] or [b, d]; output: the same.
+        - scale: [b, 1, 1] (or [b]) for `"l2"` / `"linf"`, [b, n, 1] (or [b, n]) for `"l2_token"`.
 
     Examples:
         >>> pgd_step(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), step_size=0.1)
@@ -113,8 +121,46 @@ def pgd_step(
                 f"Expected `grad` to have the shape of `delta` {tuple(delta.shape)}, but got {tuple(grad.shape)}."
             )
         move = normalize(grad, norm, mask=mask) if direction == "gradient" else normalize_sign(grad, mask=mask)
-    moved = delta.detach() + step_size * move.to(delta.dtype)
-    return project(moved, norm, radius, mask=mask)
+    if scale is None:
+        moved = delta.detach() + step_size * move.to(delta.dtype)
+        return project(moved, norm, radius, mask=mask)
+    s = _check_scale(scale, delta, norm)
+    moved = delta.detach() + (step_size * s).to(delta.dtype) * move.to(delta.dtype)
+    return _project_scaled(moved, norm, radius, s, mask)
+
+
+def _check_scale(scale: object, delta: Tensor, norm: str) -> Tensor:
+    """`scale` as a tensor broadcastable to `delta`: one value per row, or per position for "l2_token"."""
+    scale = check_float_tensor(scale, "scale")
+    b = delta.shape[0]
+    per_position = norm == "l2_token"
+    lead = tuple(delta.shape[:-1]) if per_position else (b,)
+    shape = tuple(scale.shape)
+    if shape == lead:
+        scale = scale.reshape(*lead, *([1] * (delta.dim() - len(lead))))
+    elif shape != lead + (1,) * (delta.dim() - len(lead)):
+        want = f"{lead} or {lead + (1,) * (delta.dim() - len(lead))}"
+        raise AdvlabValueError(
+            f"Expected `scale` to have shape {want} (one value per {'position' if per_position else 'row'} for "
+            f"norm={norm!r}, `delta` shape {tuple(delta.shape)}), but got {shape}."
+        )
+    scale = scale.detach().to(device=delta.device, dtype=compute_dtype(delta))
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise AdvlabValueError("Expected `scale` to be finite and >= 0 (a norm of the clean embedding), but it is not.")
+    return scale
+
+
+def _project_scaled(delta: Tensor, norm: str, radius: float | None, scale: Tensor, mask: Tensor | None) -> Tensor:
+    """`project` onto the ball of radius `radius * scale`, one radius per row (or position)."""
+    d = apply_mask(delta, broadcast_mask(mask, delta, "mask"))
+    if radius is None:
+        return d
+    r = radius * scale
+    if norm == "linf":
+        return torch.minimum(torch.maximum(d.to(r.dtype), -r), r).to(delta.dtype)
+    n = _norm_keepdim(d, norm)
+    factor = torch.where(n > r, r / n.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
+    return (d.to(factor.dtype) * factor).to(delta.dtype)
 
 
 def smart_step(
@@ -179,12 +225,18 @@ class PGDAscender:
         check_choice(self.direction, DIRECTIONS, "direction")
 
     def __call__(
-        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        delta: Tensor,
+        grad: Tensor | None,
+        *,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        scale: Tensor | None = None,
     ) -> Tensor:
-        """One step from `delta` along `grad`."""
+        """One step from `delta` along `grad`; `scale` makes the sizes relative (see `pgd_step`)."""
         return pgd_step(
             delta, grad, step_size=self.step_size, norm=self.norm, radius=self.radius,
-            direction=self.direction, mask=mask, generator=generator,
+            direction=self.direction, mask=mask, generator=generator, scale=scale,
         )
 
 

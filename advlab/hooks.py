@@ -2,12 +2,22 @@
 
 `SiteHooks` puts one hook on each site module, stores the perturbation δ of every call of
 every site, adds it (cast to the site tensor's dtype) when the modality is active, counts
-calls and checks shapes. `perturb_sites` is the public context manager for adding fixed
+calls and checks shapes. It also measures, at every perturbed forward, how much of δ
+actually reaches the model: `(x + δ) - x` computed in the site's dtype, whose norm is
+smaller than δ's when a bfloat16 / float16 embedding rounds a small δ away. For a relative
+`Perturbation` it measures the clean embedding's norm per row (`embedding_scale`) at the
+first forward. `perturb_sites` is the public context manager for adding fixed
 perturbations (for example to evaluate a trained model under attack).
+
+Site tensors are `[b, n, d]` or `[b, d]`; a site with a `layout` may have more dimensions
+(`[b, c, h, w]` with `layout="channels_first"`), which are viewed as `[b, h*w, c]`.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,14 +27,44 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from advlab._checks import broadcast_mask, check_tensor, compute_dtype
+from advlab._checks import apply_mask, broadcast_mask, check_tensor, compute_dtype
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.perturbation import Perturbation
+from advlab.balls import _norm_keepdim
+from advlab.perturbation import Perturbation, embedding_scale
 from advlab.sites import Site, SiteLike, resolve_sites
 
 __all__ = ["SiteHooks", "perturb_sites", "check_not_compiled"]
 
 MaskLike = Tensor | Sequence[Tensor] | None
+LOST_FRACTION_WARNING = 0.5  # warn when less than this fraction of δ's norm reaches the model
+
+_running = threading.local()  # the SiteHooks whose forward runs now in this thread (re-entrance check)
+_warned_lost: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _to_positions(x: Tensor, layout: str | None) -> Tensor:
+    """View a site tensor as [b, n, d] (or [b, d]): features last, positions flattened."""
+    if layout == "channels_first" and x.dim() >= 3:
+        return x.flatten(2).transpose(1, 2)  # [b, c, *pos] -> [b, prod(pos), c]
+    if layout == "channels_last" and x.dim() > 3:
+        return x.flatten(1, -2)  # [b, *pos, d] -> [b, prod(pos), d]
+    return x
+
+
+def _from_positions(d: Tensor, shape: torch.Size, layout: str | None) -> Tensor:
+    """Inverse of `_to_positions` for a tensor shaped like its output."""
+    if layout == "channels_first" and len(shape) >= 3:
+        return d.transpose(1, 2).reshape(shape)  # [b, prod(pos), c] -> [b, c, *pos]
+    if layout == "channels_last" and len(shape) > 3:
+        return d.reshape(shape)
+    return d
+
+
+def _positions_shape(shape: torch.Size, layout: str | None) -> tuple[int, ...]:
+    """The site tensor's positions, unflattened: (h, w) for a channels-first [b, c, h, w]."""
+    if layout == "channels_first":
+        return tuple(shape[2:])
+    return tuple(shape[1:-1])
 
 
 def check_not_compiled(model: nn.Module) -> None:
@@ -62,6 +102,10 @@ class _SiteState:
     shapes: list[torch.Size | None] = field(default_factory=list)
     masks: list[Tensor | None] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
+    scales: list[Tensor | None] = field(default_factory=list)  # relative sizes: clean norm per row
+    sent: list[Tensor | None] = field(default_factory=list)  # mean norm of δ at the last perturbed forward
+    reached: list[Tensor | None] = field(default_factory=list)  # mean norm of (x + δ) - x, site dtype
+    dtype: torch.dtype | None = None
 
 
 class SiteHooks:
@@ -74,8 +118,8 @@ class SiteHooks:
         model: The model the sites resolve against.
         sites: Modality to site (or None for `model.perturbation_sites()`).
         perturbations: Modality to `Perturbation`; only these modalities are hooked.
-        masks: Modality to bool mask (True = real element), or a sequence of masks, one per
-            call, for `Site(..., calls=n)`.
+        masks: Modality to mask (True or 1 = real element; bool, or integer / float holding
+            only 0 and 1), or a sequence of masks, one per call, for `Site(..., calls=n)`.
         generator: Randomness for the initial δ (δ is held in float32, float64 for float64 sites).
 
     Examples:
@@ -105,7 +149,7 @@ class SiteHooks:
                 raise AdvlabValueError(
                     f"Expected `masks` keys to be modalities with a site {sorted(resolved)}, but got {modality!r}."
                 )
-        _check_masks_eagerly(masks, {m: site.calls for m, (site, _) in resolved.items()})
+        masks = _check_masks_eagerly(masks, {m: site.calls for m, (site, _) in resolved.items()})
         self._states: dict[str, _SiteState] = {}
         for modality, (site, module) in resolved.items():
             if modality not in perturbations:
@@ -114,7 +158,8 @@ class SiteHooks:
             n = site.calls
             self._states[modality] = _SiteState(
                 modality, site, module, label, perturbations[modality], masks.get(modality),
-                shapes=[None] * n, masks=[None] * n, deltas=[None] * n,
+                shapes=[None] * n, masks=[None] * n, deltas=[None] * n, scales=[None] * n, sent=[None] * n,
+                reached=[None] * n,
             )
         self._generator = generator
         self._handles: list[RemovableHandle] = []
@@ -157,6 +202,47 @@ class SiteHooks:
         """Broadcast masks ([b, n, 1]) of each call of `modality`."""
         return self._states[modality].masks
 
+    def scales(self, modality: str) -> list[Tensor | None]:
+        """Clean embedding norm of each call of `modality` for a relative perturbation, else None.
+
+        Measured by `embedding_scale` on the clean site tensor at its first forward:
+        [b, 1, 1], or [b, n, 1] for `"l2_token"`.
+        """
+        return self._states[modality].scales
+
+    def reached_norms(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per modality: (mean norm of δ sent, mean norm of what reached the model) at its last perturbed forward.
+
+        Both are per-row norms in the perturbation's norm, averaged over rows and calls; the
+        second is `(x + δ) - x` computed in the site tensor's dtype.
+        """
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for m, st in self._states.items():
+            pairs = [(a, b) for a, b in zip(st.sent, st.reached) if a is not None and b is not None]
+            if pairs:
+                out[m] = (torch.stack([a for a, _ in pairs]).mean(), torch.stack([b for _, b in pairs]).mean())
+        return out
+
+    def warn_if_lost(self, sent: Mapping[str, float], reached: Mapping[str, float]) -> None:
+        """Warn once per site when less than half of δ's norm reached the model."""
+        for m, value in sent.items():
+            got = reached.get(m)
+            state = self._states.get(m)
+            if state is None or got is None or not value > 0 or got >= LOST_FRACTION_WARNING * value:
+                continue
+            seen = _warned_lost.setdefault(state.module, set())
+            if m in seen:
+                continue
+            seen.add(m)
+            warnings.warn(
+                f"Only {got / value:.0%} of the perturbation's norm reaches the model at site {state.name!r} "
+                f"(modality {m!r}): added to the {state.dtype} embedding, most of δ (norm {value:.3g}) rounds away, "
+                "so training is hardly adversarial. Use sizes relative to the embedding, "
+                "Perturbation(..., relative=True), or a larger step_size; or run the site in float32.",
+                RuntimeWarning,
+                stacklevel=4,  # warn_if_lost <- collect_stats <- a recipe's step <- the caller
+            )
+
     def total_calls(self) -> dict[str, int]:
         """How many times each site's hook ran since this object was made."""
         return {m: s.total_calls for m, s in self._states.items()}
@@ -179,17 +265,31 @@ class SiteHooks:
         unknown = [m for m in active if m not in self._states]
         if unknown:
             raise AdvlabValueError(f"Expected active modalities among {list(self._states)}, but got {unknown}.")
+        outer = getattr(_running, "hooks", None)
+        if outer is not None:
+            raise AdvlabValueError(
+                "Expected one adversarial forward at a time, but a forward perturbing sites "
+                f"{self._site_names()} started while the forward of another one (sites {outer._site_names()}) was "
+                "still running: a recipe step (VILLA / FreeLB / SMART `.step`), a `free_training` forward or an "
+                "attack was called from inside the model's forward or the forward closure of another. Run such "
+                "steps one after the other, outside any model forward."
+            )
         for state in self._states.values():
             state.calls_this_forward = 0
         self._active = frozenset(active)
         self._running = True
+        _running.hooks = self
         try:
             output = forward()
         finally:
+            _running.hooks = None
             self._running = False
             self._active = frozenset()
         self._check_after_forward()
         return output
+
+    def _site_names(self) -> list[str]:
+        return [st.name for st in self._states.values()]
 
     def _check_after_forward(self) -> None:
         for state in self._states.values():
@@ -227,16 +327,31 @@ class SiteHooks:
                 f"forward, but it was called {i + 1} times; use Site(..., calls={i + 1}) for one independent "
                 "perturbation per call."
             )
+        layout = state.site.layout
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise AdvlabValueError(
                 f"Expected the {state.site.where} of site {state.name!r} (modality {state.modality!r}) to be a "
                 f"batch-first floating tensor [batch, length, dim] or [batch, dim], but got {got}."
             )
+        if layout is None and x.dim() > 3:
+            raise AdvlabValueError(
+                f"Expected the {state.site.where} of site {state.name!r} (modality {state.modality!r}) to be "
+                f"[batch, length, dim] or [batch, dim], but got a {x.dim()}-d tensor of shape {tuple(x.shape)}; "
+                "for a channels-first tensor such as a convolution's [b, c, h, w] use "
+                "Site(..., layout='channels_first'), for [b, *positions, dim] use Site(..., layout='channels_last')."
+            )
+        xv = _to_positions(x, layout)
         recorded = state.shapes[i]
         if recorded is None:
             state.shapes[i] = x.shape
-            state.masks[i] = broadcast_mask(self._mask_for(state, i), x, f"masks[{state.modality!r}]")
+            state.dtype = x.dtype
+            mask = broadcast_mask(self._mask_for(state, i, x), xv, f"masks[{state.modality!r}]")
+            state.masks[i] = mask
+            if state.perturbation.relative:
+                state.scales[i] = embedding_scale(
+                    xv, state.perturbation.norm, mask=None if mask is None else mask.squeeze(-1)
+                )
         elif x.shape != recorded:
             raise AdvlabValueError(
                 f"Expected site {state.name!r} (modality {state.modality!r}) to see the same shape in every forward "
@@ -253,14 +368,33 @@ class SiteHooks:
             raise AdvlabValueError(
                 f"Expected δ of modality {state.modality!r} on {x.device}, but it is on {delta.device}."
             )
-        return x + delta.to(x.dtype)
+        out = x + _from_positions(delta.to(x.dtype), x.shape, layout)
+        with torch.no_grad():  # what reached the model, in the site's dtype, against what was sent
+            reached = apply_mask(_to_positions(out.detach() - x.detach(), layout), state.masks[i])
+            state.reached[i] = _norm_keepdim(reached, state.perturbation.norm).mean()
+            state.sent[i] = _norm_keepdim(delta.detach(), state.perturbation.norm).mean()
+        return out
 
-    def _mask_for(self, state: _SiteState, call: int) -> Tensor | None:
-        mask = state.mask_arg  # its type and per-call count were checked in __init__
-        return mask if mask is None or isinstance(mask, Tensor) else mask[call]
+    def _mask_for(self, state: _SiteState, call: int, x: Tensor) -> Tensor | None:
+        mask = state.mask_arg  # its type, values and per-call count were checked in __init__
+        mask = mask if mask is None or isinstance(mask, Tensor) else mask[call]
+        if mask is None or state.site.layout is None or x.dim() <= 3:
+            return mask
+        positions = _positions_shape(x.shape, state.site.layout)
+        if tuple(mask.shape) == (x.shape[0], *positions):
+            return mask.reshape(x.shape[0], -1)  # [b, h, w] -> [b, h*w]
+        flat = (x.shape[0], int(torch.Size(positions).numel()))
+        if tuple(mask.shape) != flat:
+            raise AdvlabValueError(
+                f"Expected `masks[{state.modality!r}]` of site {state.name!r} (layout {state.site.layout!r}, tensor "
+                f"shape {tuple(x.shape)}) to have shape {(x.shape[0], *positions)} or {flat}, but got "
+                f"{tuple(mask.shape)}."
+            )
+        return mask
 
     def _initial_delta(self, state: _SiteState, call: int, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
+        x = _to_positions(x, state.site.layout)
         like = torch.zeros(x.shape, dtype=dtype, device=x.device)
         mask = state.masks[call]
         flat_mask = None if mask is None else mask.squeeze(-1)
@@ -271,6 +405,9 @@ class SiteHooks:
                 f"but got {getattr(delta, 'shape', type(delta).__name__)}."
             )
         delta = delta.to(dtype).detach()
+        scale = state.scales[call]
+        if scale is not None:
+            delta = delta * scale.to(dtype)  # a relative perturbation's draw is in units of the clean norm
         return delta.requires_grad_(state.modality in self._requires_grad)
 
     def _output_hook(self, state: _SiteState) -> Callable[..., Any]:
@@ -314,11 +451,14 @@ def perturb_sites(
     """Add fixed perturbations at the sites for every forward inside the block.
 
     The hooks are removed on exit, also when the block raises. A delta is added as is
-    (cast to the site tensor's dtype); it must broadcast against the site tensor.
+    (cast to the site tensor's dtype); it must broadcast against the site tensor, or a
+    clear error names the site. At a site with a `layout`, a δ with fewer dimensions than
+    the site tensor is read in the features-last form `[b, h*w, c]` that `SiteHooks.deltas`
+    holds, and moved back to the site's layout.
 
     Args:
         model: The model.
-        deltas: Modality to δ.
+        deltas: Modality to δ, a floating tensor.
         sites: Modality to site; None = `model.perturbation_sites()`.
 
     Examples:
@@ -333,15 +473,22 @@ def perturb_sites(
     """
     check_not_compiled(model)
     resolved = resolve_sites(model, sites)
+    if not isinstance(deltas, Mapping):
+        raise AdvlabTypeError(f"Expected `deltas` to map modality -> δ tensor, but got {type(deltas).__name__}.")
     handles: list[RemovableHandle] = []
     try:
         for modality, delta in deltas.items():
             if modality not in resolved:
                 raise AdvlabValueError(f"Expected `deltas` keys among the sites {sorted(resolved)}, but got {modality!r}.")
+            if not isinstance(delta, Tensor) or not delta.is_floating_point():
+                got = f"dtype {delta.dtype}" if isinstance(delta, Tensor) else type(delta).__name__
+                raise AdvlabTypeError(f"Expected `deltas[{modality!r}]` to be a floating tensor, but got {got}.")
             site, module = resolved[modality]
+            label = resolved.labels.get(modality) or type(module).__name__
 
-            def add(x: Tensor, delta: Tensor = delta) -> Tensor:
-                return x + delta.to(device=x.device, dtype=x.dtype)
+            def add(x: Tensor, delta: Tensor = delta, modality: str = modality, site: Site = site,
+                    label: str = label) -> Tensor:
+                return _add_fixed(x, delta, modality, site, label)
 
             if site.where == "output":
                 handles.append(module.register_forward_hook(lambda m, a, out, add=add: add(out)))
@@ -360,6 +507,30 @@ def perturb_sites(
             handle.remove()
 
 
+def _add_fixed(x: object, delta: Tensor, modality: str, site: Site, label: str) -> Tensor:
+    """`x + delta` for `perturb_sites`, after checking that δ broadcasts against the site tensor."""
+    where = f"the {site.where} of site {label!r} (modality {modality!r})"
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise AdvlabValueError(f"Expected {where} to be a floating tensor, but got {got}.")
+    positions = site.layout is not None and delta.dim() < x.dim()
+    target = _to_positions(x, site.layout) if positions else x
+    try:
+        fits = torch.broadcast_shapes(delta.shape, target.shape) == target.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        form = " in the features-last form" if positions else ""
+        raise AdvlabValueError(
+            f"Expected `deltas[{modality!r}]` to broadcast against {where}{form}, shape {tuple(target.shape)}, "
+            f"but got shape {tuple(delta.shape)}."
+        )
+    d = delta.to(device=x.device, dtype=x.dtype)
+    if positions:
+        d = _from_positions(d.expand(target.shape), x.shape, site.layout)
+    return x + d
+
+
 def _check_perturbations(perturbations: Mapping[str, object], sites: Mapping[str, object]) -> None:
     """Every perturbation is an `advlab.Perturbation` of a modality that has a site."""
     for modality, pert in perturbations.items():
@@ -374,15 +545,33 @@ def _check_perturbations(perturbations: Mapping[str, object], sites: Mapping[str
             )
 
 
-def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]) -> None:
-    """Type, dtype and batch size of every mask, before any forward.
+def _as_bool_mask(mask: Tensor, name: str) -> Tensor:
+    """A bool mask from a bool, integer or float one; integer and float masks must hold only 0 and 1."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer or float) tensor, but got dtype {mask.dtype}.")
+    binary = (mask == 0) | (mask == 1)
+    if not bool(binary.all()):
+        bad = mask[~binary].flatten()[:3].tolist()
+        raise AdvlabValueError(
+            f"Expected `{name}` to hold only 0 and 1 (1 = real element) as a {mask.dtype} mask, but it holds {bad}; "
+            "pass a bool mask, or (mask > 0) if the values are weights."
+        )
+    return mask != 0
+
+
+def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]) -> dict[str, MaskLike]:
+    """Type, values and batch size of every mask, before any forward; returns them as bool masks.
 
     A mask's full shape is checked against its site tensor when the site runs perturbed; this
     catches, up front, a mistake in a mask of a modality the current mode never perturbs.
     """
     batch: dict[int, list[str]] = {}
+    out: dict[str, MaskLike] = {}
     for modality, mask in masks.items():
         if mask is None:
+            out[modality] = None
             continue
         parts = [mask] if isinstance(mask, Tensor) else list(mask) if isinstance(mask, (list, tuple)) else None
         if parts is None:
@@ -395,15 +584,17 @@ def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]
                 f"Expected `masks[{modality!r}]` to be one tensor or {calls[modality]} tensors (one per call), "
                 f"but got {len(parts)}."
             )
+        converted = []
         for i, part in enumerate(parts):
             name = f"masks[{modality!r}]" if isinstance(mask, Tensor) else f"masks[{modality!r}][{i}]"
             part = check_tensor(part, name)
-            if part.is_floating_point() or part.is_complex():
-                raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer) tensor, but got dtype {part.dtype}.")
             if part.dim() < 1:
                 raise AdvlabValueError(f"Expected `{name}` to have a batch dimension, but got a 0-d tensor.")
+            converted.append(_as_bool_mask(part, name))
             batch.setdefault(int(part.shape[0]), []).append(name)
+        out[modality] = converted[0] if isinstance(mask, Tensor) else converted
     if len(batch) > 1:
         seen = "; ".join(f"{b} in {', '.join(names)}" for b, names in sorted(batch.items()))
         raise AdvlabValueError(f"Expected every mask to have the same batch size (dimension 0), but got {seen}.")
+    return out
 

@@ -16,9 +16,11 @@ from torch import nn
 from advlab._checks import check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
-__all__ = ["Site", "SiteLike", "HasPerturbationSites", "ResolvedSites", "resolve_sites", "unwrap_model"]
+__all__ = ["Site", "SiteLike", "Layout", "HasPerturbationSites", "ResolvedSites", "resolve_sites", "unwrap_model"]
 
 Where = Literal["output", "input"]
+Layout = Literal["channels_last", "channels_first"]
+LAYOUTS: tuple[str, ...] = ("channels_last", "channels_first")
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,29 @@ class Site:
         calls: How many times the module runs in one forward. Each call gets its own,
             independent perturbation, in call order (siamese towers, two images through
             one module).
+        layout: How the site tensor's dimensions are read. None (default): `[b, n, d]` or
+            `[b, d]` only; a tensor with more dimensions is refused. `"channels_first"`:
+            `[b, d, *positions]`, such as a convolution's `[b, c, h, w]` output (ViLT's patch
+            projection); `"channels_last"`: `[b, *positions, d]`. With a layout, the
+            positions are flattened and the features moved last (`[b, h*w, c]`) for masks,
+            norms and the ball, and moved back before δ is added; masks are then `[b, h, w]`
+            or `[b, h*w]`, and δ (`SiteHooks.deltas`) is held as `[b, h*w, c]`.
 
-    Examples:
+    Example:
+        >>> from advlab import Site
         >>> Site("bert.embeddings.word_embeddings")
         Site(module='bert.embeddings.word_embeddings', where='output', arg=0, calls=1)
         >>> Site("img_proj", where="input").where
         'input'
+        >>> Site("vilt.embeddings.patch_embeddings.projection", layout="channels_first").layout
+        'channels_first'
     """
 
     module: str | nn.Module
     where: Where = "output"
     arg: int | str = 0
     calls: int = 1
+    layout: Layout | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, (str, nn.Module)):
@@ -60,10 +73,15 @@ class Site:
         if isinstance(self.arg, int) and self.arg < 0:
             raise AdvlabValueError(f"Expected `Site.arg` to be >= 0, but got {self.arg}.")
         check_count(self.calls, "Site.calls")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise AdvlabValueError(
+                f"Expected `Site.layout` to be None, 'channels_last' or 'channels_first', but got {self.layout!r}."
+            )
 
     def __repr__(self) -> str:
         module = self.module if isinstance(self.module, str) else f"<{type(self.module).__name__}>"
-        return f"Site(module={module!r}, where={self.where!r}, arg={self.arg!r}, calls={self.calls})"
+        layout = f", layout={self.layout!r}" if self.layout is not None else ""
+        return f"Site(module={module!r}, where={self.where!r}, arg={self.arg!r}, calls={self.calls}{layout})"
 
 
 SiteLike = Union[str, nn.Module, Site]

@@ -351,8 +351,10 @@ def test_perturb_sites_removes_its_hooks_on_error(where):
         deltas = {"txt": deltas["txt"], "nope": deltas["txt"]}  # the second registration fails
         expected = advlab.AdvlabValueError
     else:
-        expected = Boom if where == "body" else RuntimeError  # img delta cannot broadcast: fails in the forward
-    with pytest.raises(expected), advlab.perturb_sites(model, deltas, sites=SITES):
+        # the img delta cannot broadcast: refused in the forward, naming the site and both shapes
+        expected = Boom if where == "body" else advlab.AdvlabValueError
+    match = r"deltas\['img'\].*site 'img_proj'.*\(4, 3, 5\).*\(7, 7\)" if where == "forward" else None
+    with pytest.raises(expected, match=match), advlab.perturb_sites(model, deltas, sites=SITES):
         if where == "body":
             raise Boom
         forward()
