@@ -68,10 +68,85 @@ def test_pretraining_file_into_backbone_reports_the_24_kinds_of_head_keys():
     same_weights(model, donor(), prefix_b="lxmert.")
 
 
-def test_layer_counts_are_inferred_from_the_keys():
-    model = LxmertModel.from_pretrained({k: v for k, v in donor(LxmertModel).state_dict().items()})
+def test_layer_counts_are_inferred_from_the_keys_with_config_json(tmp_path):
+    import json
+
+    torch.save(donor(LxmertModel).state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    model = LxmertModel.from_pretrained(tmp_path)
     assert (model.config.l_layers, model.config.r_layers, model.config.x_layers) == (3, 1, 2)
     assert model.config.visual_feat_dim == 16 and model.config.vocab_size == 99
+
+
+def meta_state(cfg):
+    with torch.device("meta"):
+        return dict(LxmertModel(cfg).state_dict())
+
+
+def test_the_released_size_is_inferred_without_config_json():
+    from advlab.backbones.lxmert import _infer_config
+
+    cfg = LxmertConfig.base()
+    assert _infer_config({f"lxmert.{k}": v for k, v in meta_state(cfg).items()}, {}, "sd") == cfg
+
+
+def test_an_unreleased_size_without_config_json_is_refused_not_guessed():
+    # fails if heads = hidden // 64 comes back: the tiny donor has 4 heads of 8, a guess would build 1 head
+    with pytest.raises(advlab.AdvlabValueError, match=r"attention heads is not stored.*hidden_size=32.*l_layers=3, "
+                       r"x_layers=2, r_layers=1, num_attention_heads=\.\.\."):
+        LxmertModel.from_pretrained(donor(LxmertModel).state_dict())
+
+
+@pytest.mark.parametrize("stage", ["r_layers", "x_layers", "layer"])
+def test_a_released_size_with_a_missing_last_layer_is_refused(stage):
+    # fails if the layer counts come from the keys alone (r_layers=4 or 1 would be built silently)
+    from advlab.backbones.lxmert import _infer_config
+
+    last = {"r_layers": 4, "x_layers": 4, "layer": 8}[stage]
+    sd = {f"lxmert.{k}": v for k, v in meta_state(LxmertConfig.base()).items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith(f"lxmert.encoder.{stage}.{last}.")}
+    with pytest.raises(advlab.AdvlabValueError, match=rf"released model.*missing: \['lxmert\.encoder\.{stage}\.{last}\.\*'\]"):
+        _infer_config(sd, {}, "sd")
+
+
+def test_a_missing_middle_layer_or_key_is_listed_when_inferring():
+    sd = {f"lxmert.{k}": v for k, v in meta_state(LxmertConfig.base()).items()}
+    from advlab.backbones.lxmert import _infer_config
+
+    gap = {k: v for k, v in sd.items() if not k.startswith("lxmert.encoder.r_layers.2.")}
+    with pytest.raises(advlab.AdvlabValueError, match=r"layers \[2\] have no keys.*r_layers\.2\.attention"):
+        _infer_config(gap, {}, "sd")
+    one = {k: v for k, v in sd.items() if k != "lxmert.encoder.x_layers.4.visn_output.LayerNorm.bias"}
+    with pytest.raises(advlab.AdvlabValueError, match=r"1 keys are missing: \['lxmert.encoder.x_layers.4.visn_output"):
+        _infer_config(one, {"num_attention_heads": 12}, "sd")
+
+
+def test_a_corrupt_intermediate_weight_is_named():
+    # one FFN weight of a wrong width: named, instead of a wrong inferred size and 23 unrelated mismatches
+    from advlab.backbones.lxmert import _infer_config
+
+    sd = {f"lxmert.{k}": v for k, v in meta_state(LxmertConfig.base()).items()}
+    sd["lxmert.encoder.layer.0.intermediate.dense.weight"] = torch.empty(3000, 768, device="meta")
+    with pytest.raises(advlab.AdvlabValueError, match=r"Corrupt tensor.*layer\.0\.intermediate\.dense\.weight has "
+                       r"shape \(3000, 768\).*other 23 tensors of its kind agree on intermediate size 3072"):
+        _infer_config(sd, {}, "sd")
+
+
+def test_wrong_shapes_with_a_config_are_all_named():
+    sd = donor(LxmertModel).state_dict()
+    sd["encoder.r_layers.0.intermediate.dense.weight"] = torch.zeros(65, 32)
+    with pytest.raises(advlab.AdvlabValueError, match=r"1 have another shape: encoder\.r_layers\.0\."
+                       r"intermediate\.dense\.weight expected \(64, 32\), got \(65, 32\)\.$"):
+        LxmertModel.from_pretrained(sd, CFG)
+
+
+def test_config_json_that_disagrees_with_the_tensors_is_refused(tmp_path):
+    import json
+
+    torch.save(donor(LxmertModel).state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_size": 64}))
+    with pytest.raises(advlab.AdvlabValueError, match="hidden_size 64 in config.json, 32 in the tensors"):
+        LxmertModel.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("module_prefix", ["", "module."])

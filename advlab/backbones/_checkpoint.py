@@ -165,7 +165,7 @@ def read_state_dict(
             f"({type(err).__name__}: {str(err)[:200]})."
         ) from None
     if not isinstance(obj, Mapping):
-        raise AdvlabValueError(f"Expected {file!r} to hold a dict of tensors, but it holds a {type(obj).__name__}.")
+        raise AdvlabValueError(f"Expected {file!r} to hold a state dict (name -> tensor), but it holds a {type(obj).__name__}.")
     if not all(isinstance(v, Tensor) for v in obj.values()):
         for wrapper in _WRAPPERS:
             if isinstance(obj.get(wrapper), Mapping):
@@ -268,6 +268,6 @@ def majority_size(state: Mapping[str, Tensor], keys: Sequence[str], dim: int, *,
         )
     odd = [f"{k} has shape {tuple(state[k].shape)}" for k, s in sizes.items() if s != best]
     raise AdvlabValueError(
-        f"Corrupt tensor in {source}: {'; '.join(odd[:10])}, where the other {n_best} layers agree on a {what} of "
-        f"{best}. Replace the checkpoint (or pass `config=` and fix these tensors)."
+        f"Corrupt tensor in {source}: {'; '.join(odd[:10])}, where the other {n_best} tensors of its kind agree on "
+        f"{what} {best}. Replace the checkpoint (or pass `config=` and fix these tensors)."
     )

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
 __all__ = [
@@ -638,6 +639,8 @@ class LxmertModel(nn.Module):
         cls,
         source: str | os.PathLike[str] | Mapping[str, Tensor],
         config: LxmertConfig | None = None,
+        *,
+        expected_sha256: str | None = None,
     ) -> LxmertModel:
         """Load the backbone from any LXMERT checkpoint; head weights in the file are reported and dropped.
 
@@ -645,9 +648,14 @@ class LxmertModel(nn.Module):
             source: A file (`model_LXRT.pth`, a fine-tuned `BEST.pth`, `pytorch_model.bin`, `.safetensors`),
                 a Hugging Face model folder, or a state dict. Original (`module.bert.*`), fine-tuned
                 (`lxrt_encoder.model[.module].bert.*`) and Hugging Face (`lxmert.*`, or no prefix) names.
-            config: Sizes; by default inferred from the tensors. The number of attention heads is not in them: it is
-                read from a Hugging Face `config.json` beside the weights, else heads are taken to be 64-d, as in
-                every released model. Pass `config` for other models (the tiny test configs, for one).
+            config: Sizes; by default inferred, but only where that is unambiguous. The number of attention heads
+                is not stored in the weights: it (and the layer counts) is read from a Hugging Face `config.json`
+                beside the weights; without one, only the released size is inferred (hidden 768, 12 heads, FFN
+                3072, 9 language / 5 cross-modality / 5 relationship layers). Layer indices must run from 0 and
+                every layer must be complete; a layer whose size disagrees with the others is named as corrupt.
+                Anything else raises and asks for `config` (the tiny test configs, for one).
+            expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the formats carry no
+                checksum of their own, so only this catches a flipped byte inside a tensor).
 
         Returns:
             The model in eval mode.
@@ -659,7 +667,7 @@ class LxmertModel(nn.Module):
             >>> torch.equal(model.pooler.dense.weight, donor.pooler.dense.weight)
             True
         """
-        return _from_pretrained(cls, source, config, heads={})
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -755,6 +763,7 @@ class LxmertForQuestionAnswering(nn.Module):
         *,
         answers: Sequence[str] | Mapping[str, int] | None = None,
         pretrain_answers: Sequence[str] | Mapping[str, int] | None = None,
+        expected_sha256: str | None = None,
     ) -> LxmertForQuestionAnswering:
         """Load a backbone and, where the file has one of the right size, the answer head.
 
@@ -769,6 +778,7 @@ class LxmertForQuestionAnswering(nn.Module):
             num_answers: Answer vocabulary size; by default the file's head size, else the class default.
             answers: This task's answers, in label order (or answer -> label).
             pretrain_answers: The checkpoint head's answers, in row order (or answer -> row).
+            expected_sha256: As `LxmertModel.from_pretrained`.
 
         Returns:
             The model in eval mode.
@@ -793,7 +803,9 @@ class LxmertForQuestionAnswering(nn.Module):
         if num_answers is None and answers is not None:
             num_answers = len(answers)
         remap = None if answers is None else (answers, pretrain_answers)
-        return _from_pretrained(cls, source, config, heads={"num_answers": num_answers}, remap=remap)
+        return _from_pretrained(
+            cls, source, config, heads={"num_answers": num_answers}, remap=remap, expected_sha256=expected_sha256
+        )
 
 
 class LxmertForVQA(LxmertForQuestionAnswering):
@@ -898,13 +910,18 @@ class LxmertForNLVR2(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike[str] | Mapping[str, Tensor], config: LxmertConfig | None = None
+        cls,
+        source: str | os.PathLike[str] | Mapping[str, Tensor],
+        config: LxmertConfig | None = None,
+        *,
+        expected_sha256: str | None = None,
     ) -> LxmertForNLVR2:
         """Load a backbone, and `logit_fc` from a fine-tuned NLVR2 checkpoint if it has one.
 
         Args:
             source: As `LxmertModel.from_pretrained`.
             config: Backbone sizes; inferred by default.
+            expected_sha256: As `LxmertModel.from_pretrained`.
 
         Returns:
             The model in eval mode.
@@ -916,7 +933,7 @@ class LxmertForNLVR2(nn.Module):
             >>> torch.equal(model.logit_fc[3].weight, donor.logit_fc[3].weight)
             True
         """
-        return _from_pretrained(cls, source, config, heads={})
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
 
 
 class _PredictionHeadTransform(nn.Module):
@@ -1061,24 +1078,29 @@ class LxmertForPreTraining(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike[str] | Mapping[str, Tensor], config: LxmertConfig | None = None
+        cls,
+        source: str | os.PathLike[str] | Mapping[str, Tensor],
+        config: LxmertConfig | None = None,
+        *,
+        expected_sha256: str | None = None,
     ) -> LxmertForPreTraining:
         """Load the backbone and every pre-training head (the tied decoder key may be present or absent).
 
         Args:
             source: As `LxmertModel.from_pretrained`.
             config: Sizes; inferred by default (including the QA, object and attribute label counts).
+            expected_sha256: As `LxmertModel.from_pretrained`.
 
         Returns:
             The model in eval mode.
 
         Examples:
             >>> donor = LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8))
-            >>> model = LxmertForPreTraining.from_pretrained(donor.state_dict())
+            >>> model = LxmertForPreTraining.from_pretrained(donor.state_dict(), donor.config)
             >>> torch.equal(model.cls.predictions.bias, donor.cls.predictions.bias)
             True
         """
-        return _from_pretrained(cls, source, config, heads={})
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1089,15 +1111,26 @@ _HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.", "logit_fc.")
 _BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 
 
-def load_lxmert_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+def load_lxmert_state_dict(
+    path: str | os.PathLike[str], *, expected_sha256: str | None = None
+) -> dict[str, Tensor]:
     """Read the tensors of a checkpoint file or a Hugging Face model folder, on CPU, without running any pickle code.
+
+    Neither torch files nor safetensors store a checksum of the tensor bytes: a file that cannot be parsed
+    (truncated, not a checkpoint) raises, but a flipped byte inside a tensor is only caught when
+    `expected_sha256` is given.
 
     Args:
         path: `.pth` / `.pt` / `.bin` (torch) or `.safetensors` file, or a folder holding `model.safetensors` or
             `pytorch_model.bin`. A `{"state_dict": ...}` or `{"model": ...}` wrapper is unwrapped.
+        expected_sha256: The file's SHA-256 (64 hex digits); if given, checked before reading.
 
     Returns:
         Key -> tensor, names as stored.
+
+    Raises:
+        FileNotFoundError: `path` does not exist (the error is also an `AdvlabValueError`).
+        AdvlabValueError: The file cannot be read, holds no state dict, or has another SHA-256.
 
     Examples:
         >>> import tempfile, os
@@ -1106,48 +1139,7 @@ def load_lxmert_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         >>> list(load_lxmert_state_dict(path))
         ['module.bert.pooler.dense.bias']
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise AdvlabTypeError(f"Expected `path` to be a str or os.PathLike, but got {type(path).__name__}.")
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-        else:
-            raise AdvlabValueError(
-                f"Expected the folder `path` to hold model.safetensors or pytorch_model.bin, but got {path!r}."
-            )
-    if not os.path.isfile(path):
-        raise AdvlabValueError(f"Expected `path` to be an existing checkpoint file, but got {path!r}.")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise AdvlabValueError(
-                f"Expected the `safetensors` package to read {path!r}, but it is not installed "
-                "(pip install safetensors)."
-            ) from None
-    try:
-        if path.endswith(".safetensors"):
-            obj: Any = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, bad safetensors header: all mean corrupt
-        raise AdvlabValueError(
-            f"Could not read the checkpoint {path!r}; it looks corrupt or truncated ({type(err).__name__}: {err})."
-        ) from None
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model"):
-            if wrapper in obj and isinstance(obj[wrapper], Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise AdvlabValueError(
-            f"Expected the checkpoint {path!r} to hold a state dict (name -> tensor), but got {type(obj).__name__}"
-            " with non-tensor values."
-        )
-    return dict(obj)
+    return read_state_dict(path, expected_sha256=expected_sha256)[0]
 
 
 def convert_lxmert_state_dict(state_dict: Mapping[str, Tensor], *, hidden_size: int | None = None) -> dict[str, Tensor]:
@@ -1200,67 +1192,71 @@ def convert_lxmert_state_dict(state_dict: Mapping[str, Tensor], *, hidden_size: 
     return renamed
 
 
-def _count_layers(keys: Sequence[str], stage: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(rf"lxmert\.encoder\.{stage}\.(\d+)\.", k))}
-    if found and found != set(range(max(found) + 1)):
-        missing = sorted(set(range(max(found) + 1)) - found)
-        raise AdvlabValueError(
-            f"Expected consecutive `encoder.{stage}` layers in the checkpoint, but {missing} are absent."
-        )
-    return len(found)
-
-
-def _heads_from_hf_config(source: object) -> int | None:
-    """`num_attention_heads` from a Hugging Face `config.json` next to the weights, if there is one."""
+def _hf_config(source: object) -> dict[str, Any]:
+    """The Hugging Face `config.json` beside the weights (or in the folder), or {} if there is none."""
     if not isinstance(source, (str, os.PathLike)):
-        return None
+        return {}
     path = os.fspath(source)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     try:
         import json
 
         with open(os.path.join(folder, "config.json")) as f:
-            heads = json.load(f).get("num_attention_heads")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return heads if isinstance(heads, int) and heads > 0 else None
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _infer_config(sd: Mapping[str, Tensor], heads: int | None = None) -> LxmertConfig:
+_STAGES = {"l_layers": "layer", "x_layers": "x_layers", "r_layers": "r_layers"}
+
+
+def _stage_suffixes(stage: str) -> list[str]:
+    """The keys one layer of a stage holds, relative to `lxmert.encoder.{stage}.N.`."""
+    cfg = LxmertConfig.tiny(l_layers=1, x_layers=1, r_layers=1)
+    return list((_XLayer(cfg) if stage == "x_layers" else _Layer(cfg)).state_dict())
+
+
+def _infer_config(sd: Mapping[str, Tensor], declared: Mapping[str, Any], source: str) -> LxmertConfig:
+    """The configuration of an LXMERT state dict, or an error saying why it cannot be told for sure.
+
+    `declared` is a Hugging Face `config.json` (possibly empty): its head and layer counts are used. Without it,
+    the weights say nothing about the heads, so only the released size (hidden 768, 9/5/5 layers) is accepted.
+    """
+
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
             raise AdvlabValueError(
-                f"Expected the checkpoint to contain backbone key {key!r} (needed to infer the config), but it is "
-                "missing; is this an LXMERT checkpoint?"
+                f"Expected the checkpoint {source} to contain backbone key {key!r} (needed to infer the config), but "
+                "it is missing; is this an LXMERT checkpoint? Pass `config=` to load it anyway."
             )
         return tuple(sd[key].shape)
 
-    vocab, hidden = shape("lxmert.embeddings.word_embeddings.weight")
-    keys = list(sd)
-    inter = next(
-        (
-            next(iter(v.shape))
-            for k, v in sd.items()
-            if k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))
-        ),
-        4 * hidden,
+    vocab = shape("lxmert.embeddings.word_embeddings.weight")[0]
+    counts = {
+        name: layer_count(sd, f"lxmert.encoder.{stage}", _stage_suffixes(stage), source=source, allow_empty=True)
+        for name, stage in _STAGES.items()
+    }
+    hidden = majority_size(
+        sd,
+        ["lxmert.embeddings.word_embeddings.weight", "lxmert.embeddings.position_embeddings.weight"]
+        + [k for k in sd if k.startswith("lxmert.encoder.") and k.endswith("LayerNorm.weight")],
+        -1,
+        what="hidden size",
+        source=source,
     )
+    inter_keys = [k for k in sd if k.startswith("lxmert.") and k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))]
+    inter = majority_size(sd, inter_keys, 0, what="intermediate size", source=source) if inter_keys else 4 * hidden
     kwargs: dict[str, Any] = {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        # Not in the tensors: head size 64 in every released model; pass `config` otherwise.
-        "num_attention_heads": heads or max(1, hidden // 64),
         "intermediate_size": inter,
-        "l_layers": _count_layers(keys, "layer"),
-        "x_layers": _count_layers(keys, "x_layers"),
-        "r_layers": _count_layers(keys, "r_layers"),
+        **counts,
         "visual_feat_dim": shape("lxmert.encoder.visn_fc.visn_fc.weight")[1],
         "visual_pos_dim": shape("lxmert.encoder.visn_fc.box_fc.weight")[1],
         "max_position_embeddings": shape("lxmert.embeddings.position_embeddings.weight")[0],
         "type_vocab_size": shape("lxmert.embeddings.token_type_embeddings.weight")[0],
     }
-    if hidden % kwargs["num_attention_heads"]:
-        kwargs["num_attention_heads"] = 1
     for key, field_name in (
         ("answer_head.logit_fc.3.weight", "num_qa_labels"),
         ("obj_predict_head.decoder_dict.obj.weight", "num_object_labels"),
@@ -1268,7 +1264,49 @@ def _infer_config(sd: Mapping[str, Tensor], heads: int | None = None) -> LxmertC
     ):
         if key in sd:
             kwargs[field_name] = sd[key].shape[0]
-    return LxmertConfig(**kwargs)
+    heads = declared.get("num_attention_heads")
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        # a Hugging Face folder: its config.json says how many heads and layers; missing layer keys are then listed
+        for name in _STAGES:
+            value = declared.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                kwargs[name] = value
+        clash = [
+            f"{name} {declared[name]} in config.json, {kwargs[name]} in the tensors"
+            for name in ("vocab_size", "hidden_size", "intermediate_size", "visual_feat_dim")
+            if name in declared and declared[name] != kwargs[name]
+        ]
+        if clash:
+            raise AdvlabValueError(
+                f"Expected the config.json beside {source} to describe its tensors, but {'; '.join(clash)}. "
+                "Pass `config=`."
+            )
+        return LxmertConfig(**kwargs, num_attention_heads=heads)
+    base = LxmertConfig.base()
+    found = ", ".join(f"{k}={kwargs[k]}" for k in ("hidden_size", "intermediate_size", *_STAGES))
+    if hidden != base.hidden_size:
+        raise AdvlabValueError(
+            f"Cannot infer the LXMERT configuration from {source}: the number of attention heads is not stored in the "
+            f"weights, there is no Hugging Face config.json beside them, and hidden size {hidden} is not the released "
+            f"model's (768, 12 heads). Pass `config=LxmertConfig({found}, num_attention_heads=..., ...)` with the "
+            "model's number of attention heads."
+        )
+    released = (base.intermediate_size, base.l_layers, base.x_layers, base.r_layers)
+    if (inter, counts["l_layers"], counts["x_layers"], counts["r_layers"]) != released:
+        absent = [
+            f"lxmert.encoder.{stage}.{i}.*"
+            for name, stage in _STAGES.items()
+            for i in range(counts[name], getattr(base, name))
+        ]
+        raise AdvlabValueError(
+            f"Cannot infer the LXMERT configuration from {source}: hidden size 768 is the released model, which has "
+            f"intermediate size 3072 and 9 language, 5 cross-modality and 5 relationship layers, but the checkpoint "
+            f"has {found}"
+            + (f" (missing: {absent[:6]}{' ...' if len(absent) > 6 else ''})" if absent else "")
+            + ". If the file is complete and the model really has this shape, pass `config=LxmertConfig("
+            f"{found}, num_attention_heads=...)` with its number of attention heads."
+        )
+    return LxmertConfig(**kwargs, num_attention_heads=base.num_attention_heads)
 
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -1280,11 +1318,15 @@ def _from_pretrained(
     config: LxmertConfig | None,
     heads: dict[str, Any],
     remap: tuple[Sequence[str] | Mapping[str, int], Sequence[str] | Mapping[str, int] | None] | None = None,
+    expected_sha256: str | None = None,
 ) -> _M:
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict given"
+    name = "the state dict given"
     if isinstance(source, (str, os.PathLike)):
-        raw = load_lxmert_state_dict(source)
+        raw, file = read_state_dict(source, expected_sha256=expected_sha256, argument="source")
+        name = repr(file)
     elif isinstance(source, Mapping):
+        if expected_sha256 is not None:
+            raise AdvlabValueError("Expected `expected_sha256` only with a checkpoint file, but got a state dict.")
         raw = dict(source)
     else:
         raise AdvlabTypeError(
@@ -1300,7 +1342,7 @@ def _from_pretrained(
             f"{' ...' if len(unknown) > 10 else ''}."
         )
     if config is None:
-        config = _infer_config(sd, heads=_heads_from_hf_config(source))
+        config = _infer_config(sd, _hf_config(source), name)
 
     # Build the model asked for; the QA head takes the file's size unless told otherwise.
     if issubclass(cls, LxmertForQuestionAnswering):
@@ -1363,10 +1405,17 @@ def _from_pretrained(
         notes.append(f"dropped {len(mismatched)} head keys of another size: {mismatched[:4]}")
     if heads_missing:
         notes.append(f"left {len(heads_missing)} head keys randomly initialised: {heads_missing[:6]}")
-    try:
-        model.load_state_dict(target, strict=False)
-    except RuntimeError as err:
-        raise AdvlabValueError(f"Expected the tensors in {name} to fit {cls.__name__}({config}), but: {err}") from None
+    wrong = [
+        f"{k} expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+        for k, v in target.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise AdvlabValueError(
+            f"Expected the tensors in {name} to fit {cls.__name__}({config}), but {len(wrong)} have another shape: "
+            f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
+        )
+    model.load_state_dict(target, strict=False)
     if notes:
         warnings.warn(f"Loading {name} into {cls.__name__}: " + "; ".join(notes) + ".", stacklevel=3)
     return model.eval()  # type: ignore[return-value]
