@@ -58,8 +58,8 @@ class FastAT:
         >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
         >>> fast = advlab.FastAT(model, {"txt": "0"}, eps=0.1, generator=torch.Generator().manual_seed(0))
         >>> stats = fast.step(lambda: model(ids), lambda out: nn.functional.cross_entropy(out, y))
-        >>> stats.delta_norm["txt"] <= 0.1  # mean per-row max-abs: FGSM-RS projects
-        True
+        >>> round(stats.delta_norm["txt"], 6)  # mean per-row max-abs: FGSM-RS clamps to ε
+        0.1
     """
 
     def __init__(
