@@ -32,6 +32,7 @@ from tests.strategies import (
     tensors,
     tensors_elementwise,
     unmasked_rows,
+    wide_tensors,
 )
 
 PROJECTIONS = {
@@ -110,6 +111,82 @@ def test_project_unbounded_only_masks(norm, data):
 def test_project_bfloat16_is_the_float32_projection_rounded(x, radius, norm):
     xb = x.bfloat16()
     assert torch.equal(advlab.project(xb, norm, radius), advlab.project(xb.float(), norm, radius).bfloat16())
+
+
+def _unit_view(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """`x` as rows of the units a norm is taken over: [units, elements]."""
+    return x.reshape(-1, x.shape[-1]) if norm == "l2_token" else x.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token"])
+@given(data=st.data(), factor=st.floats(0.01, 0.99), dtype=dtypes)
+def test_project_puts_an_outside_point_on_the_sphere_along_its_own_direction(norm, data, factor, dtype):
+    """Outside rows (positions) become radius * x / ||x||: not merely 'inside', the formula itself."""
+    shape = data.draw(shapes)
+    x = data.draw(wide_tensors(shape, dtype, spread=data.draw(st.sampled_from([0, 3, 20]))))
+    mask = data.draw(optional_masks(shape))
+    n = ref_norm(x, norm, mask)
+    live = n > 0
+    if not live.any() or not torch.isfinite(n).all():
+        return
+    radius = float(n[live].min()) * factor  # every unit with a nonzero norm is outside
+    if not 0 < radius < float("inf"):
+        return
+    out = advlab.project(x, norm, radius, mask=mask)
+    masked_x = torch.where(expand_mask(mask, x), x.double(), torch.zeros((), dtype=torch.float64))
+    expected = masked_x * (radius / torch.where(live, n, torch.ones_like(n))).unsqueeze(-1).reshape(
+        n.shape + (1,) * (x.dim() - n.dim())
+    )
+    # elementwise: the rounding of each output element, relative to the radius it is measured against
+    # (and the dtype's subnormal spacing, where a small radius puts the result below its normal range)
+    subnormal = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    assert_close(out.double(), expected, rtol=rtol_for(dtype), atol=rtol_for(dtype) * radius + subnormal)
+    # and the result lies on the sphere (computed independently in float64)
+    on = ref_norm(out, norm)[live]
+    atol = subnormal * _unit_view(x, norm).shape[-1] ** 0.5
+    assert_close(on, torch.full_like(on, radius), rtol=2 * rtol_for(dtype) + 1e-12 * x.shape[-1], atol=atol)
+
+
+@given(data=st.data(), radius=radii, dtype=dtypes)
+def test_linf_projection_clamps_each_element(data, radius, dtype):
+    shape = data.draw(shapes)
+    x = data.draw(wide_tensors(shape, dtype, spread=data.draw(st.sampled_from([0, 3, 20]))))
+    mask = data.draw(optional_masks(shape))
+    out = advlab.project(x, "linf", radius, mask=mask)
+    masked_x = torch.where(expand_mask(mask, x), x, torch.zeros((), dtype=x.dtype))
+    # the clamp of each element to [-r, r] rounded to the dtype, nothing else (untouched rows included)
+    expected = masked_x.double().clamp(-radius, radius).to(dtype)
+    assert torch.equal(out, expected)
+
+
+def _unit_max_abs(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Max-abs of each unit a norm is taken over, broadcastable to `x` (1 for zero units)."""
+    m = x.abs().amax(-1, keepdim=True) if norm == "l2_token" else x.abs().flatten(1).amax(-1)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return m if norm == "l2_token" else m.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+@given(data=st.data(), dtype=dtypes)
+def test_normalize_values_are_the_gradient_over_its_norm(norm, data, dtype):
+    """Each element is g / max(||g||, 1e-8), at every magnitude the dtype holds (not only unit norm)."""
+    shape = data.draw(shapes)
+    x = data.draw(wide_tensors(shape, dtype))
+    mask = data.draw(optional_masks(shape))
+    out = advlab.normalize(x, norm, mask=mask)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    masked_x = torch.where(expand_mask(mask, x), x.double(), torch.zeros((), dtype=torch.float64))
+    # reference in float64 as (g / s) / max(||g / s||, eps / s), s the unit's max-abs: the norm of
+    # float64 values near 1e308 is itself beyond float64
+    s = _unit_max_abs(masked_x, norm)
+    n = ref_norm(masked_x / s, norm)
+    n = n.reshape(n.shape + (1,) * (x.dim() - n.dim()))
+    expected = (masked_x / s) / torch.maximum(n, 1e-8 / s)
+    # each element of a unit vector: its dtype's rounding (relative to 1), and float32's in the norm
+    assert_close(out.double(), expected, rtol=rtol_for(dtype), atol=rtol_for(dtype))
+    true_norm = (n * s).reshape(n.shape[: (x.dim() - 1 if norm == "l2_token" else 1)])
+    got = ref_norm(out, norm)[true_norm > 2e-8]
+    assert_close(got, torch.ones_like(got), rtol=0.0, atol=rtol_for(dtype) * 2)
 
 
 # ---------------------------------------------------------------------------------------------- masks
