@@ -176,7 +176,8 @@ class _Problem:
         return output, value, zeros, self._keep(output)
 
     def grads_of(self, value: Tensor, leaves: list[Tensor]) -> list[Tensor | None]:
-        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+        with torch.enable_grad():  # the sum joins the graph also when the caller runs under no_grad
+            grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
         for slot, g in zip(self.slots, grads):
             if g is not None and not bool(torch.isfinite(g).all()):
                 raise NonFiniteError(f"Expected a finite gradient of the loss in δ of {slot.label!r}, but it is not.")
