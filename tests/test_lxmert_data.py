@@ -125,3 +125,45 @@ def test_duplicate_ids_and_bad_arguments(tmp_path):
         load_obj36(3)
     with pytest.raises(advlab.AdvlabValueError, match="records"):
         collate_obj36([])
+
+
+def truncated_last_line(n=3, dim=8, keep_width=4):
+    """A line cut inside `features` at a base64 boundary where the bytes still split into n rows of floats."""
+    line, _ = fixture_line("COCO_2", n=n, dim=dim, seed=1)
+    head, features = line.rsplit("\t", 1)
+    kept = n * keep_width * 4  # bytes of a narrower feature matrix; a multiple of 3 keeps base64 valid
+    assert kept % 3 == 0
+    return head + "\t" + features[: kept // 3 * 4]
+
+
+def test_a_last_line_truncated_at_a_base64_boundary_is_refused(tmp_path):
+    # fails if each line's width is inferred on its own (the old reader returned width 4 for line 2 without a word)
+    good, _ = fixture_line("COCO_1", n=3, dim=8)
+    path = tmp_path / "cut.tsv"
+    path.write_text(good + "\n" + truncated_last_line())  # no line break at the end: the file was cut
+    with pytest.raises(advlab.AdvlabValueError, match=r"cut.tsv, line 2: expected features of width 8 \(as on line 1\)"
+                       r".*decode to width 4; the line has no line break at the end of the file, so the file looks "
+                       r"truncated"):
+        load_obj36(path)
+    with pytest.raises(advlab.AdvlabValueError, match="line 2"):
+        load_obj36(path, feature_dim=8)
+
+
+def test_a_lone_truncated_record_warns_without_feature_dim(tmp_path):
+    path = tmp_path / "one.tsv"
+    path.write_text(truncated_last_line())
+    with pytest.warns(UserWarning, match="only record has 4-wide features and no line break"):
+        assert load_obj36(path)["COCO_2"].features.shape == (3, 4)
+    with pytest.raises(advlab.AdvlabValueError, match="one.tsv, line 1"):
+        load_obj36(path, feature_dim=8)
+
+
+def test_a_non_utf8_img_id_names_the_file_line_and_field(tmp_path):
+    # fails on the old reader, which raised a raw UnicodeDecodeError from the text-mode file
+    good, _ = fixture_line("COCO_1", n=2, dim=4)
+    bad, _ = fixture_line("COCO_2", n=2, dim=4)
+    path = tmp_path / "latin.tsv"
+    path.write_bytes(good.encode() + b"\n" + b"caf\xe9" + bad.encode()[len("COCO_2"):] + b"\n")
+    with pytest.raises(advlab.AdvlabValueError, match=r"latin.tsv, line 2: expected UTF-8 text, but field `img_id` "
+                       r"holds byte 0xe9 at byte 3"):
+        load_obj36(path)

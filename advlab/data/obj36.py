@@ -18,6 +18,7 @@ in [0, 1], which is what this reader returns by default. numpy is imported only 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ OBJ36_FIELDS = (
     "features",
 )
 
+_RELEASED_WIDTH = 2048  # pool5_flat of the Caffe BUTD Faster R-CNN
 _BOX_TOLERANCE = 1e-5  # the original loaders assert boxes in [0, 1] with this slack
 
 
@@ -170,11 +172,20 @@ def iter_obj36(
     Args:
         path: The `.tsv` file.
         normalize_boxes: Divide x by image width and y by height (what LXMERT expects); `False` keeps pixels.
-        feature_dim: Expected feature width (2048 for the released files); `None` infers it per line.
+        feature_dim: Expected feature width (2048 for the released files); `None` infers it from the first
+            record and holds every later record to it.
         limit: Stop after this many images (the original's `topk`).
 
     Returns:
-        An iterator of records. Raises `AdvlabValueError` naming the file and line number for a malformed line.
+        An iterator of records.
+
+    Raises:
+        AdvlabValueError: A malformed line, named by file and line number: wrong field count, a field that is not
+            base64 or whose decoded byte count is not `num_boxes` times the width, a feature width other than
+            `feature_dim` (or than the first record's), or bytes that are not UTF-8. A file truncated at a base64
+            boundary in its last line is caught this way whenever the width is known or another line gives it;
+            a single-record file with no `feature_dim` cannot be checked, and a warning says so when its width is
+            not 2048 and it does not end with a line break.
 
     Examples:
         >>> import base64, tempfile, os, numpy as np
@@ -201,14 +212,53 @@ def iter_obj36(
     if not os.path.isfile(path):
         raise AdvlabValueError(f"Expected `path` to be an existing obj36 TSV file, but got {path!r}.")
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    seen: tuple[int, int] | None = None  # (feature width, line) of the first record when the width is inferred
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and count >= limit:
                 return
+            where = f"{path}, line {lineno}"
+            line = _text(raw, where)
             if not line.strip():
                 continue
-            yield _parse_line(line, f"{path}, line {lineno}", normalize_boxes, feature_dim)
+            record = _parse_line(line, where, normalize_boxes, feature_dim)
+            unterminated = not raw.endswith(b"\n")
+            if feature_dim is None:
+                width = int(record.features.shape[1])
+                if seen is None:
+                    seen = (width, lineno)
+                    if unterminated and width != _RELEASED_WIDTH:
+                        warnings.warn(
+                            f"{where}: the only record has {width}-wide features and no line break at the end of the "
+                            "file, which may be truncated; pass `feature_dim=` to have the width checked.",
+                            UserWarning,
+                            stacklevel=2,
+                        )
+                elif width != seen[0]:
+                    raise AdvlabValueError(
+                        f"{where}: expected features of width {seen[0]} (as on line {seen[1]}), but the "
+                        f"{record.num_boxes} boxes of this line decode to width {width}"
+                        + (
+                            "; the line has no line break at the end of the file, so the file looks truncated"
+                            if unterminated
+                            else ""
+                        )
+                        + ". Pass `feature_dim=` to state the width."
+                    )
+            yield record
             count += 1
+
+
+def _text(raw: bytes, where: str) -> str:
+    """A line of the file as text, or an error naming the field with the bytes that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        field = OBJ36_FIELDS[min(raw.count(b"\t", 0, err.start), len(OBJ36_FIELDS) - 1)]
+        raise AdvlabValueError(
+            f"{where}: expected UTF-8 text, but field `{field}` holds byte 0x{raw[err.start]:02x} at byte "
+            f"{err.start} of the line, which is not valid UTF-8."
+        ) from None
 
 
 def load_obj36(
