@@ -36,12 +36,12 @@ def messy_folder(tmp_path):
     (tmp_path / "food" / "potato.txt").write_bytes("\ufeffA brown  potato. \n".encode())  # BOM, spaces
     _png(tmp_path / "top.png")
     (tmp_path / "top.txt").write_text("A spinning top.")  # no newline at all
-    # bad: no caption file, empty caption, undecodable caption, broken PNG, truncated PNG
+    _png(tmp_path / "food" / "latin1.png")
+    (tmp_path / "food" / "latin1.txt").write_bytes(b"Caf\xe9 au lait.\n")  # not UTF-8: read as Windows-1252
+    # bad: no caption file, empty caption, broken PNG, truncated PNG
     _png(tmp_path / "food" / "nocaption.png")
     _png(tmp_path / "food" / "empty.png")
     (tmp_path / "food" / "empty.txt").write_text("\nde.utf8=Leer\n")
-    _png(tmp_path / "food" / "latin1.png")
-    (tmp_path / "food" / "latin1.txt").write_bytes(b"Caf\xe9 au lait.\n")
     (tmp_path / "food" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (tmp_path / "food" / "broken.txt").write_text("A broken file.\n")
     _png(tmp_path / "food" / "cut.png", size=(64, 64))
@@ -63,14 +63,17 @@ def test_reader_skips_bad_files_with_one_warning(messy_folder):
         items = scan_caption_folder(messy_folder)
     assert [(x.path.relative_to(messy_folder).as_posix(), x.caption, x.category) for x in items] == [
         ("animals/birds/crow.png", "A crow.", "animals/birds"),
+        ("food/latin1.png", "Café au lait.", "food"),
         ("food/potato.png", "A brown potato.", "food"),
         ("top.png", "A spinning top.", ""),
     ]
     assert len(caught) == 1
     message = str(caught[0].message)
     assert caught[0].category is UserWarning and caught[0].filename == __file__  # points at the caller
-    assert "Skipped 6 files" in message
-    assert "3 no caption" in message and "2 unreadable image" in message and "1 svg without a raster twin" in message
+    assert "Skipped 5 files" in message
+    assert "1 no caption file" in message and "1 blank caption" in message
+    assert "2 unreadable image" in message and "1 svg without a raster twin" in message
+    assert "read 1 captions" in message and "not UTF-8 as Windows-1252" in message and "kept 4 images" in message
 
 
 def test_verify_mode_catches_broken_header_and_none_trusts_files(messy_folder):
@@ -79,7 +82,7 @@ def test_verify_mode_catches_broken_header_and_none_trusts_files(messy_folder):
         verified = scan_caption_folder(messy_folder, check="verify")
         trusted = scan_caption_folder(messy_folder, check="none")
     assert "food/broken.png" not in {x.path.relative_to(messy_folder).as_posix() for x in verified}
-    assert len(trusted) == 5  # only caption problems are skipped
+    assert len(trusted) == 6  # only caption problems are skipped
 
 
 def test_clean_folder_warns_nothing(tmp_path):
@@ -255,3 +258,52 @@ def test_real_tuxpaint_folder():
     splits = folder.split(seed=0)
     assert not (_keys(splits.train) & _keys(splits.test)) and not (_keys(splits.val) & _keys(splits.test))
     assert len(splits.test) == len(_keys(splits.test)) >= 100
+
+
+def test_non_regular_files_are_skipped_counted_and_never_opened(tmp_path):
+    # a FIFO named *.txt blocked the old reader forever (open() waits for a writer); run it in a thread with a timeout
+    import os
+    import threading
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("A.\n")
+    _png(tmp_path / "fifo_caption.png")
+    os.mkfifo(tmp_path / "fifo_caption.txt")
+    os.mkfifo(tmp_path / "fifo_image.png")
+    (tmp_path / "fifo_image.txt").write_text("A pipe.\n")
+    (tmp_path / "dir_caption.png").write_bytes(b"")
+    (tmp_path / "dir_caption.txt").mkdir()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "dangling.txt").write_text("Gone.\n")
+    result = {}
+
+    def scan():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["items"] = scan_caption_folder(tmp_path, check="none")
+        result["warnings"] = [str(w.message) for w in caught]
+
+    worker = threading.Thread(target=scan, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # unblock the old reader's open() so the thread ends, then fail
+        with open(tmp_path / "fifo_caption.txt", "w"):
+            pass
+        pytest.fail("scan_caption_folder blocked on a FIFO named *.txt")
+    assert [x.path.name for x in result["items"]] == ["a.png"]
+    (message,) = result["warnings"]
+    assert "Skipped 4 files" in message
+    assert "2 caption file not a regular file" in message and "2 image not a regular file" in message
+    assert read_caption(tmp_path / "fifo_caption.txt") is None
+
+
+def test_read_caption_encodings(tmp_path):
+    # fails on the old reader, which returned None (counted as "no caption") for any non-UTF-8 byte
+    (tmp_path / "cp.txt").write_bytes(b"\x93Quoted\x94 caf\xe9.\nfr.utf8=Caf\xc3\xa9\n")
+    assert read_caption(tmp_path / "cp.txt") == "\u201cQuoted\u201d café."
+    (tmp_path / "u16.txt").write_bytes("A crow.\nsecond\n".encode("utf-16"))
+    assert read_caption(tmp_path / "u16.txt") == "A crow."
+    (tmp_path / "undefined.txt").write_bytes(b"x\x81y\n")  # undefined in Windows-1252: Latin-1
+    assert read_caption(tmp_path / "undefined.txt") == "x\x81y"
+    (tmp_path / "utf8_later.txt").write_bytes(b"A crow.\nde=\xff\n")  # only the first line is decoded
+    assert read_caption(tmp_path / "utf8_later.txt") == "A crow."

@@ -15,15 +15,20 @@ The layout is the one Tux Paint's stamps use: `animals/birds/crow.png` beside
 * the validation and test galleries keep one image per caption (the first by path), so a caption
   has exactly one correct image and R@K is well defined.
 
-Images Pillow cannot read and images with no (or an empty) caption file are skipped and counted
-in one warning; nothing crashes. SVG files are not rasterised: those without a raster twin of the same name are counted as skipped.
+Images Pillow cannot read, images with no (or an empty) caption file, and files that are not
+regular files (a FIFO, socket or device named like an image or a caption is never opened) are
+skipped and counted in one warning; nothing crashes or hangs. Captions that are not UTF-8 are read
+as Windows-1252 and counted in the same warning. SVG files are not rasterised: those without a
+raster twin of the same name are counted as skipped.
 Pillow is imported only when images are checked (`pip install pillow`).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -130,26 +135,71 @@ def caption_key(caption: str) -> str:
 def read_caption(path: str | os.PathLike[str]) -> str | None:
     r"""Read the caption in a `.txt` file: its first line, stripped.
 
+    The text is read as UTF-8 (a byte-order mark is ignored; UTF-16 with a byte-order mark is
+    read too). A first line that is not valid UTF-8 is read as Windows-1252 (Latin-1 for the five
+    bytes Windows-1252 leaves undefined), the encoding of most older text files;
+    [`scan_caption_folder`][advlab.data.captions.scan_caption_folder] counts such captions in its
+    warning. A FIFO, device or folder named `*.txt` is never opened for reading (it could block).
+
     Args:
-        path: The text file (UTF-8; a byte-order mark is ignored).
+        path: The text file.
 
     Returns:
-        The caption, or None if the file is missing, unreadable, not UTF-8 or its first line is blank.
+        The caption, or None if the file is missing, not a regular file, unreadable, or its first
+        line is blank.
 
     Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     _ = (Path(tmp) / "crow.txt").write_text("A crow.\nfr.utf8=Un corbeau.\n")
-        ...     read_caption(Path(tmp) / "crow.txt")
-        'A crow.'
+        ...     _ = (Path(tmp) / "cafe.txt").write_bytes(b"Caf\xe9 au lait.\n")
+        ...     read_caption(Path(tmp) / "crow.txt"), read_caption(Path(tmp) / "cafe.txt")
+        ('A crow.', 'Café au lait.')
     """
+    return _caption(path)[0]
+
+
+_CAPTION_BYTES = 1 << 16  # a caption is one short line; never read more than this
+
+
+def _caption(path: str | os.PathLike[str]) -> tuple[str | None, str]:
+    """(caption or None, how): how is "utf-8", "legacy" (not UTF-8), or why there is no caption."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            first = f.readline()
-    except (OSError, UnicodeDecodeError):
-        return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # non-blocking: a FIFO must not hang
+    except FileNotFoundError:
+        return None, "no caption file"
+    except OSError:
+        return None, "unreadable caption file"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "caption file not a regular file"
+        chunks, size = [], 0
+        while size < _CAPTION_BYTES and (chunk := os.read(fd, _CAPTION_BYTES - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None, "unreadable caption file"
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    how = "utf-8"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            first = data.decode("utf-16").splitlines()[0] if data[2:] else ""
+        except UnicodeDecodeError:
+            return None, "unreadable caption file"
+    else:
+        line = data.split(b"\n", 1)[0].removeprefix(codecs.BOM_UTF8)
+        try:
+            first = line.decode("utf-8")
+        except UnicodeDecodeError:
+            how = "legacy"
+            try:
+                first = line.decode("cp1252")
+            except UnicodeDecodeError:
+                first = line.decode("latin-1")
     first = " ".join(first.split())
-    return first or None
+    return (first, how) if first else (None, "blank caption")
 
 
 def _image_is_readable(path: Path, check: ImageCheck) -> bool:
@@ -177,8 +227,11 @@ def scan_caption_folder(
     r"""List the captioned images under `root`, skipping bad files with one warning.
 
     An image is `DIR/NAME.EXT` with `EXT` in `suffixes` (any case); its caption is the first line
-    of `DIR/NAME.txt`. Images without a caption file, with a blank first line, or that Pillow
-    cannot read are skipped; so are SVG files (counted when no raster twin of the same name exists). One `UserWarning` counts what was skipped and why.
+    of `DIR/NAME.txt` (see [`read_caption`][advlab.data.captions.read_caption]). Images without a
+    caption file, with a blank first line, that Pillow cannot read, or where the image or its
+    caption is not a regular file (a FIFO, socket, device or broken link) are skipped; so are SVG
+    files (counted when no raster twin of the same name exists). One `UserWarning` counts what was
+    skipped and why, and how many captions were not UTF-8 (read as Windows-1252).
 
     Args:
         root: The folder to scan, recursively.
@@ -218,33 +271,39 @@ def _scan(
     if check not in ("load", "verify", "none"):
         raise AdvlabValueError(f"Expected `check` to be one of 'load', 'verify', 'none', but got {check!r}.")
     wanted = tuple(s.lower() for s in suffixes)
-    skipped = {"no caption": 0, "unreadable image": 0, "svg without a raster twin": 0}
+    skipped: dict[str, int] = {}
+    legacy = 0
     items: list[CaptionedImage] = []
     for path in sorted(root_path.rglob("*"), key=lambda p: p.relative_to(root_path).as_posix()):
         suffix = path.suffix.lower()
         if suffix in _VECTOR_SUFFIXES and suffix not in wanted and path.is_file():
             # Tux Paint ships a PNG twin for some SVGs: only an SVG with no accepted twin is a loss
             if not any(path.with_suffix(s).is_file() for s in wanted):
-                skipped["svg without a raster twin"] += 1
+                skipped["svg without a raster twin"] = skipped.get("svg without a raster twin", 0) + 1
             continue
-        if suffix not in wanted or not path.is_file():
+        if suffix not in wanted or path.is_dir():
             continue
-        caption = read_caption(path.with_suffix(".txt"))
+        if not path.is_file():  # a FIFO, socket, device or broken link: never opened
+            skipped["image not a regular file"] = skipped.get("image not a regular file", 0) + 1
+            continue
+        caption, how = _caption(path.with_suffix(".txt"))
         if caption is None:
-            skipped["no caption"] += 1
+            skipped[how] = skipped.get(how, 0) + 1
             continue
         if not _image_is_readable(path, check):
-            skipped["unreadable image"] += 1
+            skipped["unreadable image"] = skipped.get("unreadable image", 0) + 1
             continue
+        legacy += how == "legacy"
         category = path.parent.relative_to(root_path).as_posix()
         items.append(CaptionedImage(path=path, caption=caption, category="" if category == "." else category))
-    if any(skipped.values()):
-        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
-        warnings.warn(
-            f"Skipped {sum(skipped.values())} files under {str(root_path)!r} ({reasons}); kept {len(items)} images.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
+    if skipped or legacy:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+        notes = [f"Skipped {sum(skipped.values())} files under {str(root_path)!r} ({reasons})"] if skipped else []
+        if legacy:
+            notes.append(
+                f"read {legacy} captions under {str(root_path)!r} that are not UTF-8 as Windows-1252 / Latin-1"
+            )
+        warnings.warn(f"{'; '.join(notes)}; kept {len(items)} images.", UserWarning, stacklevel=stacklevel)
     return items
 
 
