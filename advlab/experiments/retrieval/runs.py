@@ -12,6 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData
@@ -64,11 +66,15 @@ def run_experiment(
     text_size: Mapping[str, int] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    save_weights: bool = False,
+    gate_factor: float = 3.0,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (backbone, arm, seed), resumably; baseline seeds first, then the gate.
 
     Each finished run is written at once to `out_dir/{backbone}-{arm}-seed{seed}.json`; a file
-    whose settings key matches is loaded instead of recomputed.
+    whose settings key matches is loaded instead of recomputed. Runs are deterministic on a
+    given machine and library version: the same settings give the same record and weights bit
+    for bit, in any process (tests/test_retrieval_repeat.py checks this).
 
     Args:
         data: Prepared splits.
@@ -80,6 +86,10 @@ def run_experiment(
         text_size: Overrides of the text sizes (tiny tests).
         progress: tqdm bars.
         log: Where progress lines go.
+        save_weights: Also write each trained model's state dict beside its record
+            (`{backbone}-{arm}-seed{seed}.pt`); a finished run without that file is then
+            recomputed rather than resumed.
+        gate_factor: The gate's multiple of chance (see `check_gate`); 0 lets any baseline pass.
 
     Returns:
         One record per run (backbone, arm, seed, val, test, losses, seconds, resumed).
@@ -120,7 +130,8 @@ def run_experiment(
                 rec = json.loads(path.read_text())
             except (OSError, ValueError):
                 rec = {}
-            if rec.get("key") == key and _finite_record(rec):
+            weights_ok = not save_weights or path.with_suffix(".pt").is_file()
+            if rec.get("key") == key and _finite_record(rec) and weights_ok:
                 rec["resumed"] = True
                 records.append(rec)
                 log(f"[{backbone}] {arm} seed {seed}: loaded from {path}")
@@ -137,6 +148,10 @@ def run_experiment(
             "backbone": backbone, "arm": arm, "seed": seed, "key": key, "config": asdict(config),
             "val": val, "test": test, "losses": losses, "seconds": time.perf_counter() - t0, "resumed": False,
         }
+        if save_weights:
+            tmp_pt = path.with_suffix(".pt.tmp")
+            torch.save(model.state_dict(), tmp_pt)
+            tmp_pt.replace(path.with_suffix(".pt"))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1))
         tmp.replace(path)  # atomic: a killed run never leaves a half-written record
@@ -149,7 +164,7 @@ def run_experiment(
         for seed in seeds:
             one(backbone, "baseline", seed)
         base = [r["val"]["r1"] for r in records if r["backbone"] == backbone and r["arm"] == "baseline"]
-        ok, line = check_gate(base, len(data.val))
+        ok, line = check_gate(base, len(data.val), factor=gate_factor)
         log(f"[{backbone}] {line}")
         if not ok and any(a != "baseline" for a in arms):
             raise GateError(f"[{backbone}] the baseline did not pass the gate; refusing to compare arms. {line}")
