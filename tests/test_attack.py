@@ -84,6 +84,30 @@ def test_linear_model_reaches_the_analytic_worst_case(norm, method):
     assert (delta[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("method", ["pgd", "apgd"])
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+def test_relative_radius_reaches_the_analytic_worst_case(norm, method):
+    """relative=True: the ball's radius is r times the clean norm of each row (each position for l2_token)."""
+    model, x, y, mask = _linear_case(seed=1)
+    r = 0.05
+    w = model.weight.detach()
+    wm = w.unsqueeze(0) * mask.unsqueeze(-1).to(w.dtype)
+    xm = x * mask.unsqueeze(-1).to(x.dtype)
+    if norm == "l2":
+        shift = r * torch.linalg.vector_norm(xm, dim=(1, 2)) * torch.linalg.vector_norm(wm, dim=(1, 2))
+    elif norm == "linf":
+        shift = r * xm.abs().amax(dim=(1, 2)) * wm.abs().sum(dim=(1, 2))
+    else:
+        shift = r * (torch.linalg.vector_norm(xm, dim=-1) * torch.linalg.vector_norm(wm, dim=-1)).sum(dim=1)
+    pert = advlab.Perturbation(step_size=0.02, radius=r, norm=norm, relative=True,
+                               direction="sign" if norm == "linf" else "gradient")
+    result = advlab.attack(model, sites={"x": "embed"}, perturbations={"x": pert}, forward=lambda: model(x),
+                           loss=lambda out: F.softplus(-y * out), steps=20, masks={"x": mask}, method=method)
+    want = F.softplus(-((y * model(x)).detach() - shift))
+    assert (result.loss - want).abs().max() < 1e-6
+    assert (result.deltas["x"][~mask] == 0).all()
+
+
 def test_linf_gradient_direction_converges_with_enough_steps():
     """The official g / max|g| direction reaches the L-inf vertex too, once every coordinate is clamped."""
     model, x, y, mask = _linear_case(seed=3)
@@ -180,8 +204,9 @@ def _prepare_state(model: nn.Module, pattern: int) -> None:
     steps=st.integers(1, 4),
     init=st.sampled_from(["zero", "sphere", "uniform"]),
     pattern=st.integers(0, 15),
+    relative=st.booleans(),
 )
-def test_properties(seed, norm, radius, method, mode, restarts, steps, init, pattern):
+def test_properties(seed, norm, radius, method, mode, restarts, steps, init, pattern, relative):
     """δ in every ball, masked positions exactly 0, loss >= clean, the returned δ gives the loss,
     and the model's parameters, .grad, requires_grad and training flags are as before."""
     model, (ids, img, tm, im), y = _tiny(seed % 7)
@@ -189,7 +214,7 @@ def test_properties(seed, norm, radius, method, mode, restarts, steps, init, pat
     before = _snapshot(model)
     sampler = {"zero": advlab.ZeroSampler(), "sphere": advlab.SphereSampler(2 * radius),
                "uniform": advlab.UniformSampler(radius)}[init]
-    pert = advlab.Perturbation(step_size=radius / 2, radius=radius, norm=norm, init=sampler,
+    pert = advlab.Perturbation(step_size=radius / 2, radius=radius, norm=norm, init=sampler, relative=relative,
                                direction="sign" if norm == "linf" else "gradient")
     masks = {"txt": tm, "img": im}
     result = advlab.attack(
@@ -200,9 +225,11 @@ def test_properties(seed, norm, radius, method, mode, restarts, steps, init, pat
     _assert_same_state(model, before)
     assert result.loss.shape == result.clean_loss.shape == (4,)
     assert (result.loss >= result.clean_loss).all()
-    ball = advlab.Ball(norm, radius)
+    clean = {"txt": model.word(ids).detach(), "img": img}
     for m, delta in result.deltas.items():
-        assert ball.contains(delta, mask=masks[m], rtol=1e-12).all()
+        bound = radius * (advlab.embedding_scale(clean[m], norm, mask=masks[m]) if relative else torch.ones((), dtype=torch.float64))
+        size = advlab.row_norm(delta, norm, mask=masks[m])
+        assert (size <= bound.reshape(size.shape if relative else ()) * (1 + 1e-12)).all()
         assert (delta[~masks[m]] == 0).all()
     # the δ returned reproduces the loss returned (eval mode, as during the attack)
     was = model.training

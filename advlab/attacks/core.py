@@ -115,8 +115,9 @@ def attack(
         generator: Randomness of the starts (and of `direction="random"`).
         method: `"pgd"` or `"apgd"`.
         radius: Overrides the perturbations' radii: one float for all modalities or a
-            mapping. 0 is allowed here and means δ ≡ 0 for that modality (no forward is
-            spent on it; with every radius 0, `result.loss` equals `result.clean_loss`).
+            mapping (a fraction of the clean row norm for `relative=True`). 0 is allowed
+            here and means δ ≡ 0 for that modality (no forward is spent on it; with every
+            radius 0, `result.loss` equals `result.clean_loss`).
         step_size: Overrides the perturbations' PGD step sizes (one float or a mapping).
         logits: Output to a batch-first tensor to keep at each example's worst case
             (`result.logits`) and clean (`result.clean_logits`), e.g. `advlab.default_logits`.
@@ -269,17 +270,13 @@ def _slots(
             if m not in attacked:
                 continue
             p = perturbations[m]
-            if getattr(p, "relative", False):
-                raise AdvlabValueError(
-                    f"Expected absolute sizes in `perturbations[{m!r}]`: attacks with relative=True are not "
-                    "supported yet; multiply the radius by the clean embedding norm (advlab.row_norm) instead."
-                )
             step = steps_override.get(m)
             slots.append(_Slot(
                 modality=m, call=call, perturbation=p, radius=float(radii[m]),  # type: ignore[arg-type]
                 step_size=p.step_size if step is None else step,
                 zero=torch.zeros_like(leaf.detach()),
                 mask=None if mask is None else mask.squeeze(-1),
+                scale=hooks.scales(m)[call] if p.relative else None,  # measured on the clean forward
             ))
             leaves.append(leaf)
     return slots, leaves
