@@ -222,3 +222,28 @@ def test_target_and_position_helpers():
         vqa_target([7], [1.0], num_answers=5)
     with pytest.raises(AdvlabValueError, match="norm_bb"):
         pos_feat_from_norm_bb(torch.zeros(2, 7))
+
+
+def test_a_truncated_lmdb_is_refused_before_it_is_mapped(tmp_path):
+    # the old reader mapped the file and died of SIGBUS on the first page past the end (this test then crashes)
+    rng = np.random.default_rng(4)
+    values = {f"img_{i}.npz": msgpack.dumps({k: msgpack_numpy_array(v) for k, v in image_record(rng, 3, [0.9] * 3).items()},
+                                           use_bin_type=True) for i in range(40)}
+    db_dir = tmp_path / "feat_th0.2_max100_min1"
+    write_lmdb(db_dir, values)
+    data = db_dir / "data.mdb"
+    env = lmdb.open(str(db_dir), readonly=True, lock=False)
+    pages, page_size = env.info()["last_pgno"] + 1, env.stat()["psize"]
+    env.close()
+    assert data.stat().st_size >= pages * page_size > 8 * page_size
+    full = data.read_bytes()
+    data.write_bytes(full[: (pages // 2) * page_size])
+    with pytest.raises(AdvlabValueError, match=rf"data.mdb' is truncated: its meta page says {pages} pages of "
+                       rf"{page_size} bytes .* but the file has {(pages // 2) * page_size} bytes"):
+        UniterImgDb(tmp_path, min_bb=1)
+    data.write_bytes(full[:100])
+    with pytest.raises(AdvlabValueError, match="to be an LMDB data file"):
+        UniterImgDb(tmp_path, min_bb=1)
+    data.write_bytes(full)  # whole again: it opens and reads
+    feat, _ = UniterImgDb(tmp_path, min_bb=1)["img_39.npz"]
+    assert feat.shape == (3, D)

@@ -147,11 +147,57 @@ def _decode_msgpack_numpy(obj: dict) -> Any:
     return np.frombuffer(data, dtype=np.dtype(dtype))[0]  # a numpy scalar
 
 
+# LMDB's meta pages (mdb.c, 64-bit little-endian builds): pages 0 and 1 each hold a 16-byte page header, then
+# MDB_meta: mm_magic u32 @16, mm_version u32 @20, mm_address @24, mm_mapsize @32, mm_dbs[2] (48 bytes each,
+# the first one's md_pad u32 @40 stores the page size), mm_last_pg u64 @136, mm_txnid u64 @144.
+_MDB_MAGIC = 0xBEEFC0DE
+_META_END = 152
+
+
+def _check_lmdb_size(path: str) -> None:
+    """Refuse a `data.mdb` shorter than its newest meta page says it is.
+
+    LMDB maps the file and reads pages by pointer: a page beyond the end of a truncated file is not an
+    error but a SIGBUS that kills the process. The newest meta page (highest transaction id) records
+    the last page in use, so the file must hold at least `(last_pg + 1) * page_size` bytes.
+    """
+    import struct
+
+    data_file = os.path.join(path, "data.mdb")
+    try:
+        size = os.path.getsize(data_file)
+        with open(data_file, "rb") as f:
+            head = f.read(_META_END)
+            if len(head) < _META_END or struct.unpack_from("<I", head, 16)[0] != _MDB_MAGIC:
+                raise AdvlabValueError(
+                    f"Expected {data_file!r} to be an LMDB data file (magic 0xBEEFC0DE after the first page header), "
+                    f"but it is not one, or it is truncated to {size} bytes."
+                )
+            page_size = struct.unpack_from("<I", head, 40)[0]
+            if page_size < _META_END or page_size & (page_size - 1):  # a power of two, as LMDB requires
+                raise AdvlabValueError(f"Expected a power-of-two page size in {data_file!r}, but got {page_size}.")
+            f.seek(page_size)
+            second = f.read(_META_END)
+    except FileNotFoundError:
+        return  # lmdb.open reports the missing file
+    metas = [head] + ([second] if len(second) == _META_END else [])
+    newest = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])
+    last_pg = struct.unpack_from("<Q", newest, 136)[0]
+    needed = (last_pg + 1) * page_size
+    if size < needed:
+        raise AdvlabValueError(
+            f"The LMDB file {data_file!r} is truncated: its meta page says {last_pg + 1} pages of {page_size} bytes "
+            f"({needed} bytes) are in use, but the file has {size} bytes. Reading it would crash the process "
+            "(SIGBUS); copy or download the database again."
+        )
+
+
 def _open_lmdb(path: str) -> Any:
     import lmdb
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Expected an LMDB directory at {path!r}, but it does not exist.")
+    _check_lmdb_size(path)
     try:
         return lmdb.open(path, readonly=True, create=False, lock=False, readahead=False, max_readers=512)
     except lmdb.Error as err:
