@@ -66,6 +66,8 @@ from advlab.neftune import NEFTune as NEFTune
 from advlab.trades import TRADES as TRADES
 from advlab.vat import VAT as VAT
 from advlab.fast_at import FastAT as FastAT
+from advlab.reference import ReferenceModel as ReferenceModel
+from advlab.awp import AWP as AWP
 
 __version__ = "0.1.0"
 
@@ -136,4 +138,6 @@ __all__ = [
     "TRADES",
     "VAT",
     "FastAT",
+    "ReferenceModel",
+    "AWP",
 ]
