@@ -238,7 +238,8 @@ class SiteHooks:
                 f"Only {got / value:.0%} of the perturbation's norm reaches the model at site {state.name!r} "
                 f"(modality {m!r}): added to the {state.dtype} embedding, most of δ (norm {value:.3g}) rounds away, "
                 "so training is hardly adversarial. Use sizes relative to the embedding, "
-                "Perturbation(..., relative=True), or a larger step_size; or run the site in float32.",
+                "Perturbation(..., relative=True) (in bfloat16 a relative step_size of 1e-3 or more gets through), "
+                "or a larger step_size; or compute the site in float32.",
                 RuntimeWarning,
                 stacklevel=4,  # warn_if_lost <- collect_stats <- a recipe's step <- the caller
             )
