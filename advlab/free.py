@@ -287,6 +287,11 @@ class FreeTraining:
         return tuple(self.perturbations)
 
     @property
+    def distributed(self) -> bool:
+        """Whether `model` is DistributedDataParallel: the last step's losses then go to one `backward`."""
+        return _is_ddp(self.model)
+
+    @property
     def hook_calls(self) -> dict[str, int]:
         """How many times each site's hook ran in this context."""
         return self._hooks.total_calls()
@@ -516,9 +521,9 @@ class FreeTraining:
                 "without gradients (torch.no_grad, .detach(), .item())."
             )
 
-    def _note_finite(self, value: Tensor, what: str) -> None:
+    def _note_finite(self, value: Tensor, what: str, *, in_step: bool = True) -> None:
         """Record, on the device, whether `value` is finite; `_settle` reads every record at once."""
-        self._checks.append((self._k, what, torch.isfinite(value.detach()).all()))
+        self._checks.append((self._k if in_step else None, what, torch.isfinite(value.detach()).all()))
 
     def _settle(self) -> None:
         """Apply the non-finite policy to the whole step, with one device-to-host read.
@@ -548,15 +553,15 @@ class FreeTraining:
             # the gradients the scaler would have found non-finite are gone: lower the scale as it would
             self.scaler.update(float(self.scaler.get_scale()) * float(self.scaler.get_backoff_factor()))
         k, what = bad[0]
-        where = "outside the ascent loop" if k is None else f"at ascent step {k}"
+        where = "" if k is None else f" at ascent step {k}"
         if self.on_nonfinite == "raise":
             raise NonFiniteError(
-                f"Expected a finite {what} {where}, but it contains NaN or inf; the parameter gradients were left "
+                f"Expected a finite {what}{where}, but it contains NaN or inf; the parameter gradients were left "
                 "as they were before the step. Pass on_nonfinite='skip' to skip such steps (the default with a "
                 "GradScaler)."
             )
         self.skipped_steps = len({k for k, _ in bad})
-        self.skip_reason = f"non-finite {what} {where}; parameter gradients left as before the step"
+        self.skip_reason = f"non-finite {what}{where}; parameter gradients left as before the step"
 
     def _scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -590,11 +595,11 @@ class FreeTraining:
         for fn in self._clean_loss_fns:
             clean = fn(clean_output)
             self._check_loss(clean)
-            self._note_finite(clean, "clean loss")
+            self._note_finite(clean, "clean loss", in_step=False)
             tensors.append(self._scale(clean))
             grads.append(None)
         for clean in self._clean_losses:
-            self._note_finite(clean, "clean loss")
+            self._note_finite(clean, "clean loss", in_step=False)
             tensors.append(self._scale(clean))
             grads.append(None)
         if tensors:

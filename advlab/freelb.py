@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_nonnegative
+from advlab._checks import check_choice, check_count, check_nonnegative
+from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import NORMS, Norm
-from advlab.free import Schedule, free_training
+from advlab.free import Ascender, FreeTraining, Schedule, free_training
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
 from advlab.samplers import ScaledUniformSampler, UniformSampler, ZeroSampler
@@ -36,15 +37,19 @@ class FreeLB:
     Args:
         model: The model.
         sites: Modality to site; None = `model.perturbation_sites()`.
-        perturbations: Modality to `Perturbation`; None = one per site from the
-            arguments below.
-        steps: K (FreeLB's `adv_steps`; 2-4 in the published GLUE runs).
-        step_size: η (`adv_lr`; 3e-2 to 2e-1 in the published runs).
-        init_magnitude: m (`adv_init_mag`; 0 gives zeros).
+        perturbations: Modality to `Perturbation`; None = one per site from
+            `step_size`, `init_magnitude`, `radius` and `norm` (which are refused together
+            with `perturbations`: set them on each `Perturbation`).
+        steps: K (FreeLB's `adv_steps`; 2-4 in the published GLUE runs; default 3).
+        step_size: η (`adv_lr`; 3e-2 to 2e-1 in the published runs; default 0.1).
+        init_magnitude: m (`adv_init_mag`; default 0, which gives zeros).
         radius: Projection radius (`adv_max_norm`; None = 0 = unbounded).
-        norm: `"l2"` or `"linf"` (also `"l2_token"`).
+        norm: `"l2"` (default) or `"linf"` (also `"l2_token"`).
         mode: `"joint"`, `"alter"` or a modality name.
+        ascender: Replaces the δ update built from each `Perturbation` (one `Ascender`,
+            or a mapping modality -> `Ascender`).
         schedule: Kept for symmetry with `VILLA` (FreeLB has no clean graph).
+        on_nonfinite: `"raise"` or `"skip"` (see `free_training`).
         generator: Randomness for the initialisation.
 
     Examples:
@@ -63,25 +68,47 @@ class FreeLB:
         perturbations: Mapping[str, Perturbation] | None = None,
         *,
         steps: int = 3,
-        step_size: float = 0.1,
-        init_magnitude: float = 0.0,
+        step_size: float | None = None,
+        init_magnitude: float | None = None,
         radius: float | None = None,
-        norm: Norm = "l2",
+        norm: Norm | None = None,
         mode: str = "joint",
+        ascender: Ascender | Mapping[str, Ascender] | None = None,
         schedule: Schedule = "deferred",
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        check_choice(norm, NORMS, "norm")
-        m = check_nonnegative(init_magnitude, "init_magnitude")
+        given = {"step_size": step_size, "init_magnitude": init_magnitude, "radius": radius, "norm": norm}
+        both = [k for k, v in given.items() if v is not None]
+        if perturbations is not None and both:
+            raise AdvlabValueError(
+                f"Expected {', '.join(f'`{k}`' for k in both)} either as arguments or inside each `Perturbation` of "
+                "`perturbations`, but got both; set them per modality on the `Perturbation`s."
+            )
+        norm = check_choice("l2" if norm is None else norm, NORMS, "norm")  # type: ignore[assignment]
+        m = check_nonnegative(0.0 if init_magnitude is None else init_magnitude, "init_magnitude")
         init = ZeroSampler() if m == 0 else (UniformSampler(m) if norm == "linf" else ScaledUniformSampler(m))
         self.model = model
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
+        if perturbations is not None and not isinstance(perturbations, Mapping):
+            raise AdvlabTypeError(
+                f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
+            )
+        eta = 0.1 if step_size is None else step_size
         self.perturbations = dict(perturbations) if perturbations is not None else {
-            k: Perturbation(step_size=step_size, radius=radius, norm=norm, init=init) for k in self.sites
+            k: Perturbation(step_size=eta, radius=radius, norm=norm, init=init) for k in self.sites  # type: ignore[arg-type]
         }
-        self.steps, self.mode, self.schedule = steps, mode, schedule
+        self.steps, self.mode, self.schedule = check_count(steps, "steps"), mode, schedule
+        self.ascender = ascender
         self.on_nonfinite, self.generator = on_nonfinite, generator
+        self._context()  # checks perturbations against sites, mode, policy, ascender, no compile: now
+
+    def _context(self, masks: Mapping[str, MaskLike] | None = None, scaler: Any | None = None) -> FreeTraining:
+        return free_training(
+            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
+            schedule=self.schedule, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
+            generator=self.generator, ascender=self.ascender,
+        )
 
     def step(
         self,
@@ -95,11 +122,7 @@ class FreeLB:
         """One FreeLB step: K perturbed forwards, each loss / K, parameter gradients accumulated."""
         scale = check_nonnegative(scale, "scale")
         task_values: list[Tensor] = []
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
-            schedule=self.schedule, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
-            generator=self.generator,
-        ) as ft:
+        with self._context(masks, scaler) as ft:
             for step in ft:
                 total: Tensor | float = 0.0
                 for group in step.groups:

@@ -18,7 +18,6 @@ with w = 1 reproducing the printed algorithm.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,11 +27,11 @@ from torch import Tensor, nn
 from advlab._checks import check_choice, check_count, check_nonnegative
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
-from advlab.free import Schedule, _is_ddp, default_logits, forward_groups, free_training
-from advlab.hooks import MaskLike, _check_perturbations
+from advlab.free import Ascender, FreeTraining, Schedule, default_logits, forward_groups, free_training
+from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
 from advlab.presets import get_preset
-from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, symmetric_kl
+from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, Regularizer, symmetric_kl
 from advlab.samplers import Sampler, ScaledUniformSampler
 from advlab.sites import SiteLike, resolve_sites
 from advlab.stats import StepStats, collect_stats
@@ -46,22 +45,32 @@ class VILLA:
     Args:
         model: The model; sites resolve against it (a DDP wrapper is unwrapped).
         sites: Modality to site; None = `model.perturbation_sites()`.
-        perturbations: Modality to `Perturbation`; None = one per site from the preset
-            (`step_size`, `radius`, `norm`, `init` overrides apply to each).
+        perturbations: Modality to `Perturbation`; None = one per site, built from the
+            preset and `step_size`, `radius`, `norm`, `init` (which are then refused: set
+            them on each `Perturbation`).
         preset: `"official"`, `"paper"` or a task preset (see `advlab.presets`).
-        steps: K ascent steps.
-        kl_weight: Weight w of the symmetric KL.
-        mode: `"joint"`, `"alter"` or a modality name.
-        step_size: Ascent step η for every modality (ignored if `perturbations` is given).
-        radius: Ball radius ε (required by `"paper"`).
-        norm: `"l2"`, `"l2_token"` or `"linf"`.
-        init: Sampler of δ_0.
-        kl_reduction: `"batchmean"`, `"mean"`, `"sum"`.
-        distribution: `"softmax"` or `"sigmoid"` for the KL.
-        logits: Output -> logits for the KL; default: a Tensor, `.logits`, or element 0.
+        steps: K ascent steps (preset: 3).
+        kl_weight: Weight w of the regulariser (preset: 1.5; 1.0 for `"paper"`).
+        mode: `"joint"`, `"alter"` or a modality name (preset: `"joint"` for `"official"`).
+        step_size: Ascent step η for every modality (preset: 1e-3 for `"official"`).
+        radius: Ball radius ε (required by `"paper"`; default unbounded).
+        norm: `"l2"` (default), `"l2_token"` or `"linf"`.
+        init: Sampler of δ_0 (default zeros; U(-ε, ε)/√N for `"paper"`).
+        kl_reduction: `"batchmean"` (preset default), `"mean"` or `"sum"` for the default
+            regulariser.
+        distribution: `"softmax"` (default) or `"sigmoid"` for the default regulariser.
+        logits: Output -> logits for the regulariser; default `default_logits` (a Tensor,
+            or an object's `.logits`). It may return a tuple, list or dict of tensors for a
+            model with several outputs, given a `regularizer` that takes them.
+        regularizer: `(clean_logits, perturbed_logits) -> scalar` (a `Regularizer`);
+            default the symmetric KL with `distribution` and `kl_reduction` (both refused
+            together with a `regularizer`).
+        ascender: Replaces the δ update built from each `Perturbation` (one `Ascender` for
+            every modality, or a mapping modality -> `Ascender`).
         schedule: `"deferred"` (default), `"retain"` (official structure) or `"lean"`
             (memory-lean: clean forward recomputed); same gradients.
-        on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler.
+        on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler (see
+            `free_training`: either way the parameter gradients are left as they were).
         generator: Randomness for δ_0.
 
     Examples:
@@ -96,12 +105,32 @@ class VILLA:
         init: Sampler | None = None,
         kl_reduction: Reduction | None = None,
         distribution: Distribution | None = None,
-        logits: Callable[[Any], Tensor] | None = None,
+        logits: Callable[[Any], Any] | None = None,
+        regularizer: Regularizer | None = None,
+        ascender: Ascender | Mapping[str, Ascender] | None = None,
         schedule: Schedule = "deferred",
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         p = get_preset(preset)
+        if perturbations is not None:
+            both = [k for k, v in {"step_size": step_size, "radius": radius, "norm": norm, "init": init}.items()
+                    if v is not None]
+            if both:
+                raise AdvlabValueError(
+                    f"Expected {', '.join(f'`{k}`' for k in both)} either as {'an argument' if len(both) == 1 else 'arguments'} "
+                    "or inside each `Perturbation` of `perturbations`, but got both; set "
+                    f"`Perturbation({both[0]}=...)` per modality."
+                )
+        if regularizer is not None:
+            both = [k for k, v in {"kl_reduction": kl_reduction, "distribution": distribution}.items() if v is not None]
+            if both:
+                raise AdvlabValueError(
+                    f"Expected either `regularizer` or {' / '.join(f'`{k}`' for k in both)} (which configure the "
+                    "default symmetric KL), but got both."
+                )
+            if not callable(regularizer):
+                raise AdvlabTypeError(f"Expected `regularizer` to be callable, but got {type(regularizer).__name__}.")
         given = {
             "steps": steps, "kl_weight": kl_weight, "mode": mode, "step_size": step_size, "radius": radius,
             "norm": norm, "init": init, "kl_reduction": kl_reduction, "distribution": distribution,
@@ -123,20 +152,60 @@ class VILLA:
         self.perturbations = self._build_perturbations(perturbations, p.step_size, step_size, radius, norm, init)
         self.groups = forward_groups(self.mode, list(self.perturbations))  # validates the mode now
         self.logits = logits or default_logits
+        self.regularizer: Regularizer = regularizer if regularizer is not None else self._symmetric_kl
+        self.ascender = ascender
         self.schedule: Schedule = schedule
         self.on_nonfinite = on_nonfinite
         self.generator = generator
+        self._context()  # checks perturbations against sites, schedule, policy, ascender, no compile: now
+        if self.flavour == "paper" and any(q.radius is None for q in self.perturbations.values()):
+            raise AdvlabValueError("Expected every perturbation to have a `radius` (ε) with preset='paper', but got None.")
+
+    def _symmetric_kl(self, clean: Tensor, perturbed: Tensor) -> Tensor:
+        """The default regulariser: SymKL(perturbed, clean), neither side detached (the official code)."""
+        return symmetric_kl(perturbed, clean, distribution=self.distribution,  # type: ignore[arg-type]
+                            reduction=self.kl_reduction)  # type: ignore[arg-type]
+
+    def _context(self, masks: Mapping[str, MaskLike] | None = None, scaler: Any | None = None) -> FreeTraining:
+        return free_training(
+            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
+            schedule=self.schedule, logits=self.logits, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
+            generator=self.generator, ascender=self.ascender,
+        )
 
     @classmethod
-    def from_preset(cls, name: str, model: nn.Module, **overrides: Any) -> VILLA:
-        """`VILLA(model, preset=name, **overrides)`.
+    def from_preset(
+        cls,
+        name: str,
+        model: nn.Module,
+        sites: Mapping[str, SiteLike] | None = None,
+        perturbations: Mapping[str, Perturbation] | None = None,
+        **overrides: Any,
+    ) -> VILLA:
+        """`VILLA(model, sites, perturbations, preset=name, **overrides)`.
 
-        Examples:
+        Args:
+            name: A preset name (see `advlab.presets`).
+            model: The model.
+            sites: Modality to site; needed unless the model has `perturbation_sites()`.
+            perturbations: Modality to `Perturbation`; None = built from the preset.
+            **overrides: Any other keyword argument of `VILLA`.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from advlab import VILLA
             >>> villa = VILLA.from_preset("vqa-base", nn.Sequential(nn.Embedding(5, 2)), sites={"txt": "0"})
             >>> villa.steps, villa.kl_weight, villa.mode
             (3, 1.5, 'txt')
         """
-        return cls(model, preset=name, **overrides)
+        if sites is None and not callable(getattr(model, "perturbation_sites", None)):
+            raise AdvlabTypeError(
+                f"Expected `sites` because {type(model).__name__} has no `perturbation_sites()` method, but got "
+                f"sites=None; pass them, e.g. VILLA.from_preset({name!r}, model, sites={{'txt': "
+                "'embeddings.word_embeddings'}})."
+            )
+        return cls(model, sites, perturbations, preset=name, **overrides)
 
     def _build_perturbations(
         self,
@@ -168,11 +237,7 @@ class VILLA:
             raise AdvlabTypeError(
                 f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
             )
-        _check_perturbations(perturbations, self.sites)
-        out = {m: dataclasses.replace(pert, **changes) if changes else pert for m, pert in perturbations.items()}
-        if self.flavour == "paper" and any(p.radius is None for p in out.values()):
-            raise AdvlabValueError("Expected every perturbation to have a `radius` (ε) with preset='paper', but got None.")
-        return out
+        return dict(perturbations)  # checked against the sites by `_context`
 
     def __repr__(self) -> str:
         extra = f", overrides={self.overrides}" if self.overrides else ""
@@ -206,11 +271,7 @@ class VILLA:
         scale = check_nonnegative(scale, "scale")
         task_values: list[Tensor] = []
         kl_values: list[Tensor] = []
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
-            schedule=self.schedule, logits=self.logits, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
-            generator=self.generator,
-        ) as ft:
+        with self._context(masks, scaler) as ft:
             ft.clean(forward)
             if self.flavour == "paper":
                 ft.clean_loss(lambda out: task_loss(out) * scale)
@@ -218,17 +279,14 @@ class VILLA:
             weight = scale / (self.steps * per_forward)
             # one backward per forward frees each graph at once ("alter": two graphs never coexist);
             # the official structure and DDP keep one backward per step
-            split = self.schedule != "retain" and not _is_ddp(self.model)
+            split = self.schedule != "retain" and not ft.distributed
             for step in ft:
                 total: Tensor | float = 0.0
                 step_task, step_kl = [], []
                 for i, group in enumerate(step.groups):
                     output = ft.forward(forward, group)
                     task = task_loss(output)
-                    kl = symmetric_kl(
-                        self.logits(output), step.clean_logits, distribution=self.distribution,  # type: ignore[arg-type]
-                        reduction=self.kl_reduction,  # type: ignore[arg-type]
-                    )
+                    kl = self.regularizer(step.clean_logits, self.logits(output))
                     part = task + self.kl_weight * kl
                     step_task.append(task.detach())
                     step_kl.append(kl.detach())
