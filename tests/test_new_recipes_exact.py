@@ -21,7 +21,7 @@ F64 = torch.float64
 
 
 def _masks(batch):
-    ids, img, tm, im, y = batch
+    _ids, _img, tm, im, _y = batch
     return {"txt": tm, "img": im}
 
 
@@ -32,7 +32,7 @@ def _run(recipe, model, batch):
 
 
 def _shapes(model, batch):
-    ids, img, tm, im, y = batch
+    ids, img, _tm, _im, _y = batch
     return (*ids.shape, model.word.embedding_dim), tuple(img.shape)
 
 
@@ -333,7 +333,7 @@ def _no_hooks(model):
 @pytest.mark.parametrize("name", RECIPES)
 def test_hooks_leave_no_trace_also_on_error(name):
     model, batch = TinyVL().double(), tiny_batch()
-    ids, img, tm, im, y = batch
+    ids, img, tm, im, _y = batch
     before = model(ids, img, tm, im).detach()
     recipe = {
         "r3f": lambda: advlab.R3F(model, SITES, eps=0.1),
@@ -372,7 +372,7 @@ def test_nonfinite_loss_leaves_every_grad_as_it_was(name, policy):
         "n_fgsm": lambda: advlab.FastAT(model, SITES, eps=0.1, method="n_fgsm", **kw),
     }[name]()
     before = _plain_grads(model, batch)
-    nan_loss = lambda out: F.cross_entropy(out, y) * float("nan")  # noqa: E731
+    nan_loss = lambda out: F.cross_entropy(out, y) * float("nan")
     if policy == "raise":
         with pytest.raises(advlab.NonFiniteError):
             recipe.step(lambda: model(ids, img, tm, im), nan_loss, masks=_masks(batch))

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import advlab
-from tests.test_new_recipes_exact import SITES, _masks, _run, r3f_loop
+from tests.test_new_recipes_exact import SITES, _run, r3f_loop
 from tests.test_villa_exact import assert_grads_equal
 from tests.tiny_models import TinyVL, grads, plain_symkl, tiny_batch
 
@@ -31,7 +31,7 @@ def test_ema_reference_matches_a_hand_written_moving_average():
     """θ̃ ← β θ̃ + (1 − β) θ after each update; the reference forward is the copy's forward.
     Kills: an update with β and 1 − β swapped, and a reference that reads the live weights."""
     model, batch = TinyVL().double(), tiny_batch()
-    ids, img, tm, im, y = batch
+    ids, img, tm, im, _y = batch
     ema = advlab.ReferenceModel(model, decay=0.9)
     shadow = copy.deepcopy(model)
     for step in range(3):
@@ -48,7 +48,7 @@ def test_ema_reference_matches_a_hand_written_moving_average():
 
 def test_frozen_reference_keeps_the_weights_it_was_made_with_and_refuses_update():
     model, batch = TinyVL().double(), tiny_batch()
-    ids, img, tm, im, y = batch
+    ids, img, tm, im, _y = batch
     first = model(ids, img, tm, im).detach()
     frozen = advlab.ReferenceModel(model)
     _nudge(model, 0)
@@ -64,7 +64,7 @@ def test_reference_forward_leaves_weights_modes_and_rng_as_they_were(seed, raise
     flags are not put back, and a reference forward that runs in train mode (draws dropout masks)."""
     model = TinyVL(dropout=0.5).double().train()
     model.head.eval()  # a mixed-mode model: each flag must come back as it was
-    ids, img, tm, im, y = tiny_batch(seed=seed % 1000)
+    ids, img, tm, im, _y = tiny_batch(seed=seed % 1000)
     ema = advlab.ReferenceModel(model, decay=0.99)
     _nudge(model, seed)
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
@@ -124,7 +124,7 @@ def test_full_smart_with_the_ema_reference_matches_hand_written_loop():
     ref = full_smart_loop(model, shadow, batch, lr=0.3, std=0.1, eps=1e-6, weight=2.0, mu=1.0, seed=5)
 
     model.zero_grad()
-    forward = lambda: model(ids, img, tm, im)  # noqa: E731
+    forward = lambda: model(ids, img, tm, im)
     target = ema(forward)
     smart = advlab.SMART(model, {"txt": "word"}, steps=1, step_size=0.3, noise_std=0.1, weight=2.0,
                          generator=torch.Generator().manual_seed(5))
@@ -172,7 +172,7 @@ def awp_reference_directions(model, loss_fn, gamma):
 def test_awp_matches_the_reference_proxy_step_and_restores_w():
     model, batch = TinyVL().double(), tiny_batch()
     ids, img, tm, im, y = batch
-    task = lambda m: F.cross_entropy(m(ids, img, tm, im), y)  # noqa: E731
+    task = lambda m: F.cross_entropy(m(ids, img, tm, im), y)
     diffs = awp_reference_directions(model, task, 5e-3)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -203,7 +203,7 @@ def test_awp_composes_with_a_recipe():
     """AWP around an R3F step: R3F's gradient taken at w' (the hand-written R3F loop at w')."""
     model, batch = TinyVL().double(), tiny_batch()
     ids, img, tm, im, y = batch
-    task = lambda: F.cross_entropy(model(ids, img, tm, im), y)  # noqa: E731
+    task = lambda: F.cross_entropy(model(ids, img, tm, im), y)
     awp = advlab.AWP(model, ["word.weight", "mix.weight", "head.bias"], gamma=1e-2)
     diffs = awp.directions(task())
     with torch.no_grad():
@@ -227,13 +227,12 @@ def test_awp_size_is_gamma_times_the_weight_norm_and_w_comes_back_on_error(seed,
     ids, img, tm, im, y = batch
     awp = advlab.AWP(model, gamma=gamma)
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
-    with pytest.raises(KeyError):
-        with awp.perturbed(lambda: F.cross_entropy(model(ids, img, tm, im), y)) as added:
-            for n, d in added.items():
-                w = before[n][1]
-                torch.testing.assert_close(d.norm(), gamma * w.norm(), rtol=1e-9, atol=1e-15)
-                torch.testing.assert_close(awp.params[n].detach(), w + d, rtol=0, atol=0)
-            raise KeyError("user code failed")
+    with pytest.raises(KeyError), awp.perturbed(lambda: F.cross_entropy(model(ids, img, tm, im), y)) as added:
+        for n, d in added.items():
+            w = before[n][1]
+            torch.testing.assert_close(d.norm(), gamma * w.norm(), rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(awp.params[n].detach(), w + d, rtol=0, atol=0)
+        raise KeyError("user code failed")
     for n, p in model.named_parameters():
         assert p is before[n][0] and torch.equal(p, before[n][1])
         assert p.grad is None
@@ -257,11 +256,10 @@ def test_awp_nonfinite_loss_changes_no_weight(policy):
     ids, img, tm, im, y = batch
     awp = advlab.AWP(model, on_nonfinite=policy)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    nan = lambda: F.cross_entropy(model(ids, img, tm, im), y) * float("nan")  # noqa: E731
+    nan = lambda: F.cross_entropy(model(ids, img, tm, im), y) * float("nan")
     if policy == "raise":
-        with pytest.raises(advlab.NonFiniteError):
-            with awp.perturbed(nan):
-                pass
+        with pytest.raises(advlab.NonFiniteError), awp.perturbed(nan):
+            pass
     else:
         with awp.perturbed(nan) as added:
             assert added == {}
