@@ -91,7 +91,9 @@ def pgd_step(
         mask: True at real elements; masked elements stay exactly 0.
         generator: Randomness for `direction="random"`.
         scale: Per-row (or per-position) unit of `step_size` and `radius`, finite and
-            >= 0, as `embedding_scale` returns it; None = absolute sizes.
+            >= 0, as `embedding_scale` returns it; None = absolute sizes. A negative or
+            non-finite value is refused on the CPU; on an accelerator (no host read) it makes
+            that row of the result NaN.
 
     Returns:
         The new perturbation, detached, in `delta`'s dtype.
@@ -145,9 +147,17 @@ def _check_scale(scale: object, delta: Tensor, norm: str) -> Tensor:
             f"norm={norm!r}, `delta` shape {tuple(delta.shape)}), but got {shape}."
         )
     scale = scale.detach().to(device=delta.device, dtype=compute_dtype(delta))
-    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-        raise AdvlabValueError("Expected `scale` to be finite and >= 0 (a norm of the clean embedding), but it is not.")
-    return scale
+    valid = torch.isfinite(scale) & (scale >= 0)
+    if scale.device.type == "cpu":
+        if not bool(valid.all()):
+            raise AdvlabValueError(
+                f"Expected `scale` to be finite and >= 0 (a norm of the clean embedding), but it holds "
+                f"{scale[~valid].flatten()[:3].tolist()}."
+            )
+        return scale
+    # on an accelerator a host read here would stall every ascent step: a bad row's δ becomes NaN
+    # instead, which the training engine's non-finite rule reports
+    return torch.where(valid, scale, torch.full((), float("nan"), dtype=scale.dtype, device=scale.device))
 
 
 def _project_scaled(delta: Tensor, norm: str, radius: float | None, scale: Tensor, mask: Tensor | None) -> Tensor:

@@ -29,7 +29,6 @@ from torch.utils.hooks import RemovableHandle
 
 from advlab._checks import apply_mask, broadcast_mask, check_tensor, compute_dtype
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.balls import _norm_keepdim
 from advlab.perturbation import Perturbation, embedding_scale
 from advlab.sites import Site, SiteLike, resolve_sites
 
@@ -40,6 +39,17 @@ LOST_FRACTION_WARNING = 0.5  # warn when less than this fraction of δ's norm re
 
 _running = threading.local()  # the SiteHooks whose forward runs now in this thread (re-entrance check)
 _warned_lost: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _mean_norm(x: Tensor, norm: str) -> Tensor:
+    """Mean per-row (per-position for "l2_token") norm of a [b, n, d] / [b, d] tensor, in float32 or more."""
+    x = x.to(compute_dtype(x))
+    if norm == "l2_token":
+        return torch.linalg.vector_norm(x, dim=-1).mean()
+    dims = tuple(range(1, x.dim()))
+    if norm == "l2":
+        return torch.linalg.vector_norm(x, dim=dims).mean()
+    return x.abs().amax(dim=dims).mean()
 
 
 def _to_positions(x: Tensor, layout: str | None) -> Tensor:
@@ -103,7 +113,7 @@ class _SiteState:
     masks: list[Tensor | None] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
     scales: list[Tensor | None] = field(default_factory=list)  # relative sizes: clean norm per row
-    sent: list[Tensor | None] = field(default_factory=list)  # mean norm of δ at the last perturbed forward
+    sent: list[Tensor | None] = field(default_factory=list)  # δ added at the last perturbed forward
     reached: list[Tensor | None] = field(default_factory=list)  # mean norm of (x + δ) - x, site dtype
     dtype: torch.dtype | None = None
 
@@ -220,7 +230,8 @@ class SiteHooks:
         for m, st in self._states.items():
             pairs = [(a, b) for a, b in zip(st.sent, st.reached) if a is not None and b is not None]
             if pairs:
-                out[m] = (torch.stack([a for a, _ in pairs]).mean(), torch.stack([b for _, b in pairs]).mean())
+                sent = torch.stack([_mean_norm(a, st.perturbation.norm) for a, _ in pairs]).mean()
+                out[m] = (sent, torch.stack([b for _, b in pairs]).mean())
         return out
 
     def warn_if_lost(self, sent: Mapping[str, float], reached: Mapping[str, float]) -> None:
@@ -370,10 +381,10 @@ class SiteHooks:
                 f"Expected δ of modality {state.modality!r} on {x.device}, but it is on {delta.device}."
             )
         out = x + _from_positions(delta.to(x.dtype), x.shape, layout)
-        with torch.no_grad():  # what reached the model, in the site's dtype, against what was sent
+        with torch.no_grad():  # what reached the model, in the site's dtype; padding may hold inf or NaN
             reached = apply_mask(_to_positions(out.detach() - x.detach(), layout), state.masks[i])
-            state.reached[i] = _norm_keepdim(reached, state.perturbation.norm).mean()
-            state.sent[i] = _norm_keepdim(delta.detach(), state.perturbation.norm).mean()
+            state.reached[i] = _mean_norm(reached, state.perturbation.norm)
+        state.sent[i] = delta.detach()  # its norm is taken once per step, in `reached_norms`
         return out
 
     def _mask_for(self, state: _SiteState, call: int, x: Tensor) -> Tensor | None:

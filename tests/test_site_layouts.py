@@ -248,3 +248,25 @@ def test_a_step_inside_another_steps_forward_says_what_happened():
     assert "calls=" not in str(info.value)
     assert not model.emb._forward_hooks
     outer.step(lambda: model(ids), lambda o: F.cross_entropy(o, y))  # nothing left behind: the next step runs
+
+
+def test_effective_norm_ignores_non_finite_padding():
+    """inf at a padded position (never perturbed) must not turn the reported norm into NaN."""
+
+    class PadInf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.site = nn.Identity()
+            self.head = nn.Linear(4, 2).double()
+
+        def forward(self, x, mask):
+            e = self.site(x)
+            return self.head(torch.where(mask.unsqueeze(-1), e, torch.zeros((), dtype=e.dtype)).sum(1))
+
+    model = PadInf()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=generator(0))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    x[~mask] = float("inf")
+    villa = advlab.VILLA(model, sites={"x": "site"}, perturbations={"x": advlab.Perturbation(0.1)}, steps=2)
+    stats = villa.step(lambda: model(x, mask), lambda o: F.cross_entropy(o, torch.tensor([0, 1])), masks={"x": mask})
+    assert stats.effective_delta_norm["x"] == pytest.approx(stats.delta_norm["x"], rel=1e-12)
