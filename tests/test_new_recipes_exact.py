@@ -415,3 +415,30 @@ def test_spectral_norm_head_bounds_the_head_and_keeps_training():
         advlab.spectral_norm_head(model, "head")
     _run(advlab.R3F(model, SITES, eps=0.1), model, batch)
     assert original.grad is not None and torch.isfinite(original.grad).all()
+
+
+def _recipe(name, model, **kw):
+    g = torch.Generator().manual_seed(3)
+    return {
+        "r3f": lambda: advlab.R3F(model, SITES, eps=0.1, generator=g, **kw),
+        "neftune": lambda: advlab.NEFTune(model, SITES, generator=g, **kw),
+        "trades": lambda: advlab.TRADES(model, SITES, steps=2, step_size=0.1, generator=g, **kw),
+        "vat": lambda: advlab.VAT(model, SITES, eps=0.1, steps=2, generator=g, **kw),
+        "fgsm_rs": lambda: advlab.FastAT(model, SITES, eps=0.1, generator=g, **kw),
+        "n_fgsm": lambda: advlab.FastAT(model, SITES, eps=0.1, method="n_fgsm", generator=g, **kw),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_grad_scaler_scales_parameter_gradients_only(name):
+    """With a GradScaler the parameter gradients are the unscaled ones times the scale, and δ moves
+    as without it. Kills: a recipe that does not hand `scaler` to the engine."""
+    out = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        model, batch = TinyVL().double(), tiny_batch()
+        ids, img, tm, im, y = batch
+        model.zero_grad()
+        _recipe(name, model).step(lambda: model(ids, img, tm, im), lambda o: F.cross_entropy(o, y),
+                                  masks=_masks(batch), scaler=scaler)
+        out.append(grads(model))
+    assert_grads_equal({k: v / 1024.0 for k, v in out[1].items()}, out[0], atol=1e-12)
