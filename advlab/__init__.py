@@ -7,6 +7,7 @@ from advlab._errors import ContextExitedError as ContextExitedError
 from advlab._errors import NonFiniteError as NonFiniteError
 from advlab.attacks import attack as attack
 from advlab.attacks import AttackResult as AttackResult
+from advlab.attacks import evaluate_robustness as evaluate_robustness
 from advlab.ascent import Direction as Direction
 from advlab.ascent import pgd_step as pgd_step
 from advlab.ascent import random_direction as random_direction
@@ -79,6 +80,7 @@ __all__ = [
     "NonFiniteError",
     "attack",
     "AttackResult",
+    "evaluate_robustness",
     "Direction",
     "pgd_step",
     "random_direction",

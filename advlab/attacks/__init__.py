@@ -8,6 +8,25 @@
 from advlab.attacks.apgd import apgd_checkpoints as apgd_checkpoints
 from advlab.attacks.core import Method as Method
 from advlab.attacks.core import attack as attack
+from advlab.attacks.evaluate import RobustnessTable as RobustnessTable
+from advlab.attacks.evaluate import accuracy as accuracy
+from advlab.attacks.evaluate import evaluate_robustness as evaluate_robustness
 from advlab.attacks.result import AttackResult as AttackResult
+from advlab.attacks.retrieval import RetrievalAttackResult as RetrievalAttackResult
+from advlab.attacks.retrieval import Similarity as Similarity
+from advlab.attacks.retrieval import attack_retrieval as attack_retrieval
+from advlab.attacks.retrieval import recall_from_ranks as recall_from_ranks
 
-__all__ = ["Method", "attack", "AttackResult", "apgd_checkpoints"]
+__all__ = [
+    "Method",
+    "attack",
+    "AttackResult",
+    "apgd_checkpoints",
+    "evaluate_robustness",
+    "RobustnessTable",
+    "accuracy",
+    "attack_retrieval",
+    "RetrievalAttackResult",
+    "recall_from_ranks",
+    "Similarity",
+]
