@@ -433,12 +433,14 @@ def _recipe(name, model, **kw):
 def test_grad_scaler_scales_parameter_gradients_only(name):
     """With a GradScaler the parameter gradients are the unscaled ones times the scale, and δ moves
     as without it. Kills: a recipe that does not hand `scaler` to the engine."""
-    out = []
-    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+
+    def run(scaler):
         model, batch = TinyVL().double(), tiny_batch()
         ids, img, tm, im, y = batch
         model.zero_grad()
         _recipe(name, model).step(lambda: model(ids, img, tm, im), lambda o: F.cross_entropy(o, y),
                                   masks=_masks(batch), scaler=scaler)
-        out.append(grads(model))
-    assert_grads_equal({k: v / 1024.0 for k, v in out[1].items()}, out[0], atol=1e-12)
+        return grads(model)
+
+    plain, scaled = run(None), run(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert_grads_equal({k: v / 1024.0 for k, v in scaled.items()}, plain, atol=1e-12)
