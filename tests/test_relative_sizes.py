@@ -228,3 +228,15 @@ def test_relative_sizes_with_an_ascender_without_scale_are_refused():
     with pytest.raises(advlab.AdvlabValueError, match=r"ascender of modality 'x'.*scale=.*SMARTAscender"):
         advlab.free_training(layer, {"x": advlab.Site(layer, where="input")}, {"x": pert},
                              ascender=advlab.SMARTAscender())
+
+
+@pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
+def test_zero_relative_step_is_bit_identical_to_the_zero_delta_control(norm):
+    """relative=True with η = 0 is the same loop as absolute η = 0: the scale adds nothing but δ = 0."""
+    model = TinyVL().double()
+    batch = tiny_batch()
+    rel, _ = villa_step(model, batch, advlab.Perturbation(0.0, radius=0.1, norm=norm, relative=True), steps=3,
+                        mode="alter", kl_weight=1.5)
+    ab, _ = villa_step(model, batch, advlab.Perturbation(0.0, radius=0.1, norm=norm), steps=3, mode="alter",
+                       kl_weight=1.5)
+    assert all(torch.equal(rel[n], ab[n]) for n in ab)
