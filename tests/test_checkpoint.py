@@ -109,3 +109,17 @@ def test_layer_count_and_majority_size_refuse_gaps_and_name_outliers():
         majority_size(sd, ["x", "y", "z"], 0, what="width", source="sd")
     with pytest.raises(AdvlabValueError, match="no majority"):
         majority_size(sd, ["x", "z"], 0, what="width", source="sd")
+
+
+def test_both_backbones_load_into_eval_mode_with_the_same_load_report():
+    # UNITER used to come back in training mode (dropout on) while LXMERT came back in eval mode
+    from advlab.backbones._checkpoint import LoadReport
+    from advlab.backbones.lxmert import LoadReport as LxmertLoadReport
+    from advlab.backbones.uniter import LoadReport as UniterLoadReport
+
+    uniter, u_report = UniterModel.from_pretrained(UniterModel(UCFG).state_dict(), UCFG, output_loading_info=True)
+    lxmert, l_report = LxmertModel.from_pretrained(LxmertModel(LCFG).state_dict(), LCFG, output_loading_info=True)
+    assert not any(m.training for m in uniter.modules()) and not any(m.training for m in lxmert.modules())
+    assert UniterLoadReport is LxmertLoadReport is LoadReport
+    assert isinstance(u_report, LoadReport) and isinstance(l_report, LoadReport)
+    assert u_report.fresh == l_report.fresh == [] and l_report.renamed == len(LxmertModel(LCFG).state_dict())

@@ -1,5 +1,6 @@
 """Checkpoint formats, key mapping, failures and the QA-head row remapping."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,10 +62,14 @@ def test_tied_decoder_may_be_absent():
     assert torch.equal(model.cls.predictions.decoder.weight, src.lxmert.embeddings.word_embeddings.weight)
 
 
-def test_pretraining_file_into_backbone_reports_the_24_kinds_of_head_keys():
+def test_pretraining_file_into_backbone_reports_the_24_kinds_of_head_keys(caplog):
     sd = original_format(donor())
-    with pytest.warns(UserWarning, match="dropped 24 head keys"):
-        model = LxmertModel.from_pretrained(sd, CFG)
+    with caplog.at_level(logging.INFO, logger="advlab.backbones.lxmert"):
+        model, report = LxmertModel.from_pretrained(sd, CFG, output_loading_info=True)
+    assert "dropped 24 keys this model has no place for" in caplog.text
+    assert len(report.dropped) == 24 and report.fresh == [] and report.mismatched == []
+    assert report.renamed == len(sd)  # every key loses `module.` and `bert.` becomes `lxmert.`
+    assert not model.training
     same_weights(model, donor(), prefix_b="lxmert.")
 
 
@@ -321,10 +326,10 @@ def test_remap_normalize_and_errors():
 def test_pretraining_file_into_vqa_with_answer_remap():
     src = donor()  # 11-way pre-training QA head
     pre = [f"ans{i}" for i in range(11)]
-    with pytest.warns(UserWarning, match="dropped"):  # the MLM / object heads
-        model = LxmertForVQA.from_pretrained(
-            original_format(src), CFG, answers=["ans7", "new", "ans0"], pretrain_answers=pre
-        )
+    model, report = LxmertForVQA.from_pretrained(
+        original_format(src), CFG, answers=["ans7", "new", "ans0"], pretrain_answers=pre, output_loading_info=True
+    )
+    assert report.dropped and all(k.startswith(("cls.", "obj_predict_head.")) for k in report.dropped)
     head, ref = model.answer_head.logit_fc, src.answer_head.logit_fc
     assert model.num_answers == 3
     assert torch.equal(head[0].weight, ref[0].weight) and torch.equal(head[2].bias, ref[2].bias)
@@ -333,9 +338,13 @@ def test_pretraining_file_into_vqa_with_answer_remap():
     same_weights(model, src, prefix_a="lxmert.", prefix_b="lxmert.")
 
 
-def test_pretraining_file_into_vqa_without_remap_warns_and_keeps_random_head():
-    with pytest.warns(UserWarning, match="another size"):
-        model = LxmertForVQA.from_pretrained(original_format(donor()), CFG, num_answers=3)
+def test_pretraining_file_into_vqa_without_remap_warns_and_keeps_random_head(caplog):
+    with caplog.at_level(logging.WARNING, logger="advlab.backbones.lxmert"):
+        model, report = LxmertForVQA.from_pretrained(
+            original_format(donor()), CFG, num_answers=3, output_loading_info=True
+        )
+    assert "dropped 2 head keys of another size" in caplog.text and "freshly initialised 2 keys" in caplog.text
+    assert report.fresh == ["answer_head.logit_fc.3.bias", "answer_head.logit_fc.3.weight"]
     assert model.answer_head.logit_fc[3].weight.shape == (3, 64)
     with pytest.raises(advlab.AdvlabValueError, match="pretrain_answers"):
         LxmertForQuestionAnswering.from_pretrained(original_format(donor()), CFG, answers=["a"])

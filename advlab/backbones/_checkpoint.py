@@ -11,11 +11,13 @@ back as a slightly different number. Only a SHA-256 of the whole file, compared 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -24,6 +26,7 @@ from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 __all__ = [
     "CheckpointNotFoundError",
+    "LoadReport",
     "check_sha256",
     "file_sha256",
     "layer_count",
@@ -39,6 +42,51 @@ _WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} (Lightning and others
 
 class CheckpointNotFoundError(AdvlabValueError, FileNotFoundError):
     """A checkpoint path that does not exist (both an `AdvlabValueError` and a `FileNotFoundError`)."""
+
+
+@dataclass
+class LoadReport:
+    """What `from_pretrained` did with a state dict (UNITER and LXMERT alike).
+
+    Attributes:
+        renamed: Number of keys renamed to this library's names (`bert` -> `uniter` / `lxmert`,
+            `gamma`/`beta` -> `weight`/`bias`, DataParallel `module.` dropped, ...).
+        dropped: Keys in the file that this model has no place for and that were not used (pre-training
+            heads loaded into a task model, for instance).
+        fresh: Model keys absent from the file, left freshly initialised (the task head; a UNITER
+            backbone key only with `strict=False`).
+        grown: Embedding tables grown after loading (UNITER NLVR2 / VCR type rows, VCR words).
+        mismatched: Head keys in the file whose shape differs from the model's, not loaded (`key (file
+            shape) vs (model shape)`); those model keys are also in `fresh`.
+
+    Examples:
+        >>> LoadReport().dropped
+        []
+    """
+
+    renamed: int = 0
+    dropped: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    grown: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def log(self, logger: logging.Logger, model: str, source: str) -> None:
+        """Log unused keys at INFO and anything left randomly initialised at WARNING, as transformers does."""
+        if self.dropped:
+            logger.info(
+                "Loading %s into %s: dropped %d keys this model has no place for: %s",
+                source, model, len(self.dropped), _listing(sorted(self.dropped)),
+            )
+        if self.mismatched:
+            logger.warning(
+                "Loading %s into %s: dropped %d head keys of another size: %s",
+                source, model, len(self.mismatched), _listing(self.mismatched),
+            )
+        if self.fresh:
+            logger.warning(
+                "Loading %s into %s: freshly initialised %d keys not in the file: %s",
+                source, model, len(self.fresh), _listing(self.fresh),
+            )
 
 
 _HASHES: dict[tuple[str, int, int, int, int], str] = {}

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import LoadReport as LoadReport
 from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
@@ -67,6 +68,8 @@ __all__ = [
     "load_lxmert_state_dict",
     "remap_answer_rows",
 ]
+
+logger = logging.getLogger(__name__)
 
 VQA_NUM_ANSWERS = 3129  # data/vqa/trainval_ans2label.json
 GQA_NUM_ANSWERS = 1842  # data/gqa/trainval_ans2label.json
@@ -641,7 +644,8 @@ class LxmertModel(nn.Module):
         config: LxmertConfig | None = None,
         *,
         expected_sha256: str | None = None,
-    ) -> LxmertModel:
+        output_loading_info: bool = False,
+    ) -> Any:
         """Load the backbone from any LXMERT checkpoint; head weights in the file are reported and dropped.
 
         Args:
@@ -656,9 +660,12 @@ class LxmertModel(nn.Module):
                 Anything else raises and asks for `config` (the tiny test configs, for one).
             expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the formats carry no
                 checksum of their own, so only this catches a flipped byte inside a tensor).
+            output_loading_info: Also return a `LoadReport` (unused head keys are logged at INFO, keys left
+                randomly initialised or dropped for another size at WARNING, on the `advlab.backbones.lxmert`
+                logger).
 
         Returns:
-            The model in eval mode.
+            The model in eval mode (call `.train()` to fine-tune); with `output_loading_info`, `(model, LoadReport)`.
 
         Examples:
             >>> donor = LxmertModel(LxmertConfig.tiny(visual_feat_dim=8))
@@ -667,7 +674,7 @@ class LxmertModel(nn.Module):
             >>> torch.equal(model.pooler.dense.weight, donor.pooler.dense.weight)
             True
         """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -764,7 +771,8 @@ class LxmertForQuestionAnswering(nn.Module):
         answers: Sequence[str] | Mapping[str, int] | None = None,
         pretrain_answers: Sequence[str] | Mapping[str, int] | None = None,
         expected_sha256: str | None = None,
-    ) -> LxmertForQuestionAnswering:
+        output_loading_info: bool = False,
+    ) -> Any:
         """Load a backbone and, where the file has one of the right size, the answer head.
 
         From a fine-tuned checkpoint the head is loaded as is. From the pre-training file (9500-way QA head), pass
@@ -779,19 +787,21 @@ class LxmertForQuestionAnswering(nn.Module):
             answers: This task's answers, in label order (or answer -> label).
             pretrain_answers: The checkpoint head's answers, in row order (or answer -> row).
             expected_sha256: As `LxmertModel.from_pretrained`.
+            output_loading_info: Also return a `LoadReport`.
 
         Returns:
-            The model in eval mode.
+            The model in eval mode; with `output_loading_info`, `(model, LoadReport)`.
 
         Examples:
             >>> cfg = LxmertConfig.tiny(visual_feat_dim=8)
             >>> donor = LxmertForPreTraining(cfg)  # 11-answer pre-training QA head in the tiny config
             >>> sd = {"module." + k.replace("lxmert.", "bert.", 1): v for k, v in donor.state_dict().items()}
             >>> pre = [f"a{i}" for i in range(11)]
-            >>> import warnings
-            >>> with warnings.catch_warnings():
-            ...     warnings.simplefilter("ignore")  # the unused MLM / object heads are reported
-            ...     model = LxmertForVQA.from_pretrained(sd, cfg, 2, answers=["a3", "zzz"], pretrain_answers=pre)
+            >>> model, report = LxmertForVQA.from_pretrained(
+            ...     sd, cfg, 2, answers=["a3", "zzz"], pretrain_answers=pre, output_loading_info=True
+            ... )
+            >>> report.dropped[0], report.fresh
+            ('cls.predictions.bias', [])
             >>> torch.equal(model.answer_head.logit_fc[3].weight[0], donor.answer_head.logit_fc[3].weight[3])
             True
         """
@@ -804,7 +814,13 @@ class LxmertForQuestionAnswering(nn.Module):
             num_answers = len(answers)
         remap = None if answers is None else (answers, pretrain_answers)
         return _from_pretrained(
-            cls, source, config, heads={"num_answers": num_answers}, remap=remap, expected_sha256=expected_sha256
+            cls,
+            source,
+            config,
+            heads={"num_answers": num_answers},
+            remap=remap,
+            expected_sha256=expected_sha256,
+            output_loading_info=output_loading_info,
         )
 
 
@@ -915,16 +931,18 @@ class LxmertForNLVR2(nn.Module):
         config: LxmertConfig | None = None,
         *,
         expected_sha256: str | None = None,
-    ) -> LxmertForNLVR2:
+        output_loading_info: bool = False,
+    ) -> Any:
         """Load a backbone, and `logit_fc` from a fine-tuned NLVR2 checkpoint if it has one.
 
         Args:
             source: As `LxmertModel.from_pretrained`.
             config: Backbone sizes; inferred by default.
             expected_sha256: As `LxmertModel.from_pretrained`.
+            output_loading_info: Also return a `LoadReport`.
 
         Returns:
-            The model in eval mode.
+            The model in eval mode; with `output_loading_info`, `(model, LoadReport)`.
 
         Examples:
             >>> donor = LxmertForNLVR2(LxmertConfig.tiny(visual_feat_dim=8))
@@ -933,7 +951,7 @@ class LxmertForNLVR2(nn.Module):
             >>> torch.equal(model.logit_fc[3].weight, donor.logit_fc[3].weight)
             True
         """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
 
 
 class _PredictionHeadTransform(nn.Module):
@@ -1083,16 +1101,18 @@ class LxmertForPreTraining(nn.Module):
         config: LxmertConfig | None = None,
         *,
         expected_sha256: str | None = None,
-    ) -> LxmertForPreTraining:
+        output_loading_info: bool = False,
+    ) -> Any:
         """Load the backbone and every pre-training head (the tied decoder key may be present or absent).
 
         Args:
             source: As `LxmertModel.from_pretrained`.
             config: Sizes; inferred by default (including the QA, object and attribute label counts).
             expected_sha256: As `LxmertModel.from_pretrained`.
+            output_loading_info: Also return a `LoadReport`.
 
         Returns:
-            The model in eval mode.
+            The model in eval mode; with `output_loading_info`, `(model, LoadReport)`.
 
         Examples:
             >>> donor = LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8))
@@ -1100,7 +1120,7 @@ class LxmertForPreTraining(nn.Module):
             >>> torch.equal(model.cls.predictions.bias, donor.cls.predictions.bias)
             True
         """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256)
+        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1319,7 +1339,8 @@ def _from_pretrained(
     heads: dict[str, Any],
     remap: tuple[Sequence[str] | Mapping[str, int], Sequence[str] | Mapping[str, int] | None] | None = None,
     expected_sha256: str | None = None,
-) -> _M:
+    output_loading_info: bool = False,
+) -> Any:
     name = "the state dict given"
     if isinstance(source, (str, os.PathLike)):
         raw, file = read_state_dict(source, expected_sha256=expected_sha256, argument="source")
@@ -1397,14 +1418,12 @@ def _from_pretrained(
     tied = "cls.predictions.decoder.weight"
     if tied in expected and tied not in target:
         target[tied] = target["lxmert.embeddings.word_embeddings.weight"]  # tied: absent from safetensors files
-    heads_missing = sorted(k for k in expected if k not in target)
-    notes = []
-    if dropped:
-        notes.append(f"dropped {len(dropped)} head keys this model has no place for ({sorted(dropped)[:6]} ...)")
-    if mismatched:
-        notes.append(f"dropped {len(mismatched)} head keys of another size: {mismatched[:4]}")
-    if heads_missing:
-        notes.append(f"left {len(heads_missing)} head keys randomly initialised: {heads_missing[:6]}")
+    report = LoadReport(
+        renamed=sum(old != new for old, new in zip(raw, sd)),
+        dropped=sorted(dropped),
+        fresh=sorted(k for k in expected if k not in target),
+        mismatched=mismatched,
+    )
     wrong = [
         f"{k} expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
         for k, v in target.items()
@@ -1416,9 +1435,9 @@ def _from_pretrained(
             f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
         )
     model.load_state_dict(target, strict=False)
-    if notes:
-        warnings.warn(f"Loading {name} into {cls.__name__}: " + "; ".join(notes) + ".", stacklevel=3)
-    return model.eval()  # type: ignore[return-value]
+    report.log(logger, cls.__name__, name)
+    model.eval()  # as transformers' from_pretrained: call .train() to fine-tune
+    return (model, report) if output_loading_info else model  # type: ignore[return-value]
 
 
 def remap_answer_rows(

@@ -30,7 +30,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones._checkpoint import LoadReport as LoadReport
 from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
@@ -478,28 +479,6 @@ class UniterRetrievalOutput:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadReport:
-    """What `from_pretrained` did with a state dict.
-
-    Attributes:
-        renamed: Number of keys renamed (`bert` -> `uniter`, `gamma`/`beta` -> `weight`/`bias`).
-        dropped: Known pre-training head keys present in the file and not used.
-        fresh: Model keys absent from the file, freshly initialised (the task head; any
-            backbone key only with `strict=False`).
-        grown: Embedding tables grown after loading (NLVR2 / VCR type rows, VCR words).
-
-    Examples:
-        >>> LoadReport().dropped
-        []
-    """
-
-    renamed: int = 0
-    dropped: list[str] = field(default_factory=list)
-    fresh: list[str] = field(default_factory=list)
-    grown: list[str] = field(default_factory=list)
-
-
 # pre-training heads of UniterForPretraining (MLM, MRFR, MRC, ITM): in the released files,
 # not in any fine-tuning model
 _PRETRAIN_PREFIXES = ("cls.", "feat_regress.", "region_classifier.", "itm_output.")
@@ -740,8 +719,8 @@ class UniterPreTrainedModel(nn.Module):
             **head_kwargs: Passed to the model constructor (`num_answers`, `variant`, ...).
 
         Returns:
-            The model (in training mode, as constructed); with `output_loading_info`,
-            `(model, LoadReport)`.
+            The model in eval mode (as transformers' `from_pretrained`; call `.train()` to
+            fine-tune); with `output_loading_info`, `(model, LoadReport)`.
 
         Examples:
             >>> cfg = UniterConfig.tiny()
@@ -819,10 +798,8 @@ class UniterPreTrainedModel(nn.Module):
         to_load = {k[len(prefix) :]: v for k, v in state.items()}
         model.load_state_dict(to_load, strict=False)
         report.grown = model._grow_embeddings()
-        if report.dropped:
-            logger.info("Dropped %d pre-training head keys from %s: %s", len(report.dropped), source, report.dropped)
-        if report.fresh:
-            logger.warning("Freshly initialised %s keys (not in %s): %s", cls.__name__, source, report.fresh)
+        report.log(logger, cls.__name__, source)
+        model.eval()  # as transformers' from_pretrained: call .train() to fine-tune
         return (model, report) if output_loading_info else model
 
 
