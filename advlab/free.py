@@ -78,24 +78,75 @@ def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-def default_logits(output: Any) -> Tensor:
-    """The logits in a model output: a Tensor as is, else `.logits`, else element 0 of a tuple.
+_MISSING = object()
 
-    Examples:
-        >>> default_logits((torch.ones(1, 2), "hidden"))
+
+def default_logits(output: Any) -> Tensor:
+    """The logits in a model output, only where they are certain: a Tensor, or an object's `.logits` Tensor.
+
+    Anything else is refused, tuples and lists included: `(hidden, logits)`, or Hugging Face's
+    `(loss, logits)` with `return_dict=False`, do not say which element is the logits, and
+    taking the wrong one would compute the regulariser on the wrong tensor without a word.
+    Pass `logits=` a callable output -> logits for those.
+
+    Args:
+        output: What the forward returned.
+
+    Example:
+        >>> import torch
+        >>> from advlab.free import default_logits
+        >>> default_logits(torch.ones(1, 2))
         tensor([[1., 1.]])
+        >>> default_logits((torch.zeros(1, 4), torch.ones(1, 2)))
+        Traceback (most recent call last):
+        ...
+        advlab._errors.AdvlabTypeError: Expected the forward to return a Tensor of logits or an object with a `.logits` Tensor, but got a tuple of 2 (which element is the logits is not certain); pass `logits=`, e.g. logits=lambda out: out[1].
     """
     if isinstance(output, Tensor):
         return output
-    logits = getattr(output, "logits", None)
+    logits = getattr(output, "logits", _MISSING)
     if isinstance(logits, Tensor):
         return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
+    if isinstance(output, (tuple, list)):
+        got = f"a {type(output).__name__} of {len(output)} (which element is the logits is not certain)"
+        hint = "logits=lambda out: out[1]"
+    elif isinstance(output, Mapping):
+        got = f"a mapping with keys {list(output)[:6]}"
+        hint = "logits=lambda out: out['logits']"
+    else:
+        got = type(output).__name__
+        if logits is not _MISSING:
+            got += f" whose `.logits` is {type(logits).__name__}"
+        hint = "logits=lambda out: out.scores"
     raise AdvlabTypeError(
-        "Expected the forward to return a Tensor of logits, an object with a `.logits` Tensor, or a tuple whose "
-        f"element 0 is the logits, but got {type(output).__name__}; pass `logits=` a callable output -> logits."
+        f"Expected the forward to return a Tensor of logits or an object with a `.logits` Tensor, but got {got}; "
+        f"pass `logits=`, e.g. {hint}."
     )
+
+
+def _logit_parts(logits: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensors of a logits value (a Tensor, or a tuple / list / dict of them) and how to rebuild it."""
+    if isinstance(logits, Tensor):
+        parts: list[Any] = [logits]
+        rebuild: Callable[[list[Tensor]], Any] = lambda ps: ps[0]  # noqa: E731
+    elif isinstance(logits, (tuple, list)) and logits:
+        parts = list(logits)
+        rebuild = (lambda ps: list(ps)) if isinstance(logits, list) else (lambda ps: tuple(ps))  # noqa: E731
+    elif isinstance(logits, Mapping) and logits:
+        keys = list(logits)
+        parts = [logits[k] for k in keys]
+        rebuild = lambda ps: dict(zip(keys, ps))  # noqa: E731
+    else:
+        parts = [logits]
+        rebuild = lambda ps: ps[0]  # noqa: E731
+    bad = [p for p in parts if not isinstance(p, Tensor) or not p.is_floating_point()]
+    if bad:
+        got = type(bad[0]).__name__ if not isinstance(bad[0], Tensor) else f"a {bad[0].dtype} tensor"
+        raise AdvlabTypeError(
+            "Expected the logits to be a floating tensor (or a non-empty tuple, list or dict of floating tensors, "
+            f"from a `logits=` callable, for a model with several outputs), but got {got}."
+        )
+    return parts, rebuild
 
 
 def forward_groups(mode: str, modalities: Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -141,7 +192,7 @@ class AscentStep:
     _owner: FreeTraining
 
     @property
-    def clean_logits(self) -> Tensor:
+    def clean_logits(self) -> Any:
         """The clean logits to use in this step's losses (see `FreeTraining.clean_logits`)."""
         return self._owner.clean_logits
 
@@ -203,8 +254,10 @@ class FreeTraining:
         self._k: int | None = None
         self._stepped = False
         self._active_in_step: set[str] = set()
-        self._clean_real: Tensor | None = None
-        self._clean_leaf: Tensor | None = None
+        self._clean_real: Any = None  # the clean logits (a Tensor, or a tuple / list / dict of tensors)
+        self._clean_parts: list[Tensor] = []
+        self._clean_leaves: list[Tensor | None] = []  # a detached leaf per part (deferred, lean) or None
+        self._clean_view: Any = None  # what `clean_logits` returns
         self._clean_losses: list[Tensor] = []
         self._clean_loss_fns: list[Callable[[Any], Tensor]] = []
         self._clean_forward: Callable[[], Any] | None = None
@@ -319,18 +372,20 @@ class FreeTraining:
         return DeltaNorms(out, self._hooks.reached_norms(), self._hooks.warn_if_lost)
 
     @property
-    def clean_logits(self) -> Tensor:
+    def clean_logits(self) -> Any:
         """The clean logits to use in a loss.
 
         With the `"deferred"` and `"lean"` schedules this is a detached leaf that collects
         the gradient the losses send to the clean prediction; the last backward applies that
         gradient to the clean forward's graph once. With `"retain"` it is the clean forward's
         own logits (every backward goes through the clean graph, as in the official code).
+        A `logits` callable that returns a tuple, list or dict of tensors gets the same
+        structure back.
         """
         self._require_open()
         if self._clean_real is None:
             raise AdvlabValueError("Expected `ft.clean(forward)` to run before the clean logits are used.")
-        return self._clean_leaf if self._clean_leaf is not None else self._clean_real
+        return self._clean_view
 
     # ------------------------------------------------------------------ the step
     def clean(self, forward: Callable[[], Any]) -> Any:
@@ -360,13 +415,15 @@ class FreeTraining:
         else:
             output = self._hooks.run(forward, active=())
         logits = self._logits(output)
-        if not isinstance(logits, Tensor) or not logits.is_floating_point():
-            raise AdvlabTypeError(f"Expected the logits to be a floating tensor, but got {type(logits).__name__}.")
-        self._clean_real = logits
+        parts, rebuild = _logit_parts(logits)
         if self.schedule == "lean":
-            self._clean_leaf = logits.detach().requires_grad_(torch.is_grad_enabled())
-        elif self.schedule == "deferred" and logits.requires_grad:
-            self._clean_leaf = logits.detach().requires_grad_(True)
+            leaves: list[Tensor | None] = [p.detach().requires_grad_(torch.is_grad_enabled()) for p in parts]
+        elif self.schedule == "deferred":
+            leaves = [p.detach().requires_grad_(True) if p.requires_grad else None for p in parts]
+        else:
+            leaves = [None for _ in parts]
+        self._clean_real, self._clean_parts, self._clean_leaves = logits, parts, leaves
+        self._clean_view = rebuild([p if leaf is None else leaf for p, leaf in zip(parts, leaves)])
         self._clean_output = output
         return output
 
@@ -569,29 +626,34 @@ class FreeTraining:
     def _backward_final(self, loss: Tensor | None) -> None:
         tensors: list[Tensor] = []
         grads: list[Tensor | None] = []
-        leaf = self._clean_leaf
-        leaf_grad = leaf.grad if leaf is not None else None
+        leaves = self._clean_leaves
+        leaf_grads = [None if leaf is None else leaf.grad for leaf in leaves]
         if loss is not None:
             scaled = self._scale(loss)
             if self.schedule == "lean":
-                scaled.backward()  # fills the clean leaf's gradient first
-                leaf_grad = leaf.grad if leaf is not None else None
+                scaled.backward()  # fills the clean leaves' gradients first
+                leaf_grads = [None if leaf is None else leaf.grad for leaf in leaves]
             else:
-                if leaf is not None and scaled.requires_grad:
+                live = [leaf for leaf in leaves if leaf is not None]
+                if live and scaled.requires_grad:
                     # this loss's gradient at the clean logits: a walk down the regulariser only
-                    (last,) = torch.autograd.grad(scaled, leaf, retain_graph=True, allow_unused=True)
-                    if last is not None:
-                        leaf_grad = last if leaf_grad is None else leaf_grad + last
+                    lasts = iter(torch.autograd.grad(scaled, live, retain_graph=True, allow_unused=True))
+                    merged: list[Tensor | None] = []
+                    for leaf, before in zip(leaves, leaf_grads):
+                        last = None if leaf is None else next(lasts)
+                        merged.append(before if last is None else last if before is None else before + last)
+                    leaf_grads = merged
                 tensors.append(scaled)
                 grads.append(None)
-        clean_logits, clean_output = self._clean_real, self._clean_output
-        if self.schedule == "lean" and (leaf_grad is not None or self._clean_loss_fns):
+        clean_parts, clean_output = self._clean_parts, self._clean_output
+        if self.schedule == "lean" and (any(g is not None for g in leaf_grads) or self._clean_loss_fns):
             clean_output = self._recompute_clean()
-            clean_logits = self._logits(clean_output)
-        if leaf_grad is not None and clean_logits is not None:
-            self._note_finite(leaf_grad, "gradient at the clean logits")
-            tensors.append(clean_logits)
-            grads.append(leaf_grad)
+            clean_parts = _logit_parts(self._logits(clean_output))[0]
+        for part, leaf_grad in zip(clean_parts, leaf_grads):
+            if leaf_grad is not None:
+                self._note_finite(leaf_grad, "gradient at the clean logits")
+                tensors.append(part)
+                grads.append(leaf_grad)
         for fn in self._clean_loss_fns:
             clean = fn(clean_output)
             self._check_loss(clean)
@@ -605,8 +667,9 @@ class FreeTraining:
         if tensors:
             torch.autograd.backward(tensors, grads)  # type: ignore[arg-type]
         self._clean_losses, self._clean_loss_fns = [], []
-        if self._clean_leaf is not None:
-            self._clean_leaf.grad = None
+        for leaf in self._clean_leaves:
+            if leaf is not None:
+                leaf.grad = None
         self._final_done = True
         for d in self._delta_grads_from_leaves().values():  # the last step's δ gradient moves nothing, but is checked
             if d is not None:
@@ -620,8 +683,8 @@ class FreeTraining:
             return self._hooks.run(self._clean_forward, active=())
 
     def _finish(self) -> None:
-        pending = self._clean_losses or self._clean_loss_fns or (
-            self._clean_leaf is not None and self._clean_leaf.grad is not None
+        pending = self._clean_losses or self._clean_loss_fns or any(
+            leaf is not None and leaf.grad is not None for leaf in self._clean_leaves
         )
         if pending and not self._final_done:
             self._backward_final(None)
