@@ -820,7 +820,11 @@ def free_training(
             dimensions before the feature dimension ([b, n] for [b, n, d]).
         schedule: `"deferred"` (one clean backward), `"retain"` (official structure) or
             `"lean"` (clean forward without a graph, recomputed at the end).
-        logits: Output -> logits; default `default_logits`.
+        logits: Output -> logits; default `default_logits` (a Tensor, or an object's
+            `.logits`; anything else is refused). A callable may return a tuple, list or
+            dict of tensors for a model with several outputs: `clean_logits` then has the
+            same structure, and each part's clean-side gradient is handled like a single
+            tensor's.
         scaler: A `torch.amp.GradScaler`: losses are scaled, δ gradients unscaled.
         on_nonfinite: What a NaN or inf in any loss of the step (ascent, clean or δ-only)
             or in any δ gradient does. Either way every parameter `.grad` of `model` is
@@ -833,7 +837,10 @@ def free_training(
             checks stay on the device and are read once, at the last backward (under DDP
             the ranks agree on the outcome through one all-reduce of the flags). Keeping
             the old gradients costs one copy of every `.grad` that exists on entry (none
-            after `zero_grad(set_to_none=True)`).
+            after `zero_grad(set_to_none=True)`). After a skipped step whose parameters had
+            no gradient, do not call `scaler.step` / `scaler.update` (GradScaler refuses a
+            step in which no parameter has a gradient; the scale is already lowered):
+            `if not stats.skipped_steps: scaler.step(opt); scaler.update()`.
         generator: Randomness for initial δ and random directions.
         ascender: Override of the δ update (one for all modalities or one per modality);
             default `PGDAscender` from each `Perturbation`.
@@ -842,7 +849,9 @@ def free_training(
         A `FreeTraining` context.
 
     Examples:
-        >>> from advlab import Perturbation, symmetric_kl
+        >>> import torch
+        >>> from torch import nn
+        >>> from advlab import Perturbation, free_training, symmetric_kl
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
         >>> ids, y = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 1])
         >>> fwd = lambda: model(ids)

@@ -53,6 +53,9 @@ class FreeLB:
         generator: Randomness for the initialisation.
 
     Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from advlab import FreeLB
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
         >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
         >>> freelb = FreeLB(model, {"txt": "0"}, steps=2, init_magnitude=0.1, generator=torch.Generator().manual_seed(0))

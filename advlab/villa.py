@@ -73,7 +73,9 @@ class VILLA:
             `free_training`: either way the parameter gradients are left as they were).
         generator: Randomness for δ_0.
 
-    Examples:
+    Example:
+        >>> import torch
+        >>> from torch import nn
         >>> import advlab
         >>> class Tiny(nn.Module):
         ...     def __init__(self):
@@ -85,8 +87,24 @@ class VILLA:
         >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 2])
         >>> villa = advlab.VILLA(model, sites={"txt": "embed"}, steps=2)
         >>> stats = villa.step(lambda: model(ids), lambda out: nn.functional.cross_entropy(out, y))
-        >>> len(stats.task_loss), model.head.weight.grad is not None
-        (2, True)
+        >>> len(stats.task_loss), stats.skipped_steps, model.head.weight.grad.shape
+        (2, 0, torch.Size([3, 4]))
+
+        A model with two outputs, compared output by output (no packing into one tensor):
+
+        >>> class TwoHeads(Tiny):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.match = nn.Linear(4, 2)
+        ...     def forward(self, ids):
+        ...         h = self.embed(ids).mean(1)
+        ...         return {"answer": self.head(h), "match": self.match(h)}
+        >>> model = TwoHeads()
+        >>> both = lambda clean, adv: sum(advlab.symmetric_kl(adv[k], clean[k]) for k in ("answer", "match"))
+        >>> villa = advlab.VILLA(model, sites={"txt": "embed"}, logits=lambda out: out, regularizer=both)
+        >>> stats = villa.step(lambda: model(ids), lambda out: nn.functional.cross_entropy(out["answer"], y))
+        >>> len(stats.kl), model.match.weight.grad.shape
+        (3, torch.Size([2, 4]))
     """
 
     def __init__(
