@@ -397,10 +397,16 @@ class SiteHooks:
             return mask.reshape(x.shape[0], -1)  # [b, h, w] -> [b, h*w]
         flat = (x.shape[0], int(torch.Size(positions).numel()))
         if tuple(mask.shape) != flat:
+            hint = ""
+            if mask.dim() == len(positions) + 1 and all(m >= p for m, p in zip(mask.shape[1:], positions)):
+                hint = (
+                    "; a pixel-level mask (such as ViLT's pixel_mask) must first be reduced to the patch grid, e.g. "
+                    f"F.interpolate(mask[:, None].float(), size={positions}).bool()[:, 0]"
+                )
             raise AdvlabValueError(
                 f"Expected `masks[{state.modality!r}]` of site {state.name!r} (layout {state.site.layout!r}, tensor "
                 f"shape {tuple(x.shape)}) to have shape {(x.shape[0], *positions)} or {flat}, but got "
-                f"{tuple(mask.shape)}."
+                f"{tuple(mask.shape)}{hint}."
             )
         return mask
 

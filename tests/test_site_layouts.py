@@ -139,6 +139,15 @@ def test_layout_mask_of_wrong_shape_names_both_forms():
                    masks={"img": torch.ones(3, 2, 3, dtype=torch.bool)})
 
 
+def test_pixel_level_mask_at_a_patch_site_says_how_to_reduce_it():
+    model = TinyPatches().double()
+    pixels, mask, y = patch_batch()
+    villa = advlab.VILLA(model, sites={"img": advlab.Site("patch", layout="channels_first")}, steps=2)
+    with pytest.raises(advlab.AdvlabValueError, match=r"got \(3, 6, 4\); a pixel-level mask.*interpolate"):
+        villa.step(lambda: model(pixels, mask), lambda out: F.cross_entropy(out, y),
+                   masks={"img": torch.ones(3, 6, 4, dtype=torch.bool)})
+
+
 def test_bad_layout_is_refused():
     with pytest.raises(advlab.AdvlabValueError, match="layout"):
         advlab.Site("patch", layout="nchw")
