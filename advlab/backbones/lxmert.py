@@ -349,13 +349,14 @@ class _Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_size)  # [b, s_q, h]
 
 
+# Copied from advlab.backbones.uniter._Output with UniterConfig->LxmertConfig
 class _Output(nn.Module):
-    """LayerNorm(dropout(dense(x)) + residual), after attention (x of width h) and after the FFN (x of its width)."""
+    """LayerNorm(dropout(dense(x)) + residual): BERT's SelfOutput (x of width h) and Output (x of the FFN width)."""
 
     def __init__(self, config: LxmertConfig, in_features: int) -> None:
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = _layer_norm(config)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
@@ -382,13 +383,14 @@ class _SelfAttLayer(nn.Module):
         return self.output(self.self(hidden, hidden, mask), hidden)
 
 
+# Copied from advlab.backbones.uniter._Intermediate with UniterConfig->LxmertConfig
 class _Intermediate(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.gelu(self.dense(hidden))  # exact erf GELU, as the original
+        return F.gelu(self.dense(hidden))  # the exact erf form, as in UNITER's layer.py and LXMERT's modeling.py
 
 
 class _Layer(nn.Module):

@@ -345,7 +345,7 @@ class _Intermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.gelu(self.dense(hidden))  # erf form, as UNITER's layer.py gelu
+        return F.gelu(self.dense(hidden))  # the exact erf form, as in UNITER's layer.py and LXMERT's modeling.py
 
 
 class _Layer(nn.Module):
