@@ -14,6 +14,18 @@ Reductions:
 
 Divergences are computed in at least float32 (float64 stays float64).
 
+Masked-out classes given as −inf logits are supported: a class with probability 0 under
+the expectation distribution contributes 0 (the convention 0 · log 0 = 0), with a zero
+gradient. KL(p‖q) is +inf when p gives mass to a class whose logit in q is −inf (and so is
+the symmetric KL): that is the divergence's true value, and the training engine reports
+the infinite loss (`NonFiniteError` by default). Jensen–Shannon stays finite (at most
+log 2 per row) in every such case. Sigmoid logits may be ±inf; a +inf logit under
+`"softmax"`, or a NaN logit, gives NaN.
+
+A softmax over a single class is always 1, so `[..., 1]` logits are refused under
+`"softmax"` (the divergence would be 0 at every step): pass `distribution="sigmoid"` for
+a single-logit head.
+
 Shape notation:
     - b: rows (any number of leading dimensions); c: classes
 """
@@ -51,13 +63,20 @@ DISTRIBUTIONS: tuple[str, ...] = ("softmax", "sigmoid")
 DETACH: tuple[str, ...] = ("none", "target")
 
 
-def _check_pair(p_logits: Tensor, q_logits: Tensor) -> tuple[Tensor, Tensor]:
+def _check_pair(p_logits: Tensor, q_logits: Tensor, distribution: str) -> tuple[Tensor, Tensor]:
     p_logits = check_float_tensor(p_logits, "p_logits")
     q_logits = check_float_tensor(q_logits, "q_logits")
     if p_logits.shape != q_logits.shape:
         raise AdvlabValueError(
             f"Expected `p_logits` and `q_logits` to have the same shape, but got {tuple(p_logits.shape)} "
             f"and {tuple(q_logits.shape)}."
+        )
+    if distribution == "softmax" and p_logits.shape[-1] == 1:
+        raise AdvlabValueError(
+            f"Expected at least 2 classes in the last dimension of `p_logits` for distribution='softmax', but "
+            f"got shape {tuple(p_logits.shape)}: the softmax of a single logit is always 1, so the divergence "
+            "would be exactly 0 at every step. For one binary output per row (a single-logit head) pass "
+            'distribution="sigmoid".'
         )
     dtype = torch.promote_types(compute_dtype(p_logits), compute_dtype(q_logits))
     return p_logits.to(dtype), q_logits.to(dtype)
@@ -71,9 +90,25 @@ def _log_probs(logits: Tensor, distribution: str) -> tuple[Tensor, ...]:
 
 
 def _kl_terms(log_ps: tuple[Tensor, ...], log_qs: tuple[Tensor, ...]) -> Tensor:
-    """Per-class KL(p‖q) terms, [..., c], from the outcome log-probabilities of `_log_probs`."""
-    terms = [log_p.exp() * (log_p - log_q) for log_p, log_q in zip(log_ps, log_qs)]
+    """Per-class KL(p‖q) terms, [..., c], from the outcome log-probabilities of `_log_probs`.
+
+    An outcome with p = 0 (a −inf logit, or a probability below the dtype's range)
+    contributes 0 (0 · log 0 = 0), with a zero gradient: both the difference and the product
+    are selected away, so no 0 · inf is formed even where q's logit is −inf too.
+    """
+    terms = []
+    for log_p, log_q in zip(log_ps, log_qs):
+        p = log_p.exp()
+        live = p != 0  # NaN stays live, and NaN
+        terms.append(torch.where(live, p * torch.where(live, log_p - log_q, 0.0), 0.0))
     return sum(terms[1:], terms[0])
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """log((p + q) / 2), −inf where both are 0 (without the NaN gradient of logaddexp(−inf, −inf))."""
+    both = (log_p == -math.inf) & (log_q == -math.inf)
+    mixed = torch.logaddexp(log_p.masked_fill(both, 0.0), log_q.masked_fill(both, 0.0)) - math.log(2.0)
+    return mixed.masked_fill(both, -math.inf)
 
 
 def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
@@ -115,7 +150,7 @@ def kl_divergence(
     """
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
-    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    p_logits, q_logits = _check_pair(p_logits, q_logits, distribution)
     return _reduce(_kl_terms(_log_probs(p_logits, distribution), _log_probs(q_logits, distribution)), reduction)
 
 
@@ -151,7 +186,7 @@ def symmetric_kl(
     check_choice(detach, DETACH, "detach")
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
-    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    p_logits, q_logits = _check_pair(p_logits, q_logits, distribution)
     # Each term takes its own log-probabilities. Sharing them between the two terms saves two
     # log_softmax calls but changes the gradient's last bits, and with them every recorded
     # experiment run (docs/reproducing.md), so it is not done.
@@ -188,9 +223,9 @@ def js_divergence(
     """
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(reduction, REDUCTIONS, "reduction")
-    p_logits, q_logits = _check_pair(p_logits, q_logits)
+    p_logits, q_logits = _check_pair(p_logits, q_logits, distribution)
     log_p, log_q = _log_probs(p_logits, distribution), _log_probs(q_logits, distribution)
-    log_m = tuple(torch.logaddexp(a, b) - math.log(2.0) for a, b in zip(log_p, log_q))
+    log_m = tuple(_log_mixture(a, b) for a, b in zip(log_p, log_q))
     return _reduce(0.5 * (_kl_terms(log_p, log_m) + _kl_terms(log_q, log_m)), reduction)
 
 
