@@ -279,3 +279,20 @@ def test_effective_norm_ignores_non_finite_padding():
     villa = advlab.VILLA(model, sites={"x": "site"}, perturbations={"x": advlab.Perturbation(0.1)}, steps=2)
     stats = villa.step(lambda: model(x, mask), lambda o: F.cross_entropy(o, torch.tensor([0, 1])), masks={"x": mask})
     assert stats.effective_delta_norm["x"] == pytest.approx(stats.delta_norm["x"], rel=1e-12)
+
+
+def test_bfloat16_autocast_at_a_conv_site_is_measured_and_warned():
+    """Under CPU autocast the conv output is bfloat16: a small absolute step rounds away, and the stats say so."""
+    model = TinyPatches()
+    pixels, mask, y = patch_batch(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if model.patch(pixels).dtype != torch.bfloat16:
+            pytest.skip("CPU autocast does not run conv2d in bfloat16 here")
+    villa = advlab.VILLA(model, sites={"img": advlab.Site("patch", layout="channels_first")},
+                         perturbations={"img": advlab.Perturbation(2e-4)}, steps=3)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        stats = villa.step(lambda: model(pixels, mask), lambda out: F.cross_entropy(out.float(), y),
+                           masks={"img": mask})
+    assert stats.effective_delta_norm["img"] < 0.5 * stats.delta_norm["img"]
+    assert any("reaches the model" in str(w.message) for w in caught)
