@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import advlab
@@ -296,3 +298,28 @@ def test_bfloat16_autocast_at_a_conv_site_is_measured_and_warned():
                            masks={"img": mask})
     assert stats.effective_delta_norm["img"] < 0.5 * stats.delta_norm["img"]
     assert any("reaches the model" in str(w.message) for w in caught)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 3), w=st.integers(1, 3),
+       norm=st.sampled_from(["l2", "l2_token", "linf"]), seed=st.integers(0, 2**16), relative=st.booleans())
+def test_channels_first_and_channels_last_views_of_one_tensor_get_the_same_delta(b, c, h, w, norm, seed, relative):
+    """The layout only moves axes: [b, c, h, w] channels-first and its [b, h, w, c] permutation get one δ."""
+    x = torch.randn(b, c, h, w, dtype=torch.float64, generator=generator(seed))
+    mask = torch.rand(b, h, w, generator=generator(seed + 1)) > 0.3
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({"site": nn.Identity(), "lin": nn.Linear(c, 2, bias=False).double()})
+    site = model["site"]
+    deltas = []
+    for layout, inp, to_last in (("channels_first", x, lambda t: t.permute(0, 2, 3, 1)),
+                                 ("channels_last", x.permute(0, 2, 3, 1).contiguous(), lambda t: t)):
+        pert = advlab.Perturbation(0.3, radius=0.4, norm=norm, relative=relative)
+        with advlab.free_training(model, {"x": advlab.Site(site, layout=layout)}, {"x": pert}, steps=3,
+                                  masks={"x": mask.double()}) as ft:
+            for _ in ft:
+                out = ft.forward(lambda inp=inp, to_last=to_last: to_last(site(inp)))
+                ft.backward(torch.tanh(model["lin"](out)).sum())
+            deltas.append(ft.deltas("x")[0])
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-12, atol=1e-15)
+    flat = mask.reshape(b, -1)
+    assert torch.equal(deltas[0][~flat], torch.zeros_like(deltas[0][~flat]))
