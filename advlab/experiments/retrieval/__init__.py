@@ -1,4 +1,4 @@
-"""Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs noise control vs VILLA.
+"""Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs zero-δ and noise controls vs VILLA.
 
 The design is advlab's own (no official adversarial retrieval code exists; UNITER's retrieval used
 a hinge `rank_output`). Each backbone encodes text and regions separately for an in-batch
@@ -26,6 +26,7 @@ from advlab.experiments.retrieval.cli import main as main
 from advlab.experiments.retrieval.config import ARM_LABELS as ARM_LABELS
 from advlab.experiments.retrieval.config import ARMS_FULL as ARMS_FULL
 from advlab.experiments.retrieval.config import ARMS_QUICK as ARMS_QUICK
+from advlab.experiments.retrieval.config import CONTROLS as CONTROLS
 from advlab.experiments.retrieval.config import SETTINGS_PATH as SETTINGS_PATH
 from advlab.experiments.retrieval.config import Arm as Arm
 from advlab.experiments.retrieval.config import Backbone as Backbone
@@ -43,10 +44,15 @@ from advlab.experiments.retrieval.metrics import rerank_scores as rerank_scores
 from advlab.experiments.retrieval.model import RetrievalModel as RetrievalModel
 from advlab.experiments.retrieval.model import build_model as build_model
 from advlab.experiments.retrieval.model import pool_grid as pool_grid
+from advlab.experiments.retrieval.report import draw_curves as draw_curves
 from advlab.experiments.retrieval.report import draw_plot as draw_plot
+from advlab.experiments.retrieval.report import paired_lines as paired_lines
 from advlab.experiments.retrieval.report import results_markdown as results_markdown
 from advlab.experiments.retrieval.report import summarize as summarize
+from advlab.experiments.retrieval.report import verdict_lines as verdict_lines
+from advlab.experiments.retrieval.runs import RECORD_FORMAT as RECORD_FORMAT
 from advlab.experiments.retrieval.runs import GateError as GateError
+from advlab.experiments.retrieval.runs import best_epoch as best_epoch
 from advlab.experiments.retrieval.runs import load_records as load_records
 from advlab.experiments.retrieval.runs import run_experiment as run_experiment
 from advlab.experiments.retrieval.runs import tune as tune
@@ -56,6 +62,8 @@ __all__ = [
     "ARMS_FULL",
     "ARMS_QUICK",
     "ARM_LABELS",
+    "CONTROLS",
+    "RECORD_FORMAT",
     "SETTINGS_PATH",
     "Arm",
     "Backbone",
@@ -64,15 +72,18 @@ __all__ = [
     "RetrievalData",
     "RetrievalModel",
     "SplitTensors",
+    "best_epoch",
     "build_model",
     "check_gate",
     "configs_from_settings",
+    "draw_curves",
     "draw_plot",
     "evaluate",
     "itc_loss",
     "load_records",
     "load_settings",
     "main",
+    "paired_lines",
     "pool_grid",
     "prepare_data",
     "recall_at_k",
@@ -82,4 +93,5 @@ __all__ = [
     "summarize",
     "train_run",
     "tune",
+    "verdict_lines",
 ]

@@ -23,7 +23,7 @@ from advlab.experiments.retrieval.config import (
     load_settings,
 )
 from advlab.experiments.retrieval.data import _check_wheels, _stamps_folder, prepare_data
-from advlab.experiments.retrieval.report import draw_plot, results_markdown, summarize
+from advlab.experiments.retrieval.report import draw_curves, draw_plot, results_markdown, summarize
 from advlab.experiments.retrieval.runs import GateError, load_records, run_experiment, tune
 
 
@@ -67,7 +67,7 @@ def _base_config(settings: Mapping[str, Any], path: Path) -> RetrievalConfig:
         raise AdvlabValueError(f"{path}: 'base': {err}") from None
 
 
-DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs noise control vs VILLA."
+DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs zero-δ and noise controls vs VILLA."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m advlab.experiments.retrieval", description=DESCRIPTION)
     job = parser.add_mutually_exclusive_group()
-    job.add_argument("--full", action="store_true", help="both backbones, six arms, 5 seeds")
+    job.add_argument("--full", action="store_true", help="both backbones, all seven arms, 5 seeds")
     job.add_argument("--tune", action="store_true", help="pick step sizes on validation and write the settings")
     job.add_argument("--report", action="store_true",
                      help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(summarize(records))
         (args.out / "results.md").write_text(results_markdown(records))
-        print(f"wrote {args.out / 'results.md'} and {draw_plot(records, args.out / 'r1.png')}")
+        plots = [draw_plot(records, args.out / "r1.png"), draw_curves(records, args.out / "curves.png")]
+        print(f"wrote {args.out / 'results.md'}, {plots[0]} and {plots[1]}")
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     wall0 = time.perf_counter()
@@ -167,9 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     resumed = sum(r.get("resumed", False) for r in records)
     (args.out / "results.md").write_text(results_markdown(records, wall_seconds=wall))
     plot = draw_plot(records, args.out / "r1.png")
+    curves = draw_curves(records, args.out / "curves.png")
     print(f"\nwall time {wall / 60:.1f} min this invocation ({resumed} of {len(records)} runs loaded from "
           f"{args.out}; training+evaluation time of all runs {computed / 60:.1f} min)")
-    print(f"wrote {args.out / 'results.md'} and {plot}")
+    print(f"wrote {args.out / 'results.md'}, {plot} and {curves}")
     return 0
 
 

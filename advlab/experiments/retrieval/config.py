@@ -13,11 +13,16 @@ from typing import Any, Literal
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 Backbone = Literal["uniter", "lxmert"]
-Arm = Literal["baseline", "noise", "villa", "alter", "txt", "img"]
-ARMS_QUICK: tuple[str, ...] = ("baseline", "noise", "villa")
-ARMS_FULL: tuple[str, ...] = ("baseline", "noise", "villa", "alter", "txt", "img")
+Arm = Literal["baseline", "zero", "noise", "villa", "alter", "txt", "img"]
+ARMS_QUICK: tuple[str, ...] = ("baseline", "zero", "noise", "villa")
+ARMS_FULL: tuple[str, ...] = ("baseline", "zero", "noise", "villa", "alter", "txt", "img")
+# The two controls of a VILLA arm: "zero" runs VILLA's loop unchanged with step size 0 (K + 1 forwards with
+# their own dropout masks, the same losses and KL, δ stays 0); "noise" moves δ in a random direction of the
+# same size. A gain over both, beyond the spread, is what adversarial training can claim.
+CONTROLS: tuple[str, ...] = ("zero", "noise")
 ARM_LABELS: dict[str, str] = {
     "baseline": "baseline",
+    "zero": "zero δ",
     "noise": "noise control",
     "villa": "VILLA joint",
     "alter": "VILLA alter",

@@ -1,15 +1,33 @@
-"""Reports of the retrieval experiment: tables, paired differences and plots."""
+"""Reports of the retrieval experiment: tables, paired differences against baseline and both controls, plots.
+
+Every number is in points of R@1 (percent of queries), mean ± sample std over seeds. A paired
+difference subtracts, seed by seed, the reference arm's test R@1 from the arm's, so that both
+share the seed's initialisation, batch order and negatives. A difference is *beyond the
+spread* when its mean exceeds its std over seeds (|mean| > std, needs >= 2 seeds).
+
+Two claims are kept apart:
+
+- **the loop helps**: zero δ − baseline is positive beyond the spread (extra forwards with
+  their own dropout masks plus the KL consistency term, with no perturbation at all);
+- **adversarial training helps**: a VILLA arm beats the baseline *and* both controls (zero δ
+  and the noise control at the same sizes) beyond the spread.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from advlab.experiments.retrieval.config import ARM_LABELS, ARMS_FULL
+from advlab._errors import AdvlabError
+from advlab.experiments.retrieval.config import ARM_LABELS, ARMS_FULL, CONTROLS
+
+Measure = Literal["last", "best"]
+_COLS = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
+_REFS = ("baseline", *CONTROLS)
+_MEASURE_TEXT = {"last": "last epoch", "best": "epoch of best validation R@1"}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -18,105 +36,243 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def _paired(records: Sequence[Mapping[str, Any]], backbone: str, arm: str, ref: str) -> list[float]:
-    by = {(r["arm"], r["seed"]): r["test"]["r1"] for r in records if r["backbone"] == backbone}
+def _test(record: Mapping[str, Any], measure: Measure) -> Mapping[str, float]:
+    """A record's test metrics at its last epoch or at its best-validation epoch."""
+    if measure == "best":
+        return record.get("test_at_best", record["test"])  # type: ignore[no-any-return]
+    return record["test"]  # type: ignore[no-any-return]
+
+
+def _paired(
+    records: Sequence[Mapping[str, Any]], backbone: str, arm: str, ref: str, measure: Measure = "last"
+) -> list[float]:
+    """Seed-by-seed test R@1 differences arm − ref, in points, over the seeds both have."""
+    by = {(r["arm"], r["seed"]): 100 * _test(r, measure)["r1"] for r in records if r["backbone"] == backbone}
     return [by[(arm, s)] - by[(ref, s)] for (a, s) in sorted(by) if a == arm and (ref, s) in by]
 
 
+def _beyond(diffs: Sequence[float]) -> int:
+    """+1 / -1 when the mean difference is positive / negative beyond the spread, else 0."""
+    if len(diffs) < 2:
+        return 0
+    m, s = _mean_std(diffs)
+    return 0 if abs(m) <= s else (1 if m > 0 else -1)
+
+
+def _fmt_diff(diffs: Sequence[float]) -> str:
+    m, s = _mean_std(diffs)
+    per = ", ".join(f"{d:+.1f}" for d in diffs)
+    return f"{m:+.1f} ± {s:.1f} ({len(diffs)} seed{'s' if len(diffs) != 1 else ''}: {per})"
+
+
+def _backbones(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["backbone"] for r in records))
+
+
+def _arms(records: Sequence[Mapping[str, Any]], backbone: str | None = None) -> list[str]:
+    return [a for a in ARMS_FULL if any(r["arm"] == a and backbone in (None, r["backbone"]) for r in records)]
+
+
+def _runs(records: Sequence[Mapping[str, Any]], backbone: str, arm: str) -> list[Mapping[str, Any]]:
+    return [r for r in records if r["backbone"] == backbone and r["arm"] == arm]
+
+
+def paired_lines(records: Sequence[Mapping[str, Any]], measure: Measure = "last") -> list[str]:
+    """Paired differences of test R@1 in points: each control against the baseline, each VILLA arm against all three.
+
+    Args:
+        records: Run records.
+        measure: `"last"` (the last epoch) or `"best"` (the epoch of best validation R@1).
+
+    Returns:
+        One line per (arm, reference) pair with at least one shared seed.
+
+    Examples:
+        >>> rec = lambda arm, s, v: {"backbone": "uniter", "arm": arm, "seed": s, "test": {"r1": v}}
+        >>> rs = [rec("baseline", 0, 0.10), rec("villa", 0, 0.12), rec("baseline", 1, 0.11), rec("villa", 1, 0.12)]
+        >>> paired_lines(rs)
+        ['uniter VILLA joint - baseline: +1.5 ± 0.7 (2 seeds: +2.0, +1.0)']
+    """
+    lines = []
+    for backbone in _backbones(records):
+        for arm in _arms(records, backbone):
+            refs = ["baseline"] if arm in CONTROLS else ([] if arm == "baseline" else list(_REFS))
+            for ref in refs:
+                diffs = _paired(records, backbone, arm, ref, measure)
+                if diffs:
+                    lines.append(f"{backbone} {ARM_LABELS[arm]} - {ARM_LABELS[ref]}: {_fmt_diff(diffs)}")
+    return lines
+
+
+def verdict_lines(records: Sequence[Mapping[str, Any]], measure: Measure = "last") -> list[str]:
+    """The two claims, each stated with its criterion: "the loop helps" and "adversarial training helps".
+
+    Args:
+        records: Run records.
+        measure: `"last"` or `"best"` (see `paired_lines`).
+
+    Returns:
+        One line for the loop (zero δ − baseline) and one per VILLA arm, per backbone.
+
+    Examples:
+        >>> rec = lambda arm, s, v: {"backbone": "uniter", "arm": arm, "seed": s, "test": {"r1": v}}
+        >>> r1 = {"baseline": (0.10, 0.11), "zero": (0.12, 0.125), "noise": (0.12, 0.14), "villa": (0.125, 0.13)}
+        >>> rs = [rec(arm, s, v[s]) for arm, v in r1.items() for s in (0, 1)]
+        >>> for line in verdict_lines(rs):
+        ...     print(line)
+        uniter: the loop helps: yes (zero δ - baseline +1.8 ± 0.4)
+        uniter: VILLA joint beats baseline and both controls beyond the spread: no (- baseline +2.2 ± 0.4, - zero δ +0.5 ± 0.0, - noise control -0.3 ± 1.1)
+    """
+    lines = []
+    for backbone in _backbones(records):
+        zero = _paired(records, backbone, "zero", "baseline", measure)
+        if zero:
+            m, s = _mean_std(zero)
+            word = {1: "yes", -1: "no, it hurts", 0: "not shown"}[_beyond(zero)]
+            lines.append(f"{backbone}: the loop helps: {word} (zero δ - baseline {m:+.1f} ± {s:.1f})")
+        for arm in _arms(records, backbone):
+            if arm == "baseline" or arm in CONTROLS:
+                continue
+            parts, signs = [], []
+            for ref in _REFS:
+                diffs = _paired(records, backbone, arm, ref, measure)
+                if not diffs:
+                    continue
+                m, s = _mean_std(diffs)
+                parts.append(f"- {ARM_LABELS[ref]} {m:+.1f} ± {s:.1f}")
+                signs.append(_beyond(diffs))
+            if not parts:
+                continue
+            complete = len(signs) == len(_REFS)
+            word = "yes" if complete and all(x == 1 for x in signs) else "no"
+            if not complete:
+                word = "undecided (not every control ran)"
+            lines.append(
+                f"{backbone}: {ARM_LABELS[arm]} beats baseline and both controls beyond the spread: {word} "
+                f"({', '.join(parts)})"
+            )
+    return lines
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> str:
-    """A plain-text table: mean ± std per arm (test IR / TR R@1/5/10) and paired differences.
+    """A plain-text report: test R@K per arm, R@1 last vs best-validation epoch, paired differences, verdicts.
 
     Args:
         records: Run records from `run_experiment`.
 
     Returns:
-        The table and the paired-difference lines ("no clear effect" when mean ± std covers 0).
+        The tables and lines, in points of R@1.
 
     Examples:
         >>> rec = lambda arm, s, v: {"backbone": "uniter", "arm": arm, "seed": s, "val": {"r1": v},
         ...     "test": {k: v for k in ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "r1")}}
         >>> print(summarize([rec("baseline", 0, 0.1), rec("villa", 0, 0.2)]).splitlines()[-1])
-        uniter VILLA joint - baseline: R@1 +0.100 (1 seeds: +0.100); single seed, no spread
+        uniter: VILLA joint beats baseline and both controls beyond the spread: undecided (not every control ran) (- baseline +10.0 ± 0.0)
     """
-    cols = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
-    lines = []
+    lines = ["Test split, last epoch: mean ± std over seeds, points of R@K"]
     head = f"{'backbone':8} {'arm':17} {'seeds':>5} | " + " | ".join(
-        f"{c.upper().replace('_R', ' R@'):>13}" for c in cols
+        f"{c.upper().replace('_R', ' R@'):>11}" for c in _COLS
     )
     lines += [head, "-" * len(head)]
-    backbones = list(dict.fromkeys(r["backbone"] for r in records))
-    for backbone in backbones:
-        arms = [a for a in ARMS_FULL if any(r["arm"] == a and r["backbone"] == backbone for r in records)]
-        for arm in arms:
-            rs = [r for r in records if r["backbone"] == backbone and r["arm"] == arm]
-            cells = []
-            for c in cols:
-                m, s = _mean_std([100 * r["test"][c] for r in rs])
-                cells.append(f"{m:6.1f} ± {s:4.1f}")
+    for backbone in _backbones(records):
+        for arm in _arms(records, backbone):
+            rs = _runs(records, backbone, arm)
+            cells = ["{:5.1f} ± {:3.1f}".format(*_mean_std([100 * r["test"][c] for r in rs])) for c in _COLS]
             lines.append(f"{backbone:8} {ARM_LABELS[arm]:17} {len(rs):>5} | " + " | ".join(cells))
-    lines.append("")
-    for backbone in backbones:
-        for arm in [a for a in ARMS_FULL if a not in ("baseline", "noise")]:
-            for ref in ("baseline", "noise"):
-                diffs = _paired(records, backbone, arm, ref)
-                if not diffs:
-                    continue
-                m, s = _mean_std(diffs)
-                if len(diffs) < 2:
-                    verdict = "single seed, no spread"
-                elif abs(m) <= s:
-                    verdict = "no clear effect (the spread covers the difference)"
-                else:
-                    verdict = "clear at ±1 std" + (" (helps)" if m > 0 else " (hurts)")
-                per = ", ".join(f"{d:+.3f}" for d in diffs)
-                lines.append(
-                    f"{backbone} {ARM_LABELS[arm]} - {ARM_LABELS[ref]}: R@1 {m:+.3f}"
-                    + (f" ± {s:.3f}" if len(diffs) > 1 else "")
-                    + f" ({len(diffs)} seeds: {per}); {verdict}"
-                )
+    lines += ["", "Test R@1 (mean of IR and TR), points: at the last epoch and at the epoch of best validation R@1"]
+    head = f"{'backbone':8} {'arm':17} {'seeds':>5} | {'last epoch':>11} | {'best val':>11} | chosen epochs"
+    lines += [head, "-" * len(head)]
+    for backbone in _backbones(records):
+        for arm in _arms(records, backbone):
+            rs = _runs(records, backbone, arm)
+            last = "{:5.1f} ± {:3.1f}".format(*_mean_std([100 * r["test"]["r1"] for r in rs]))
+            best = "{:5.1f} ± {:3.1f}".format(*_mean_std([100 * _test(r, "best")["r1"] for r in rs]))
+            chosen = ", ".join(str(r.get("best_epoch", "-")) for r in rs)
+            lines.append(f"{backbone:8} {ARM_LABELS[arm]:17} {len(rs):>5} | {last} | {best} | {chosen}")
+    for measure in ("last", "best"):
+        pairs = paired_lines(records, measure)
+        if pairs:
+            lines += ["", f"Paired per-seed differences of test R@1 (mean of IR and TR), points, {_MEASURE_TEXT[measure]}:"]
+            lines += pairs
+    verdicts = verdict_lines(records, "last")
+    if verdicts:
+        lines += [
+            "",
+            "Verdict (last epoch; a difference counts when |mean| > std over seeds, i.e. beyond the spread):",
+            *verdicts,
+        ]
     return "\n".join(lines)
 
 
 def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: float | None = None) -> str:
-    """The paper-shaped Markdown table (IR R@1/5/10, TR R@1/5/10; mean ± std in %) and paired differences.
+    """Markdown tables (IR and TR R@1/5/10, R@1 last vs best-validation epoch), paired differences, verdicts.
 
     Args:
         records: Run records.
         wall_seconds: Total wall time to state, if known.
 
     Returns:
-        Markdown text.
+        Markdown text; all numbers in points, mean ± std over seeds.
     """
-    cols = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
-    md = [
-        "| backbone | arm | seeds | IR R@1 | IR R@5 | IR R@10 | TR R@1 | TR R@5 | TR R@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    backbones = list(dict.fromkeys(r["backbone"] for r in records))
-    for backbone in backbones:
-        for arm in ARMS_FULL:
-            rs = [r for r in records if r["backbone"] == backbone and r["arm"] == arm]
-            if not rs:
-                continue
-            cells = [
-                "{:.1f} ± {:.1f}".format(*_mean_std([100 * r["test"][c] for r in rs])) for c in cols
-            ]
-            md.append(f"| {backbone} | {ARM_LABELS[arm]} | {len(rs)} | " + " | ".join(cells) + " |")
-    text = "\n".join(md)
-    diffs = summarize(records).split("\n\n", 1)
-    if len(diffs) > 1 and diffs[1].strip():
-        text += "\n\nPaired per-seed differences of test R@1 (mean of IR and TR):\n\n" + "\n".join(
-            f"- {line}" for line in diffs[1].strip().splitlines()
-        )
+    md = []
+    for side, name in (("ir", "Image retrieval (caption → image)"), ("tr", "Text retrieval (image → caption)")):
+        md += [f"{name}, test split, last epoch:", "", "| backbone | arm | seeds | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"]
+        for backbone in _backbones(records):
+            for arm in _arms(records, backbone):
+                rs = _runs(records, backbone, arm)
+                cells = [
+                    "{:.1f} ± {:.1f}".format(*_mean_std([100 * r["test"][f"{side}_r{k}"] for r in rs])) for k in (1, 5, 10)
+                ]
+                md.append(f"| {backbone} | {ARM_LABELS[arm]} | {len(rs)} | " + " | ".join(cells) + " |")
+        md.append("")
+    md += ["Test R@1 (mean of IR and TR) at the last epoch and at the epoch of best validation R@1:", "",
+           "| backbone | arm | seeds | last epoch | best validation epoch | chosen epochs |", "|---|---|---|---|---|---|"]
+    for backbone in _backbones(records):
+        for arm in _arms(records, backbone):
+            rs = _runs(records, backbone, arm)
+            last = "{:.1f} ± {:.1f}".format(*_mean_std([100 * r["test"]["r1"] for r in rs]))
+            best = "{:.1f} ± {:.1f}".format(*_mean_std([100 * _test(r, "best")["r1"] for r in rs]))
+            chosen = ", ".join(str(r.get("best_epoch", "-")) for r in rs)
+            md.append(f"| {backbone} | {ARM_LABELS[arm]} | {len(rs)} | {last} | {best} | {chosen} |")
+    for measure in ("last", "best"):
+        pairs = paired_lines(records, measure)
+        if pairs:
+            md += ["", f"Paired per-seed differences of test R@1 in points, {_MEASURE_TEXT[measure]}:", ""]
+            md += [f"- {line}" for line in pairs]
+    verdicts = verdict_lines(records, "last")
+    if verdicts:
+        md += ["", "Verdict (last epoch; a difference counts when |mean| > std over seeds):", ""]
+        md += [f"- {line}" for line in verdicts]
     if wall_seconds is not None:
-        text += f"\n\nTotal wall time: {wall_seconds / 60:.1f} min."
-    return text + "\n"
+        md += ["", f"Total wall time: {wall_seconds / 60:.1f} min."]
+    return "\n".join(md) + "\n"
+
+
+def _figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AdvlabError("Plots need matplotlib: `python -m pip install matplotlib`.") from None
+    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    return out
+
+
+_COLORS = {"baseline": "#444444", "zero": "#8c6d31", "noise": "#1f77b4", "villa": "#d62728", "alter": "#9467bd",
+           "txt": "#2ca02c", "img": "#ff7f0e"}
 
 
 def draw_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """A PNG of test R@1 (mean of IR and TR) per arm, one dot per seed and a bar at the mean.
+    """A PNG of test R@1 (mean of IR and TR, points) per arm: one dot per seed, a bar at the mean.
 
-    Drawn with Pillow; one panel per backbone.
+    One panel per backbone, 8 x 4 in at 150 dpi (wider with more arms); filled dots are the last
+    epoch, open circles the epoch of best validation R@1.
 
     Args:
         records: Run records.
@@ -125,43 +281,70 @@ def draw_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]
     Returns:
         The path written.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    backbones = list(dict.fromkeys(r["backbone"] for r in records)) or ["uniter"]
-    arms = [a for a in ARMS_FULL if any(r["arm"] == a for r in records)]
-    values = [100 * r["test"]["r1"] for r in records] or [0.0]
-    lo, hi = math.floor(min(values) - 1), math.ceil(max(values) + 1)
-    pw, ph, ml, mt, mb = 110 * max(1, len(arms)) + 70, 320, 60, 40, 70
-    img = Image.new("RGB", (pw * len(backbones), ph), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-    def y_of(v: float) -> float:
-        return mt + (ph - mt - mb) * (1 - (v - lo) / max(1e-9, hi - lo))
-
-    for p, backbone in enumerate(backbones):
-        x0 = p * pw + ml
-        draw.text((x0, 10), f"{backbone}-mini: test R@1 (mean of IR, TR), %", fill="black", font=font)
-        draw.line([(x0, mt), (x0, ph - mb), (p * pw + pw - 10, ph - mb)], fill="black")
-        for t in range(6):
-            v = lo + (hi - lo) * t / 5
-            draw.line([(x0 - 4, y_of(v)), (x0, y_of(v))], fill="black")
-            draw.text((x0 - 45, y_of(v) - 6), f"{v:5.1f}", fill="black", font=font)
-        for a, arm in enumerate(arms):
-            cx = x0 + 55 + 110 * a
-            rs = [100 * r["test"]["r1"] for r in records if r["backbone"] == backbone and r["arm"] == arm]
-            label = ARM_LABELS[arm].replace("VILLA ", "VILLA\n")
-            draw.multiline_text((cx - 35, ph - mb + 8), label, fill="black", font=font)
+    backbones = _backbones(records) or ["uniter"]
+    arms = _arms(records)
+    fig = _figure(max(8.0, 1.1 * len(arms) * len(backbones) + 1.5), 4.0)
+    axes = fig.subplots(1, len(backbones), squeeze=False, sharey=True)[0]
+    for ax, backbone in zip(axes, backbones):
+        for x, arm in enumerate(arms):
+            rs = _runs(records, backbone, arm)
             if not rs:
                 continue
-            m = statistics.fmean(rs)
-            draw.line([(cx - 30, y_of(m)), (cx + 30, y_of(m))], fill=colors[a % 6], width=3)
-            for i, v in enumerate(rs):
-                dx = (i - (len(rs) - 1) / 2) * 8
-                draw.ellipse([cx + dx - 4, y_of(v) - 4, cx + dx + 4, y_of(v) + 4], outline=colors[a % 6], width=2)
-            draw.text((cx - 30, ph - mb + 40), f"n={len(rs)}", fill="gray", font=font)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
-    return out
+            last = [100 * r["test"]["r1"] for r in rs]
+            best = [100 * _test(r, "best")["r1"] for r in rs]
+            offsets = [(i - (len(rs) - 1) / 2) * 0.08 for i in range(len(rs))]
+            color = _COLORS.get(arm, "black")
+            ax.scatter([x - 0.12 + o for o in offsets], last, s=28, color=color, zorder=3,
+                       label="last epoch" if x == 0 else None)
+            ax.scatter([x + 0.12 + o for o in offsets], best, s=28, facecolors="none", edgecolors=color, zorder=3,
+                       label="best-validation epoch" if x == 0 else None)
+            ax.hlines(statistics.fmean(last), x - 0.3, x + 0.05, color=color, linewidth=2)
+            ax.hlines(statistics.fmean(best), x - 0.05, x + 0.3, color=color, linewidth=1, linestyle="--")
+        ax.set_xticks(range(len(arms)), [ARM_LABELS[a].replace("VILLA ", "VILLA\n") for a in arms], fontsize=9)
+        ax.set_title(f"{backbone}-mini: test R@1 (mean of IR and TR)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(labelsize=9)
+    axes[0].set_ylabel("R@1, points", fontsize=10)
+    axes[0].legend(fontsize=9, loc="best")
+    return _save(fig, path)
+
+
+def draw_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """A PNG of learning curves: validation R@1 (points) and training loss after each epoch, per arm.
+
+    One column per backbone; a thick line is the mean over seeds, thin lines the seeds. Records
+    without per-epoch entries are left out.
+
+    Args:
+        records: Run records (with `epochs`).
+        path: Output PNG.
+
+    Returns:
+        The path written.
+    """
+    with_curves = [r for r in records if r.get("epochs")]
+    backbones = _backbones(with_curves) or ["uniter"]
+    fig = _figure(max(8.0, 4.5 * len(backbones)), 6.0)
+    axes = fig.subplots(2, len(backbones), squeeze=False, sharex="col")
+    for col, backbone in enumerate(backbones):
+        top, bottom = axes[0][col], axes[1][col]
+        for arm in _arms(with_curves, backbone):
+            rs = _runs(with_curves, backbone, arm)
+            color = _COLORS.get(arm, "black")
+            n = min(len(r["epochs"]) for r in rs)
+            xs = [e["epoch"] for e in rs[0]["epochs"][:n]]
+            for key, ax in (("val", top), ("loss", bottom)):
+                ys = [[100 * e["val"]["r1"] if key == "val" else e["loss"] for e in r["epochs"][:n]] for r in rs]
+                for y in ys:
+                    ax.plot(xs, y, color=color, linewidth=0.6, alpha=0.5)
+                mean = [statistics.fmean(v) for v in zip(*ys)]
+                ax.plot(xs, mean, color=color, linewidth=2, label=ARM_LABELS[arm] if key == "val" else None)
+        top.set_title(f"{backbone}-mini", fontsize=10)
+        top.set_ylabel("validation R@1, points", fontsize=10)
+        bottom.set_ylabel("training loss (clean)", fontsize=10)
+        bottom.set_xlabel("epoch", fontsize=10)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=9)
+        top.legend(fontsize=9, loc="best")
+    return _save(fig, path)

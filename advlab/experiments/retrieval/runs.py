@@ -35,6 +35,9 @@ class GateError(AdvlabError):
 # not resumed. noise 2: random directions are drawn in the sites' order (before, a set's order,
 # which changed with PYTHONHASHSEED from one process to the next).
 _ARM_REVISIONS = {"noise": 2}
+# Bumped when a record gains or changes fields; older records are recomputed, not resumed.
+# 2: validation and test after every epoch (`epochs`), `best_epoch`, `test_at_best`.
+RECORD_FORMAT = 2
 
 
 def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: RetrievalData) -> str:
@@ -45,9 +48,29 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def best_epoch(epochs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The epoch entry with the highest validation R@1 (the earliest on a tie): model selection on validation only.
+
+    Args:
+        epochs: A record's per-epoch entries (`epoch`, `loss`, `val`, `test`).
+
+    Returns:
+        The chosen entry.
+
+    Examples:
+        >>> e = [{"epoch": i, "val": {"r1": v}} for i, v in [(1, 0.1), (2, 0.3), (3, 0.3), (4, 0.2)]]
+        >>> best_epoch(e)["epoch"]
+        2
+    """
+    if not epochs:
+        raise AdvlabValueError("Expected at least one epoch entry, but got none.")
+    return max(epochs, key=lambda e: (e["val"]["r1"], -e["epoch"]))
+
+
 def _finite_record(rec: Mapping[str, Any]) -> bool:
     """False for a record holding a NaN or inf loss or metric (never resumed: it is recomputed)."""
-    values = list(rec.get("losses", [])) + [v for part in ("val", "test") for v in rec.get(part, {}).values()]
+    entries = [rec, *rec.get("epochs", [])]
+    values = list(rec.get("losses", [])) + [v for e in entries for part in ("val", "test") for v in e.get(part, {}).values()]
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
@@ -131,22 +154,35 @@ def run_experiment(
             except (OSError, ValueError):
                 rec = {}
             weights_ok = not save_weights or path.with_suffix(".pt").is_file()
-            if rec.get("key") == key and _finite_record(rec) and weights_ok:
+            current = rec.get("format") == RECORD_FORMAT
+            if rec.get("key") == key and current and _finite_record(rec) and weights_ok:
                 rec["resumed"] = True
                 records.append(rec)
                 log(f"[{backbone}] {arm} seed {seed}: loaded from {path}")
                 return
         t0 = time.perf_counter()
         model = build_model(backbone, config, data, seed=seed, text_size=text_size)
-        losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}")
-        try:
-            val = evaluate(model, data.val, config)
-            test = evaluate(model, data.test, config)
-        except NonFiniteError as err:
-            raise NonFiniteError(f"{backbone} {arm} seed {seed}, evaluation: {err} No record is written.") from err
+        epochs: list[dict[str, Any]] = []
+
+        def after_epoch(epoch: int, loss: float) -> None:
+            try:
+                val = evaluate(model, data.val, config)
+                test = evaluate(model, data.test, config)
+            except NonFiniteError as err:
+                raise NonFiniteError(
+                    f"{backbone} {arm} seed {seed}, evaluation after epoch {epoch}: {err} No record is written."
+                ) from err
+            epochs.append({"epoch": epoch, "loss": loss, "val": val, "test": test})
+
+        losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
+                           on_epoch=after_epoch)
+        val, test = epochs[-1]["val"], epochs[-1]["test"]
+        best = best_epoch(epochs)
         rec = {
             "backbone": backbone, "arm": arm, "seed": seed, "key": key, "config": asdict(config),
-            "val": val, "test": test, "losses": losses, "seconds": time.perf_counter() - t0, "resumed": False,
+            "format": RECORD_FORMAT, "val": val, "test": test, "losses": losses, "epochs": epochs,
+            "best_epoch": best["epoch"], "test_at_best": best["test"],
+            "seconds": time.perf_counter() - t0, "resumed": False,
         }
         if save_weights:
             tmp_pt = path.with_suffix(".pt.tmp")
@@ -157,7 +193,8 @@ def run_experiment(
         tmp.replace(path)  # atomic: a killed run never leaves a half-written record
         records.append(rec)
         log(f"[{backbone}] {arm} seed {seed}: val R@1 {val['r1']:.3f}, test IR R@1 {test['ir_r1']:.3f} "
-            f"TR R@1 {test['tr_r1']:.3f} ({rec['seconds']:.0f} s)")
+            f"TR R@1 {test['tr_r1']:.3f} (best validation epoch {best['epoch']}: test R@1 {best['test']['r1']:.3f}; "
+            f"{rec['seconds']:.0f} s)")
 
     # every baseline first: the gate must pass before any arm is run or compared
     for backbone in backbones:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,12 +20,17 @@ from advlab.sites import resolve_sites
 
 
 def _arm_perturbations(arm: str, config: RetrievalConfig) -> tuple[dict[str, Perturbation], str]:
+    """The perturbations and the free-training mode of a perturbed arm.
+
+    "zero" is VILLA joint with step size 0: the same loop, forwards, losses and KL, but δ stays 0.
+    """
     direction = "random" if arm == "noise" else "gradient"
+    scale = 0.0 if arm == "zero" else 1.0
     perts = {
-        "txt": Perturbation(config.txt_step, direction=direction),  # type: ignore[arg-type]
-        "img": Perturbation(config.img_step, direction=direction),  # type: ignore[arg-type]
+        "txt": Perturbation(scale * config.txt_step, direction=direction),  # type: ignore[arg-type]
+        "img": Perturbation(scale * config.img_step, direction=direction),  # type: ignore[arg-type]
     }
-    mode = {"noise": "joint", "villa": "joint", "alter": "alter", "txt": "txt", "img": "img"}.get(arm)
+    mode = {"zero": "joint", "noise": "joint", "villa": "joint", "alter": "alter", "txt": "txt", "img": "img"}.get(arm)
     if mode is None:
         raise AdvlabValueError(f"Expected `arm` in {list(ARMS_FULL)}, but got {arm!r}.")
     return perts, mode
@@ -48,17 +54,22 @@ def train_run(
     seed: int,
     progress: bool = True,
     desc: str = "",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train one arm: clean ITC + ITM, plus (perturbed arms) K free ascent steps with the KL.
 
     Args:
         model: The model, trained in place.
         data: The data (only `train` is used).
-        arm: `"baseline"`, `"noise"`, `"villa"`, `"alter"`, `"txt"` or `"img"`.
+        arm: `"baseline"`, `"zero"` (VILLA's loop with step size 0), `"noise"` (random direction),
+            `"villa"`, `"alter"`, `"txt"` or `"img"`.
         config: Run settings.
         seed: Seed of batch order, negative sampling, δ directions and dropout.
         progress: Show a tqdm bar.
         desc: Bar label.
+        on_epoch: Called after each epoch with its number (from 1) and its mean training loss,
+            e.g. to evaluate the validation split; it must not draw random numbers from torch's
+            global generator (evaluation does not), or later epochs change.
 
     Returns:
         Mean training loss of each epoch.
@@ -132,6 +143,9 @@ def train_run(
                 bar.update(1)
             losses.append(sum(epoch_loss) / max(1, len(epoch_loss)))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, losses[-1])
+                model.train()
     finally:
         bar.close()
     return losses
