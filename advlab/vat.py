@@ -15,6 +15,7 @@ pre-training or 1 for fine-tuning.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,6 +39,8 @@ __all__ = ["VAT", "Divergence"]
 Divergence = Literal["kl", "symmetric_kl"]
 DIVERGENCES: tuple[str, ...] = ("kl", "symmetric_kl")
 ALUM_STAGES: dict[str, float] = {"pretraining": 10.0, "finetuning": 1.0}  # ALUM's α
+TINY = torch.finfo(torch.float32).tiny  # only guards 0 / 0: a zero gradient gives r = 0
+PROBE_ULPS = 100  # a probe must move the logits by more than this many ulps (about 1% direction error)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,11 @@ class _RandomStart:
 
 
 class _PowerIteration:
-    """Ascender: r ← size · g / ‖g‖; `size` is ξ during the power iterations and ε for r*."""
+    """Ascender: r ← size · g / ‖g‖; `size` is ξ during the power iterations and ε for r*.
+
+    The norm is clamped only against division by zero (not at `normalize`'s 1e-8): with ALUM's
+    ξ = 1e-5 the gradient at the probe can be smaller than 1e-8, and r* must still have size ε.
+    """
 
     def __init__(self, norm: str, size: float) -> None:
         self.norm, self.size = norm, size
@@ -62,7 +69,8 @@ class _PowerIteration:
     ) -> Tensor:
         if grad is None:
             raise AdvlabValueError("Expected a gradient for VAT's power iteration, but got None.")
-        return (self.size * normalize(grad, self.norm, mask=mask)).to(delta.dtype)  # type: ignore[arg-type]
+        direction = normalize(grad, self.norm, mask=mask, eps=TINY)  # type: ignore[arg-type]
+        return (self.size * direction).to(delta.dtype)
 
 
 class VAT:
@@ -73,7 +81,11 @@ class VAT:
         sites: Modality to site; None = `model.perturbation_sites()`.
         eps: ε, the size of r* (scale-dependent: choose it for your embeddings; Miyato et
             al. 2017 use 5.0 on unit-normalised word embeddings).
-        xi: ξ, the size of the finite-difference probe (1e-6 in the reference code).
+        xi: ξ, the size of the finite-difference probe. The reference code's 1e-6 is lost
+            in float32 once spread over a sequence's positions (x + r rounds to x, the
+            direction follows rounding error; advlab warns when the probe moves the logits by
+            under 100 ulps), so
+            the default is 1e-3.
         steps: K power iterations (1 in the papers).
         norm: `"l2"` (per row, Miyato), `"l2_token"` (per position) or `"linf"` (ALUM).
         weight: α.
@@ -103,7 +115,7 @@ class VAT:
         sites: Mapping[str, SiteLike] | None = None,
         *,
         eps: float,
-        xi: float = 1e-6,
+        xi: float = 1e-3,
         steps: int = 1,
         norm: Norm = "l2",
         weight: float = 1.0,
@@ -163,6 +175,18 @@ class VAT:
         settings.update(overrides)
         return cls(model, sites, eps=eps, xi=xi, **settings)
 
+    def _check_probe(self, probe: Tensor, clean: Tensor) -> None:
+        """Warn when the probe moved the logits by under 100 ulps: its gradient is then mostly rounding."""
+        moved = float((probe.detach() - clean).abs().amax())
+        resolution = PROBE_ULPS * torch.finfo(probe.dtype).eps * max(float(clean.abs().amax()), 1.0)
+        if moved < resolution:
+            warnings.warn(
+                f"VAT: the probe ξ·d (ξ = {self.xi:g}) moved the logits by {moved:.2g}, under {PROBE_ULPS} ulps of "
+                f"{probe.dtype} ({resolution:.2g}), so the power iteration follows rounding error, not the "
+                "model's most sensitive direction; increase `xi`.",
+                stacklevel=3,
+            )
+
     def step(
         self,
         forward: Callable[[], Any],
@@ -197,6 +221,8 @@ class VAT:
             for k in range(self.steps):
                 power.size = self.eps if k == self.steps - 1 else self.xi
                 probe = self.logits(ft.forward(forward))
+                if k == 0:
+                    self._check_probe(probe, target)
                 ft.ascend(kl_divergence(target, probe, **kw))  # type: ignore[arg-type]
             for _ in ft:
                 adv = self.logits(ft.forward(forward))
