@@ -1,6 +1,7 @@
 """The shared checkpoint reader: folders, missing paths, non-regular files, SHA-256 checks, wrappers."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ LCFG = LxmertConfig.tiny(visual_feat_dim=8)
 
 
 def flip_byte(path):
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0x01  # inside a tensor's bytes (torch's zip reader does not check the CRC)
     st = os.stat(path)
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the modification time put back
 
 
@@ -64,8 +65,11 @@ def test_uniter_accepts_a_model_folder_and_names_an_empty_one(tmp_path):
     # fails on the old reader, which said the existing folder "does not exist"
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "uniter-base.pt").write_bytes(b"")
-    with pytest.raises(AdvlabValueError, match=r"empty', a folder, to hold model.safetensors or pytorch_model.bin.*"
-                       r"\['uniter-base.pt'\]: pass one of these files"):
+    with pytest.raises(
+        AdvlabValueError,
+        match=r"empty', a folder, to hold model.safetensors or pytorch_model.bin.*"
+        r"\['uniter-base.pt'\]: pass one of these files",
+    ):
         UniterModel.from_pretrained(tmp_path / "empty", UCFG)
     state = UniterModel(UCFG).state_dict()
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -91,7 +95,9 @@ def test_a_fifo_checkpoint_is_refused_without_blocking(tmp_path):
 def test_state_dict_and_model_wrappers_are_unwrapped_by_both_backbones(tmp_path):
     state = UniterModel(UCFG).state_dict()
     torch.save({"model": state, "step": 3}, tmp_path / "u.pt")
-    assert torch.equal(UniterModel.from_pretrained(tmp_path / "u.pt", UCFG).pooler.dense.bias, state["pooler.dense.bias"])
+    assert torch.equal(
+        UniterModel.from_pretrained(tmp_path / "u.pt", UCFG).pooler.dense.bias, state["pooler.dense.bias"]
+    )
     lx = LxmertModel(LCFG).state_dict()
     torch.save({"state_dict": lx, "epoch": 1}, tmp_path / "l.pt")
     assert torch.equal(LxmertModel.from_pretrained(tmp_path / "l.pt", LCFG).pooler.dense.bias, lx["pooler.dense.bias"])

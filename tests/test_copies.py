@@ -14,7 +14,7 @@ import pytest
 import advlab.backbones
 
 BACKBONES = sorted(Path(advlab.backbones.__file__).parent.glob("[!_]*.py"))
-MARKER = re.compile(r"^# Copied from (advlab\.backbones\.\w+)\.(\w+)(?: with (.+))?\n(?:class|def) (\w+)", re.M)
+MARKER = re.compile(r"^# Copied from (advlab\.backbones\.\w+)\.(\w+)(?: with (.+))?\n(?:class|def) (\w+)", re.MULTILINE)
 
 
 def markers():

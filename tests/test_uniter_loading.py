@@ -156,7 +156,7 @@ def test_a_corrupt_intermediate_weight_is_named():
     state = {f"uniter.{k}": v for k, v in state.items()}
     state["uniter.encoder.layer.0.intermediate.dense.weight"] = torch.empty(3000, 768, device="meta")
     with pytest.raises(AdvlabValueError, match=r"Corrupt tensor.*layer\.0\.intermediate\.dense\.weight has shape "
-                       r"\(3000, 768\).*agree on a intermediate size of 3072"):
+                       r"\(3000, 768\).*agree on intermediate size 3072"):
         _infer_config(state, 0)
 
 

@@ -75,17 +75,26 @@ class LoadReport:
         if self.dropped:
             logger.info(
                 "Loading %s into %s: dropped %d keys this model has no place for: %s",
-                source, model, len(self.dropped), _listing(sorted(self.dropped)),
+                source,
+                model,
+                len(self.dropped),
+                _listing(sorted(self.dropped)),
             )
         if self.mismatched:
             logger.warning(
                 "Loading %s into %s: dropped %d head keys of another size: %s",
-                source, model, len(self.mismatched), _listing(self.mismatched),
+                source,
+                model,
+                len(self.mismatched),
+                _listing(self.mismatched),
             )
         if self.fresh:
             logger.warning(
                 "Loading %s into %s: freshly initialised %d keys not in the file: %s",
-                source, model, len(self.fresh), _listing(self.fresh),
+                source,
+                model,
+                len(self.fresh),
+                _listing(self.fresh),
             )
 
 
@@ -141,7 +150,9 @@ def check_sha256(path: str | os.PathLike[str], expected: str, *, what: str = "ch
         >>> check_sha256(p, "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD")
     """
     if not isinstance(expected, str):
-        raise AdvlabTypeError(f"Expected `expected_sha256` to be a str of 64 hex digits, but got {type(expected).__name__}.")
+        raise AdvlabTypeError(
+            f"Expected `expected_sha256` to be a str of 64 hex digits, but got {type(expected).__name__}."
+        )
     want = expected.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", want):
         raise AdvlabValueError(f"Expected `expected_sha256` to be 64 hex digits, but got {expected!r}.")
@@ -213,7 +224,9 @@ def read_state_dict(
             f"({type(err).__name__}: {str(err)[:200]})."
         ) from None
     if not isinstance(obj, Mapping):
-        raise AdvlabValueError(f"Expected {file!r} to hold a state dict (name -> tensor), but it holds a {type(obj).__name__}.")
+        raise AdvlabValueError(
+            f"Expected {file!r} to hold a state dict (name -> tensor), but it holds a {type(obj).__name__}."
+        )
     if not all(isinstance(v, Tensor) for v in obj.values()):
         for wrapper in _WRAPPERS:
             if isinstance(obj.get(wrapper), Mapping):

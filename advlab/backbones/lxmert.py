@@ -33,10 +33,10 @@ lookup*, before position / type embeddings and the embedding LayerNorm; the imag
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport as LoadReport
-from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import LoadReport, layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
 __all__ = [
@@ -63,6 +62,7 @@ __all__ = [
     "LxmertForVQA",
     "LxmertModel",
     "LxmertOutput",
+    "LxmertPreTrainedModel",
     "LxmertPreTrainingOutput",
     "convert_lxmert_state_dict",
     "load_lxmert_state_dict",
@@ -500,7 +500,80 @@ def _check_config(config: object) -> LxmertConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class LxmertModel(nn.Module):
+class LxmertPreTrainedModel(nn.Module):
+    """Shared by `LxmertModel` and the heads: the backbone, perturbation sites and `from_pretrained`.
+
+    Subclasses hold the backbone as `self.lxmert` (the checkpoint prefix) and their sizes as `self.config`,
+    except `LxmertModel`, which *is* the backbone.
+
+    Examples:
+        >>> issubclass(LxmertForVQA, LxmertPreTrainedModel), issubclass(LxmertModel, LxmertPreTrainedModel)
+        (True, True)
+    """
+
+    config: LxmertConfig
+
+    @property
+    def backbone(self) -> LxmertModel:
+        """The `LxmertModel` inside (the model itself for `LxmertModel`)."""
+        return self if isinstance(self, LxmertModel) else self.lxmert  # type: ignore[return-value]
+
+    def perturbation_sites(self) -> dict[str, Site]:
+        """The backbone's sites (one call each per forward).
+
+        Examples:
+            >>> LxmertForVQA(LxmertConfig.tiny(visual_feat_dim=8), 3).perturbation_sites()["txt"].calls
+            1
+        """
+        return self.backbone.perturbation_sites()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str] | Mapping[str, Tensor],
+        config: LxmertConfig | None = None,
+        *,
+        expected_sha256: str | None = None,
+        output_loading_info: bool = False,
+    ) -> Any:
+        """Build the model and load any LXMERT checkpoint into it.
+
+        Backbone keys must all be present. Head keys in the file load into the model's heads where the name and
+        shape match; the rest are reported and dropped, and heads the file lacks stay randomly initialised (see
+        `LoadReport`).
+
+        Args:
+            source: A file (`model_LXRT.pth`, a fine-tuned `BEST.pth`, `pytorch_model.bin`, `.safetensors`),
+                a Hugging Face model folder, or a state dict. Original (`module.bert.*`), fine-tuned
+                (`lxrt_encoder.model[.module].bert.*`) and Hugging Face (`lxmert.*`, or no prefix) names.
+            config: Sizes; by default inferred, but only where that is unambiguous. The number of attention heads
+                is not stored in the weights: it (and the layer counts) is read from a Hugging Face `config.json`
+                beside the weights; without one, only the released size is inferred (hidden 768, 12 heads, FFN
+                3072, 9 language / 5 cross-modality / 5 relationship layers). Layer indices must run from 0 and
+                every layer must be complete; a layer whose size disagrees with the others is named as corrupt.
+                Anything else raises and asks for `config` (the tiny test configs, for one).
+            expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the formats carry no
+                checksum of their own, so only this catches a flipped byte inside a tensor).
+            output_loading_info: Also return a `LoadReport` (unused head keys are logged at INFO, keys left
+                randomly initialised or dropped for another size at WARNING, on the `advlab.backbones.lxmert`
+                logger).
+
+        Returns:
+            The model in eval mode (call `.train()` to fine-tune); with `output_loading_info`, `(model, LoadReport)`.
+
+        Examples:
+            >>> donor = LxmertModel(LxmertConfig.tiny(visual_feat_dim=8))
+            >>> sd = {"module.bert." + k: v for k, v in donor.state_dict().items()}
+            >>> model = LxmertModel.from_pretrained(sd, config=donor.config)
+            >>> torch.equal(model.pooler.dense.weight, donor.pooler.dense.weight)
+            True
+        """
+        return _from_pretrained(
+            cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info
+        )
+
+
+class LxmertModel(LxmertPreTrainedModel):
     """The LXMERT backbone (language, object-relationship and cross-modality encoders, pooler).
 
     Args:
@@ -639,45 +712,6 @@ class LxmertModel(nn.Module):
             vision_hidden_states=tuple(visn_states) if output_hidden_states else None,
         )
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike[str] | Mapping[str, Tensor],
-        config: LxmertConfig | None = None,
-        *,
-        expected_sha256: str | None = None,
-        output_loading_info: bool = False,
-    ) -> Any:
-        """Load the backbone from any LXMERT checkpoint; head weights in the file are reported and dropped.
-
-        Args:
-            source: A file (`model_LXRT.pth`, a fine-tuned `BEST.pth`, `pytorch_model.bin`, `.safetensors`),
-                a Hugging Face model folder, or a state dict. Original (`module.bert.*`), fine-tuned
-                (`lxrt_encoder.model[.module].bert.*`) and Hugging Face (`lxmert.*`, or no prefix) names.
-            config: Sizes; by default inferred, but only where that is unambiguous. The number of attention heads
-                is not stored in the weights: it (and the layer counts) is read from a Hugging Face `config.json`
-                beside the weights; without one, only the released size is inferred (hidden 768, 12 heads, FFN
-                3072, 9 language / 5 cross-modality / 5 relationship layers). Layer indices must run from 0 and
-                every layer must be complete; a layer whose size disagrees with the others is named as corrupt.
-                Anything else raises and asks for `config` (the tiny test configs, for one).
-            expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the formats carry no
-                checksum of their own, so only this catches a flipped byte inside a tensor).
-            output_loading_info: Also return a `LoadReport` (unused head keys are logged at INFO, keys left
-                randomly initialised or dropped for another size at WARNING, on the `advlab.backbones.lxmert`
-                logger).
-
-        Returns:
-            The model in eval mode (call `.train()` to fine-tune); with `output_loading_info`, `(model, LoadReport)`.
-
-        Examples:
-            >>> donor = LxmertModel(LxmertConfig.tiny(visual_feat_dim=8))
-            >>> sd = {"module.bert." + k: v for k, v in donor.state_dict().items()}
-            >>> model = LxmertModel.from_pretrained(sd, config=donor.config)
-            >>> torch.equal(model.pooler.dense.weight, donor.pooler.dense.weight)
-            True
-        """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Heads
@@ -704,7 +738,7 @@ def _check_num(name: str, value: object) -> int:
     return value
 
 
-class LxmertForQuestionAnswering(nn.Module):
+class LxmertForQuestionAnswering(LxmertPreTrainedModel):
     """Backbone + answer classifier on the pooled vector (the original VQA / GQA model).
 
     Parameter names are Hugging Face's `LxmertForQuestionAnswering` ones (`lxmert.*`, `answer_head.logit_fc.*`);
@@ -727,25 +761,11 @@ class LxmertForQuestionAnswering(nn.Module):
 
     def __init__(self, config: LxmertConfig, num_answers: int | None = None) -> None:
         super().__init__()
-        config = _check_config(config)
+        self.config = config = _check_config(config)
         self.num_answers = _check_num("num_answers", self.default_num_answers if num_answers is None else num_answers)
         self.lxmert = LxmertModel(config)
         self.answer_head = _AnswerHead(config, config.hidden_size, self.num_answers)
         self.answer_head.apply(lambda m: _init_weights(m, config.initializer_range))
-
-    @property
-    def config(self) -> LxmertConfig:
-        """The backbone's config."""
-        return self.lxmert.config
-
-    def perturbation_sites(self) -> dict[str, Site]:
-        """The backbone's sites (one call each per forward).
-
-        Examples:
-            >>> LxmertForVQA(LxmertConfig.tiny(visual_feat_dim=8), 3).perturbation_sites()["txt"].calls
-            1
-        """
-        return self.lxmert.perturbation_sites()
 
     def forward(
         self,
@@ -848,7 +868,7 @@ class LxmertForGQA(LxmertForQuestionAnswering):
     default_num_answers = GQA_NUM_ANSWERS
 
 
-class LxmertForNLVR2(nn.Module):
+class LxmertForNLVR2(LxmertPreTrainedModel):
     """NLVR2: the sentence is encoded with each of the two images; the two pooled vectors, concatenated, are classified.
 
     The backbone runs twice per forward (once per image), so each perturbation site is called twice and gets an
@@ -874,15 +894,10 @@ class LxmertForNLVR2(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        config = _check_config(config)
+        self.config = config = _check_config(config)
         self.lxmert = LxmertModel(config)
         self.logit_fc = _AnswerHead(config, 2 * config.hidden_size, 2).logit_fc
         self.logit_fc.apply(lambda m: _init_weights(m, config.initializer_range))
-
-    @property
-    def config(self) -> LxmertConfig:
-        """The backbone's config."""
-        return self.lxmert.config
 
     def perturbation_sites(self) -> dict[str, Site]:
         """The backbone's sites, each called twice per forward (first image, then second).
@@ -925,35 +940,6 @@ class LxmertForNLVR2(nn.Module):
             pooled.append(out.pooled_output)
         both = torch.cat(pooled, dim=-1)  # [b, 2h]
         return LxmertClassifierOutput(logits=self.logit_fc(both), pooled_output=both)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike[str] | Mapping[str, Tensor],
-        config: LxmertConfig | None = None,
-        *,
-        expected_sha256: str | None = None,
-        output_loading_info: bool = False,
-    ) -> Any:
-        """Load a backbone, and `logit_fc` from a fine-tuned NLVR2 checkpoint if it has one.
-
-        Args:
-            source: As `LxmertModel.from_pretrained`.
-            config: Backbone sizes; inferred by default.
-            expected_sha256: As `LxmertModel.from_pretrained`.
-            output_loading_info: Also return a `LoadReport`.
-
-        Returns:
-            The model in eval mode; with `output_loading_info`, `(model, LoadReport)`.
-
-        Examples:
-            >>> donor = LxmertForNLVR2(LxmertConfig.tiny(visual_feat_dim=8))
-            >>> sd = {k.replace("lxmert.", "lxrt_encoder.model.bert.", 1): v for k, v in donor.state_dict().items()}
-            >>> model = LxmertForNLVR2.from_pretrained(sd, donor.config)
-            >>> torch.equal(model.logit_fc[3].weight, donor.logit_fc[3].weight)
-            True
-        """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
 
 
 class _PredictionHeadTransform(nn.Module):
@@ -1002,7 +988,7 @@ class _VisualObjHead(nn.Module):
         return {k: m(x) for k, m in self.decoder_dict.items()}
 
 
-class LxmertForPreTraining(nn.Module):
+class LxmertForPreTraining(LxmertPreTrainedModel):
     """Backbone + the pre-training heads (the model `model_LXRT.pth` stores).
 
     Heads: masked LM (decoder tied to the word embeddings), image-text matching, object / attribute
@@ -1036,7 +1022,7 @@ class LxmertForPreTraining(nn.Module):
         qa: bool = True,
     ) -> None:
         super().__init__()
-        config = _check_config(config)
+        self.config = config = _check_config(config)
         self.lxmert = LxmertModel(config)
         std = config.initializer_range
         if mask_lm or matched:
@@ -1053,20 +1039,6 @@ class LxmertForPreTraining(nn.Module):
         if qa:
             self.answer_head = _AnswerHead(config, config.hidden_size, config.num_qa_labels)
             self.answer_head.apply(lambda m: _init_weights(m, std))
-
-    @property
-    def config(self) -> LxmertConfig:
-        """The backbone's config."""
-        return self.lxmert.config
-
-    def perturbation_sites(self) -> dict[str, Site]:
-        """The backbone's sites.
-
-        Examples:
-            >>> sorted(LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8)).perturbation_sites())
-            ['img', 'txt']
-        """
-        return self.lxmert.perturbation_sites()
 
     def forward(
         self,
@@ -1096,34 +1068,6 @@ class LxmertForPreTraining(nn.Module):
             result.qa_logits = self.answer_head(out.pooled_output)
         return result
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike[str] | Mapping[str, Tensor],
-        config: LxmertConfig | None = None,
-        *,
-        expected_sha256: str | None = None,
-        output_loading_info: bool = False,
-    ) -> Any:
-        """Load the backbone and every pre-training head (the tied decoder key may be present or absent).
-
-        Args:
-            source: As `LxmertModel.from_pretrained`.
-            config: Sizes; inferred by default (including the QA, object and attribute label counts).
-            expected_sha256: As `LxmertModel.from_pretrained`.
-            output_loading_info: Also return a `LoadReport`.
-
-        Returns:
-            The model in eval mode; with `output_loading_info`, `(model, LoadReport)`.
-
-        Examples:
-            >>> donor = LxmertForPreTraining(LxmertConfig.tiny(visual_feat_dim=8))
-            >>> model = LxmertForPreTraining.from_pretrained(donor.state_dict(), donor.config)
-            >>> torch.equal(model.cls.predictions.bias, donor.cls.predictions.bias)
-            True
-        """
-        return _from_pretrained(cls, source, config, heads={}, expected_sha256=expected_sha256, output_loading_info=output_loading_info)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -1133,9 +1077,7 @@ _HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.", "logit_fc.")
 _BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 
 
-def load_lxmert_state_dict(
-    path: str | os.PathLike[str], *, expected_sha256: str | None = None
-) -> dict[str, Tensor]:
+def load_lxmert_state_dict(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> dict[str, Tensor]:
     """Read the tensors of a checkpoint file or a Hugging Face model folder, on CPU, without running any pickle code.
 
     Neither torch files nor safetensors store a checksum of the tensor bytes: a file that cannot be parsed
@@ -1267,7 +1209,9 @@ def _infer_config(sd: Mapping[str, Tensor], declared: Mapping[str, Any], source:
         what="hidden size",
         source=source,
     )
-    inter_keys = [k for k in sd if k.startswith("lxmert.") and k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))]
+    inter_keys = [
+        k for k in sd if k.startswith("lxmert.") and k.endswith(("intermediate.dense.weight", "_inter.dense.weight"))
+    ]
     inter = majority_size(sd, inter_keys, 0, what="intermediate size", source=source) if inter_keys else 4 * hidden
     kwargs: dict[str, Any] = {
         "vocab_size": vocab,

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport as LoadReport
-from advlab.backbones._checkpoint import layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import LoadReport, layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
 __all__ = [
@@ -486,9 +485,7 @@ _TXT_TYPES = "uniter.embeddings.token_type_embeddings.weight"
 _TXT_WORDS = "uniter.embeddings.word_embeddings.weight"
 
 
-def load_state_dict_file(
-    path: str | os.PathLike[str], *, expected_sha256: str | None = None
-) -> dict[str, Tensor]:
+def load_state_dict_file(path: str | os.PathLike[str], *, expected_sha256: str | None = None) -> dict[str, Tensor]:
     """Read a flat state dict from a `.pt` / `.bin` (torch pickle) or `.safetensors` file, or a model folder.
 
     Pickles are read with `weights_only=True`. A folder must hold `model.safetensors` or
