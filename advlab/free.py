@@ -617,7 +617,7 @@ class FreeTraining:
                 "as they were before the step. Pass on_nonfinite='skip' to skip such steps (the default with a "
                 "GradScaler)."
             )
-        self.skipped_steps = len({k for k, _ in bad})
+        self.skipped_steps = max(1, len({k for k, _ in bad if k is not None}))  # ≥ 1 whenever the step is skipped
         self.skip_reason = f"non-finite {what}{where}; parameter gradients left as before the step"
 
     def _scale(self, loss: Tensor) -> Tensor:
@@ -674,7 +674,20 @@ class FreeTraining:
         for d in self._delta_grads_from_leaves().values():  # the last step's δ gradient moves nothing, but is checked
             if d is not None:
                 self._note_finite(d, "δ gradient")
+        self._note_param_grads()
         self._settle()
+
+    def _note_param_grads(self) -> None:
+        """Record whether every parameter gradient is finite (a largest magnitude: no overflow, NaN propagates).
+
+        This catches what the loss and δ checks cannot see: a finite loss whose gradient is
+        non-finite only above the sites.
+        """
+        present = [p.grad for p, _, _ in self._saved_grads if p.grad is not None]
+        present = [g.to_local() if hasattr(g, "to_local") else g for g in present]  # FSDP2: this rank's shard
+        if present:
+            largest = torch.nn.utils.get_total_norm(present, norm_type=float("inf"))
+            self._checks.append((None, "parameter gradient (after the step's backward)", torch.isfinite(largest)))
 
     def _recompute_clean(self) -> Any:
         """The lean schedule's clean forward again, with gradients and the same RNG stream."""

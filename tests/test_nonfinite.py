@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import advlab
 from tests.tiny_models import TinyVL, plain_symkl, tiny_batch
@@ -210,3 +212,60 @@ def test_a_step_that_fails_midway_leaves_grads_as_they_were():
                 if step.index == 1:
                     raise KeyError("user code failed")
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_non_finite_parameter_gradient_above_the_sites_is_caught(policy):
+    """A finite loss and finite δ gradients, but a NaN gradient reaching the head's weight only: fails on
+    the old code, which checked losses and δ gradients only."""
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    before = _grads_before(model, "existing")
+    handle = model.head.weight.register_hook(lambda g: g * float("nan"))
+    try:
+        villa = advlab.VILLA(model, sites=SITES, on_nonfinite=policy)
+        if policy == "raise":
+            with pytest.raises(advlab.NonFiniteError, match="parameter gradient"):
+                villa.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y))
+        else:
+            stats = villa.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y))
+            assert stats.skipped_steps == 1
+    finally:
+        handle.remove()
+    _assert_grads_unchanged(model, before)
+
+
+@settings(max_examples=20, deadline=None)
+@given(steps=st.integers(1, 3), bad_step=st.integers(0, 2), bad_value=st.sampled_from([float("nan"), float("inf")]),
+       schedule=st.sampled_from(["deferred", "retain", "lean"]), policy=st.sampled_from(["raise", "skip"]),
+       existing=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_non_finite_loss_leaves_grads_bitwise_as_they_were(steps, bad_step, bad_value, schedule, policy,
+                                                              existing, seed):
+    """Wherever the non-finite loss falls (any step, any schedule), .grad is the same object with the same bits;
+    and when the loss is finite the step is not skipped."""
+    model = TinyVL(seed=seed % 5)
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32, seed=seed)
+    before = _grads_before(model, "existing" if existing else "none")
+    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    poisoned = bad_step < steps
+
+    def run():
+        with advlab.free_training(model, SITES, {"txt": advlab.Perturbation(0.1), "img": advlab.Perturbation(0.1)},
+                                  steps=steps, schedule=schedule, on_nonfinite=policy) as ft:
+            ft.clean(fwd)
+            for step in ft:
+                out = ft.forward(fwd)
+                factor = bad_value if step.index == bad_step else 1.0
+                ft.backward((F.cross_entropy(out, y) * factor + plain_symkl(out, step.clean_logits)) / steps)
+        return ft
+
+    if poisoned and policy == "raise":
+        with pytest.raises(advlab.NonFiniteError):
+            run()
+    else:
+        ft = run()
+        assert (ft.skipped_steps >= 1) == poisoned
+    if poisoned:
+        _assert_grads_unchanged(model, before)
+    else:
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
