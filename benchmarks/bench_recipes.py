@@ -29,16 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import advlab  # noqa: E402
-from advlab.backbones.uniter import UniterForVQA, vqa_loss  # noqa: E402
-from bench_villa import SavedBytes, make_batch, setups  # noqa: E402
+from bench_villa import SavedBytes, make_batch, setups
+
+import advlab
+from advlab.backbones.uniter import UniterForVQA, vqa_loss
 
 
 def recipes(model, inputs, targets) -> dict[str, tuple[object, float]]:
     """Name -> (zero-argument step, cost-model units)."""
     sites = model.perturbation_sites()
-    forward = lambda: model(**inputs)  # noqa: E731
-    task = lambda out: vqa_loss(out.logits, targets)  # noqa: E731
+    forward = lambda: model(**inputs)
+    task = lambda out: vqa_loss(out.logits, targets)
     g = torch.Generator().manual_seed(0)
 
     def run(recipe):
