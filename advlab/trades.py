@@ -3,7 +3,7 @@
 One step on a batch:
 
     δ_0 = 0.001 · N(0, 1)  per modality (masked elements 0)
-    K times:  δ ← Π_ε(δ + η · normalize(∇δ KL(sg(p(x)) ‖ p(x + δ))))
+    K times:  δ ← Π_ε(δ + η · normalize(∇δ KL(sg(p(x)) ‖ p(x + δ))))   (or η · sign(∇δ ...))
     loss = L(f(x), y) + β · KL(p(x) ‖ p(x + δ))
 
 The ascent steps move δ only (no parameter gradient); the loss has no stop-gradient (the
@@ -46,6 +46,8 @@ class TRADES:
         radius: ε of the ball δ is projected onto; None = unbounded.
         norm: `"l2"`, `"l2_token"` or `"linf"`: geometry of the normalisation and the
             projection.
+        direction: `"gradient"` (normalize(g), as above) or `"sign"` (sign(g), the reference
+            code's L∞ attack).
         beta: β (the reference code's default, 6.0).
         distribution: `"softmax"` or `"sigmoid"` for the KL.
         logits: Output -> logits; default `default_logits`.
@@ -76,6 +78,7 @@ class TRADES:
         step_size: float = 1e-3,
         radius: float | None = None,
         norm: Norm = "l2",
+        direction: Literal["gradient", "sign"] = "gradient",
         beta: float = 6.0,
         distribution: Distribution = "softmax",
         logits: Callable[[Any], Tensor] | None = None,
@@ -86,8 +89,10 @@ class TRADES:
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.steps = check_count(steps, "steps")
         check_choice(norm, NORMS, "norm")
+        check_choice(direction, ("gradient", "sign"), "direction")
         self.perturbations = {
-            k: Perturbation(step_size=step_size, radius=check_radius(radius), norm=norm, init=NormalSampler(INIT_STD))
+            k: Perturbation(step_size=step_size, radius=check_radius(radius), norm=norm, direction=direction,
+                            init=NormalSampler(INIT_STD))
             for k in self.sites
         }
         self.beta = check_nonnegative(beta, "beta")

@@ -142,7 +142,7 @@ def _project(d, norm, radius):
     return torch.where(n > radius, d * (radius / n), d)
 
 
-def trades_loop(model, batch, *, K, eta, radius, norm, beta, seed):
+def trades_loop(model, batch, *, K, eta, radius, norm, beta, seed, sign=False):
     """TRADES as issue 14 writes it: δ0 = 0.001·randn per modality (sites' order, masked),
     K steps δ ← Π(δ + η normalize(∇δ KL(sg p(x) ‖ p(x+δ)))), CE(clean) + β KL(p(x) ‖ p(x+δ))."""
     ids, img, tm, im, y = batch
@@ -155,7 +155,8 @@ def trades_loop(model, batch, *, K, eta, radius, norm, beta, seed):
         deltas = [d.detach().requires_grad_() for d in deltas]
         adv = model(ids, img, tm, im, *deltas)
         gs = torch.autograd.grad(_kl(clean.detach(), adv), deltas)
-        deltas = [_project(d.detach() + eta * _normalize(gr, norm), norm, radius) for d, gr in zip(deltas, gs)]
+        moves = [gr.sign() if sign else _normalize(gr, norm) for gr in gs]
+        deltas = [_project(d.detach() + eta * mv, norm, radius) for d, mv in zip(deltas, moves)]
     adv = model(ids, img, tm, im, *deltas)
     (F.cross_entropy(clean, y) + beta * _kl(clean, adv)).backward()
     return grads(model)
@@ -167,6 +168,16 @@ def test_trades_matches_hand_written_loop(steps, norm, radius):
     model, batch = TinyVL().double(), tiny_batch()
     ref = trades_loop(model, batch, K=steps, eta=0.04, radius=radius, norm=norm, beta=6.0, seed=8)
     trades = advlab.TRADES(model, SITES, steps=steps, step_size=0.04, radius=radius, norm=norm, beta=6.0,
+                           generator=torch.Generator().manual_seed(8))
+    _run(trades, model, batch)
+    assert_grads_equal(grads(model), ref, atol=1e-10)
+
+
+def test_trades_sign_direction_matches_hand_written_loop():
+    """The reference code's L∞ attack: δ ← clamp(δ + η sign(g), ±ε)."""
+    model, batch = TinyVL().double(), tiny_batch()
+    ref = trades_loop(model, batch, K=3, eta=0.01, radius=0.02, norm="linf", beta=6.0, seed=8, sign=True)
+    trades = advlab.TRADES(model, SITES, steps=3, step_size=0.01, radius=0.02, norm="linf", direction="sign",
                            generator=torch.Generator().manual_seed(8))
     _run(trades, model, batch)
     assert_grads_equal(grads(model), ref, atol=1e-10)
