@@ -918,7 +918,7 @@ _BACKBONE_ARGS = (
 class UniterForVQA(UniterPreTrainedModel):
     """VQA head (`model/vqa.py`): pooled [CLS] -> Linear(h, 2h), GELU, LayerNorm, Linear(2h, answers).
 
-    Takes the backbone's keyword arguments (`UniterModel.forward`) and returns logits; the
+    Takes the backbone's arguments (`UniterModel.forward`) and returns logits; the
     loss is `vqa_loss` (BCE with logits on soft targets, summed over answers).
 
     Args:
@@ -951,9 +951,34 @@ class UniterForVQA(UniterPreTrainedModel):
         )
         self.apply(self._init_weights)
 
-    def forward(self, **inputs: Tensor | None) -> UniterClassifierOutput:
-        """Score every answer; `inputs` are `UniterModel.forward` keyword arguments."""
-        pooled = self.uniter(**_backbone_inputs(inputs, type(self))).pooler_output
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        img_feat: Tensor | None = None,
+        img_pos_feat: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        gather_index: Tensor | None = None,
+        img_masks: Tensor | None = None,
+        txt_type_ids: Tensor | None = None,
+        img_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **unexpected: Any,
+    ) -> UniterClassifierOutput:
+        """Score every answer; arguments as `UniterModel.forward` (any other keyword raises)."""
+        _refuse_unexpected(unexpected, type(self))
+        pooled = self.uniter(
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            attention_mask,
+            gather_index,
+            img_masks,
+            txt_type_ids,
+            img_type_ids,
+            inputs_embeds,
+        ).pooler_output
         return UniterClassifierOutput(logits=self.vqa_output(pooled), pooled_output=pooled)
 
 
@@ -1069,27 +1094,49 @@ class UniterForNLVR2(UniterPreTrainedModel):
     def _grow_embeddings(self) -> list[str]:
         return super()._grow_embeddings() if self.use_img_type else []
 
-    def forward(self, **inputs: Tensor | None) -> UniterClassifierOutput:
-        """Score each example; `inputs` are `UniterModel.forward` keyword arguments."""
-        args = _backbone_inputs(inputs, type(self))
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        img_feat: Tensor | None = None,
+        img_pos_feat: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        gather_index: Tensor | None = None,
+        img_masks: Tensor | None = None,
+        txt_type_ids: Tensor | None = None,
+        img_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **unexpected: Any,
+    ) -> UniterClassifierOutput:
+        """Score each example; arguments as `UniterModel.forward` (any other keyword raises)."""
+        _refuse_unexpected(unexpected, type(self))
         if self.variant != "triplet":
-            rows = _rows(args)
+            rows = _rows(input_ids, inputs_embeds, img_feat)
             if rows % 2:
                 raise AdvlabValueError(
                     f"Expected an even number of rows (2 per example) for NLVR2 {self.variant!r}, but got {rows}."
                 )
-            img_feat = args.get("img_feat")
-            if self.use_img_type and img_feat is not None and args.get("img_type_ids") is None:
-                types = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
-                types[1::2] = 2  # the img1 rows
-                args["img_type_ids"] = types
-        out = self.uniter(**args)
+            if self.use_img_type and img_feat is not None and img_type_ids is None:
+                img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+                img_type_ids[1::2] = 2  # the img1 rows
+        out = self.uniter(
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            attention_mask,
+            gather_index,
+            img_masks,
+            txt_type_ids,
+            img_type_ids,
+            inputs_embeds,
+        )
         if self.variant == "triplet":
             pooled = out.pooler_output  # [b, h]
         elif self.variant == "paired":
             pooled = out.pooler_output.reshape(-1, 2 * self.config.hidden_size)  # [b/2, 2h]
         else:
-            pooled = self._paired_attn(out.last_hidden_state, args.get("attention_mask"))
+            pooled = self._paired_attn(out.last_hidden_state, attention_mask)
         return UniterClassifierOutput(logits=self.nlvr2_output(pooled), pooled_output=pooled)
 
     def _paired_attn(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -1155,9 +1202,34 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         self.init_output()  # after loading itm_output
         return []
 
-    def forward(self, **inputs: Tensor | None) -> UniterRetrievalOutput:
-        """Score each (text, image) row; `inputs` are `UniterModel.forward` keyword arguments."""
-        pooled = self.uniter(**_backbone_inputs(inputs, type(self))).pooler_output
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        img_feat: Tensor | None = None,
+        img_pos_feat: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        gather_index: Tensor | None = None,
+        img_masks: Tensor | None = None,
+        txt_type_ids: Tensor | None = None,
+        img_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **unexpected: Any,
+    ) -> UniterRetrievalOutput:
+        """Score each (text, image) row; arguments as `UniterModel.forward` (any other keyword raises)."""
+        _refuse_unexpected(unexpected, type(self))
+        pooled = self.uniter(
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            attention_mask,
+            gather_index,
+            img_masks,
+            txt_type_ids,
+            img_type_ids,
+            inputs_embeds,
+        ).pooler_output
         return UniterRetrievalOutput(logits=self.rank_output(pooled), itm_logits=self.itm_output(pooled))
 
 
@@ -1230,26 +1302,49 @@ class UniterForVCR(UniterPreTrainedModel):
         if table.num_embeddings < target:
             _resize_rows_(table, target)  # new rows ~ N(0, 0.02)
 
-    def forward(self, **inputs: Tensor | None) -> UniterClassifierOutput:
-        """Score each (question, candidate) row; `inputs` are `UniterModel.forward` keyword arguments."""
-        pooled = self.uniter(**_backbone_inputs(inputs, type(self))).pooler_output
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        img_feat: Tensor | None = None,
+        img_pos_feat: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        gather_index: Tensor | None = None,
+        img_masks: Tensor | None = None,
+        txt_type_ids: Tensor | None = None,
+        img_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **unexpected: Any,
+    ) -> UniterClassifierOutput:
+        """Score each (question, candidate) row; arguments as `UniterModel.forward` (any other keyword raises)."""
+        _refuse_unexpected(unexpected, type(self))
+        pooled = self.uniter(
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            attention_mask,
+            gather_index,
+            img_masks,
+            txt_type_ids,
+            img_type_ids,
+            inputs_embeds,
+        ).pooler_output
         return UniterClassifierOutput(logits=self.vcr_output(pooled), pooled_output=pooled)
 
 
-def _backbone_inputs(inputs: Mapping[str, Any], cls: type) -> dict[str, Any]:
-    unknown = sorted(set(inputs) - set(_BACKBONE_ARGS))
-    if unknown:
+def _refuse_unexpected(unexpected: Mapping[str, Any], cls: type) -> None:
+    if unexpected:
         raise AdvlabTypeError(
-            f"Expected {cls.__name__} keyword arguments among {list(_BACKBONE_ARGS)}, but got unknown {unknown} "
-            "(pass the collate's batch['inputs'], not the whole batch)."
+            f"Expected {cls.__name__} keyword arguments among {list(_BACKBONE_ARGS)}, but got unknown "
+            f"{sorted(unexpected)} (pass the collate's batch['inputs'], not the whole batch)."
         )
-    return dict(inputs)
 
 
-def _rows(args: Mapping[str, Any]) -> int:
-    for name in ("input_ids", "inputs_embeds", "img_feat"):
-        if args.get(name) is not None:
-            return int(args[name].shape[0])
+def _rows(input_ids: Tensor | None, inputs_embeds: Tensor | None, img_feat: Tensor | None) -> int:
+    for value in (input_ids, inputs_embeds, img_feat):
+        if value is not None:
+            return int(value.shape[0])
     raise AdvlabValueError("Expected `input_ids`, `inputs_embeds` or `img_feat`, but got none of them.")
 
 

@@ -1,0 +1,56 @@
+"""The two backbones present one shape: explicit head arguments, a pre-trained base class, eval mode after loading."""
+
+import inspect
+
+import pytest
+import torch
+
+from advlab import AdvlabTypeError
+from advlab.backbones.lxmert import (
+    LxmertConfig,
+    LxmertForNLVR2,
+    LxmertForPreTraining,
+    LxmertForVQA,
+    LxmertModel,
+    LxmertPreTrainedModel,
+)
+from advlab.backbones.uniter import (
+    UniterConfig,
+    UniterForImageTextRetrieval,
+    UniterForNLVR2,
+    UniterForVCR,
+    UniterForVQA,
+    UniterModel,
+)
+
+CFG = UniterConfig.tiny()
+BACKBONE_ARGS = list(inspect.signature(UniterModel.forward).parameters)[1:11]
+
+
+@pytest.mark.parametrize("cls", [UniterForVQA, UniterForNLVR2, UniterForImageTextRetrieval, UniterForVCR])
+def test_uniter_heads_take_the_backbone_arguments_explicitly(cls):
+    # the heads used to take **inputs: no names in the signature, no positional call
+    assert list(inspect.signature(cls.forward).parameters)[1:11] == BACKBONE_ARGS
+    model = cls(CFG).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, CFG.vocab_size, (2, 5), generator=gen)
+    feat = torch.randn(2, 3, CFG.img_dim, generator=gen)
+    pos = torch.rand(2, 3, 7, generator=gen)
+    with torch.no_grad():
+        by_name = model(input_ids=ids, img_feat=feat, img_pos_feat=pos).logits
+        by_position = model(ids, None, feat, pos).logits
+    assert torch.equal(by_name, by_position)
+    with pytest.raises(AdvlabTypeError, match=r"unknown \['targets'\].*batch\['inputs'\]"):
+        model(input_ids=ids, img_feat=feat, img_pos_feat=pos, targets=torch.zeros(2))
+
+
+def test_lxmert_models_share_one_pretrained_base():
+    for cls in (LxmertModel, LxmertForVQA, LxmertForNLVR2, LxmertForPreTraining):
+        assert issubclass(cls, LxmertPreTrainedModel)
+    assert LxmertForNLVR2.from_pretrained.__func__ is LxmertPreTrainedModel.from_pretrained.__func__
+    assert LxmertForPreTraining.from_pretrained.__func__ is LxmertPreTrainedModel.from_pretrained.__func__
+    cfg = LxmertConfig.tiny(visual_feat_dim=8)
+    vqa = LxmertForVQA(cfg, 3)
+    assert vqa.config is cfg and vqa.backbone is vqa.lxmert and LxmertModel(cfg).backbone.config is cfg
+    assert LxmertForNLVR2(cfg).perturbation_sites()["txt"].calls == 2
+    assert vqa.perturbation_sites()["img"].calls == 1
