@@ -12,6 +12,10 @@ after it, also when the block raises. The ascent gradient is taken with `torch.a
 so no `.grad` changes until your training backward inside the block. It composes with any
 recipe: run the recipe's `step` inside the block.
 
+Under DistributedDataParallel compute the AWP loss with the wrapped module (`ddp.module`):
+the ascent is not a DDP forward then (no backward of it follows), and each rank takes the
+direction of its own shard.
+
 The reference code moves w by one SGD step of a proxy model and rescales the difference,
 which is the same direction; it restores w by subtracting the difference after the optimizer
 step, while advlab restores w before it (bit-exact, and weight decay sees w, not w').
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +67,7 @@ class AWP:
         >>> awp = advlab.AWP(model, gamma=5e-3)
         >>> before = model[0].weight.detach().clone()
         >>> with awp.perturbed(loss):
-        ...     round(float((model[0].weight - before).norm() / before.norm()), 6)  # ‖w' - w‖ = γ‖w‖
+        ...     round(float((model[0].weight.detach() - before).norm() / before.norm()), 6)  # ‖w' - w‖ = γ‖w‖
         ...     loss().backward()  # the training gradient, taken at w'
         0.005
         >>> torch.equal(model[0].weight, before)  # w restored
@@ -136,18 +140,22 @@ class AWP:
         return out
 
     @contextmanager
-    def perturbed(self, loss: Callable[[], Tensor]) -> Iterator[dict[str, Tensor]]:
+    def perturbed(self, loss: Callable[[], Tensor], *, scaler: Any | None = None) -> Iterator[dict[str, Tensor]]:
         """Inside the block the selected weights are w' = w + γ‖w‖ g/‖g‖; exactly w after it.
 
         Args:
             loss: Zero-argument callable returning the loss to ascend at w (for example the
                 task loss of the batch, or a recipe's adversarial loss).
+            scaler: A `torch.amp.GradScaler`: the ascent gradient is taken of the scaled loss
+                (so float16 gradients do not underflow); the direction does not depend on it.
 
         Yields:
             Parameter name -> the perturbation added (empty when a non-finite step is skipped).
         """
         value = loss()
         finite = isinstance(value, Tensor) and bool(torch.isfinite(value.detach()).all())
+        if finite and scaler is not None:
+            value = scaler.scale(value)
         diffs = self.directions(value) if finite else {}
         if finite and not all(bool(torch.isfinite(d).all()) for d in diffs.values()):
             finite = False

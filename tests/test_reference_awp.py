@@ -278,3 +278,15 @@ def test_awp_nonfinite_loss_changes_no_weight(policy):
 def test_awp_errors(make, error, words):
     with pytest.raises(error, match=words):
         make(TinyVL().double())
+
+
+def test_awp_direction_does_not_depend_on_a_grad_scaler():
+    """Kills an AWP whose perturbation grows with the loss scale (a missing normalisation)."""
+    model, batch = TinyVL().double(), tiny_batch()
+    ids, img, tm, im, y = batch
+    awp = advlab.AWP(model)
+    loss = lambda: F.cross_entropy(model(ids, img, tm, im), y)
+    with awp.perturbed(loss) as plain:
+        plain = {n: d.clone() for n, d in plain.items()}
+    with awp.perturbed(loss, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16)) as scaled:
+        assert_grads_equal(scaled, plain, atol=1e-15)
