@@ -173,16 +173,17 @@ def test_perturb_sites_refuses_a_delta_that_does_not_broadcast(shape):
     model = TinyPatches().double()
     pixels, mask, _ = patch_batch()
     site = {"img": advlab.Site("patch", layout="channels_first")} if len(shape) > 1 else {"img": "head"}
-    with pytest.raises(advlab.AdvlabValueError, match=r"deltas\['img'\].*site '(patch|head)'.*got shape"):
-        with advlab.perturb_sites(model, {"img": torch.zeros(shape, dtype=torch.float64)}, sites=site):
-            model(pixels, mask)
+    delta = {"img": torch.zeros(shape, dtype=torch.float64)}
+    with (pytest.raises(advlab.AdvlabValueError, match=r"deltas\['img'\].*site '(patch|head)'.*got shape"),
+          advlab.perturb_sites(model, delta, sites=site)):
+        model(pixels, mask)
     assert not model.patch._forward_hooks and not model.head._forward_hooks
 
 
 def test_perturb_sites_refuses_a_non_tensor_delta():
-    with pytest.raises(advlab.AdvlabTypeError, match=r"deltas\['x'\].*floating tensor.*list"):
-        with advlab.perturb_sites(nn.Linear(2, 2), {"x": [0.0, 1.0]}, sites={"x": ""}):
-            pass
+    with (pytest.raises(advlab.AdvlabTypeError, match=r"deltas\['x'\].*floating tensor.*list"),
+          advlab.perturb_sites(nn.Linear(2, 2), {"x": [0.0, 1.0]}, sites={"x": ""})):
+        pass
 
 
 # ------------------------------------------------------------------------------------- low precision
