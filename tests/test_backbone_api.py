@@ -54,3 +54,26 @@ def test_lxmert_models_share_one_pretrained_base():
     assert vqa.config is cfg and vqa.backbone is vqa.lxmert and LxmertModel(cfg).backbone.config is cfg
     assert LxmertForNLVR2(cfg).perturbation_sites()["txt"].calls == 2
     assert vqa.perturbation_sites()["img"].calls == 1
+
+
+def test_position_features_live_on_the_backbones_and_agree_with_the_data_helpers():
+    from advlab import AdvlabValueError
+    from advlab.data.uniter_db import pos_feat_from_norm_bb
+    from advlab.pretrained.craft import lxmert_position_features, uniter_position_features
+
+    gen = torch.Generator().manual_seed(3)
+    xy = torch.rand(2, 5, 2, generator=gen) * 0.5
+    boxes = torch.cat([xy, xy + torch.rand(2, 5, 2, generator=gen) * 0.5], dim=-1)  # [2, 5, 4]
+    seven = UniterModel.position_features(boxes)
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    assert torch.equal(seven, torch.cat([boxes, w[..., None], h[..., None], (w * h)[..., None]], dim=-1))
+    assert torch.equal(uniter_position_features(boxes), seven)
+    norm_bb = seven[0, :, :6]  # what the image DBs store
+    assert torch.equal(pos_feat_from_norm_bb(norm_bb), UniterModel.position_features(norm_bb))
+    assert torch.equal(UniterModel.position_features(norm_bb), seven[0])
+    assert torch.equal(LxmertModel.position_features(boxes * 1.5 - 0.1), (boxes * 1.5 - 0.1).clamp(0, 1))
+    assert torch.equal(lxmert_position_features(boxes), LxmertForVQA.position_features(boxes))
+    with pytest.raises(AdvlabValueError, match=r"\[\.\.\., 4\] or \[\.\.\., 6\], but got \(3, 5\)"):
+        UniterForVQA.position_features(torch.zeros(3, 5))
+    with pytest.raises(AdvlabValueError, match=r"\[\.\.\., 4\], but got \(3, 6\)"):
+        LxmertModel.position_features(torch.zeros(3, 6))

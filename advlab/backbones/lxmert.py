@@ -518,6 +518,32 @@ class LxmertPreTrainedModel(nn.Module):
         """The `LxmertModel` inside (the model itself for `LxmertModel`)."""
         return self if isinstance(self, LxmertModel) else self.lxmert  # type: ignore[return-value]
 
+    @staticmethod
+    def position_features(boxes: Tensor) -> Tensor:
+        """LXMERT's 4-d region position input `(x1, y1, x2, y2)` in [0, 1]: a clamped copy of the boxes.
+
+        Args:
+            boxes: `(x1, y1, x2, y2)` normalised by the image size.
+
+        Returns:
+            The boxes clamped to [0, 1] (`visual_pos`).
+
+        Raises:
+            AdvlabValueError: The last dimension is not 4.
+
+        Shape:
+            boxes: [..., 4]; result: [..., 4].
+
+        Examples:
+            >>> LxmertModel.position_features(torch.tensor([[-0.01, 0.2, 0.5, 1.02]]))
+            tensor([[0.0000, 0.2000, 0.5000, 1.0000]])
+        """
+        if not isinstance(boxes, Tensor):
+            raise AdvlabTypeError(f"Expected `boxes` to be a Tensor, but got {type(boxes).__name__}.")
+        if boxes.dim() == 0 or boxes.shape[-1] != 4:
+            raise AdvlabValueError(f"Expected `boxes` of shape [..., 4], but got {tuple(boxes.shape)}.")
+        return boxes.clamp(0.0, 1.0)
+
     def perturbation_sites(self) -> dict[str, Site]:
         """The backbone's sites (one call each per forward).
 

@@ -653,6 +653,40 @@ class UniterPreTrainedModel(nn.Module):
         """The `UniterModel` inside (the model itself for `UniterModel`)."""
         return self if isinstance(self, UniterModel) else self.uniter  # type: ignore[return-value]
 
+    @staticmethod
+    def position_features(boxes: Tensor) -> Tensor:
+        """UNITER's 7-d region position input `(x1, y1, x2, y2, w, h, w * h)`, normalised by the image size.
+
+        From boxes `(x1, y1, x2, y2)` the width and height are computed; from the 6 values the
+        released image DBs store (`norm_bb`: `x1, y1, x2, y2, w, h`) only the area is appended, as
+        the official `_get_img_feat` does.
+
+        Args:
+            boxes: Normalised boxes, 4 or 6 values each.
+
+        Returns:
+            The position features (`img_pos_feat`).
+
+        Raises:
+            AdvlabValueError: The last dimension is neither 4 nor 6.
+
+        Shape:
+            boxes: [..., 4] or [..., 6]; result: [..., 7].
+
+        Examples:
+            >>> UniterModel.position_features(torch.tensor([[0.0, 0.5, 0.5, 1.0]]))
+            tensor([[0.0000, 0.5000, 0.5000, 1.0000, 0.5000, 0.5000, 0.2500]])
+        """
+        if not isinstance(boxes, Tensor):
+            raise AdvlabTypeError(f"Expected `boxes` to be a Tensor, but got {type(boxes).__name__}.")
+        if boxes.dim() == 0 or boxes.shape[-1] not in (4, 6):
+            raise AdvlabValueError(f"Expected `boxes` of shape [..., 4] or [..., 6], but got {tuple(boxes.shape)}.")
+        if boxes.shape[-1] == 6:
+            return torch.cat([boxes, boxes[..., 4:5] * boxes[..., 5:6]], dim=-1)
+        w = boxes[..., 2] - boxes[..., 0]
+        h = boxes[..., 3] - boxes[..., 1]
+        return torch.cat([boxes, w[..., None], h[..., None], (w * h)[..., None]], dim=-1)
+
     def perturbation_sites(self) -> dict[str, Site]:
         """VILLA's sites: `txt` = word-embedding output, `img` = input of `img_linear`.
 

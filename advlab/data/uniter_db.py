@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.backbones.uniter import UniterModel
 
 __all__ = [
     "UniterImgDb",
@@ -56,9 +57,9 @@ def pos_feat_from_norm_bb(norm_bb: Tensor) -> Tensor:
         >>> pos_feat_from_norm_bb(torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.4, 0.4]]))
         tensor([[0.1000, 0.2000, 0.5000, 0.6000, 0.4000, 0.4000, 0.1600]])
     """
-    if norm_bb.dim() != 2 or norm_bb.shape[1] != 6:
+    if not isinstance(norm_bb, Tensor) or norm_bb.dim() != 2 or norm_bb.shape[1] != 6:
         raise AdvlabValueError(f"Expected `norm_bb` to have shape [n, 6], but got {tuple(norm_bb.shape)}.")
-    return torch.cat([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:6]], dim=-1)
+    return UniterModel.position_features(norm_bb)
 
 
 def vqa_target(labels: Sequence[int], scores: Sequence[float], num_answers: int = 3129) -> Tensor:

@@ -53,6 +53,8 @@ from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.backbones._checkpoint import file_sha256, read_state_dict
+from advlab.backbones.lxmert import LxmertModel
+from advlab.backbones.uniter import UniterModel
 from advlab.data.tuxpaint import _cache_root
 
 __all__ = [
@@ -416,6 +418,9 @@ class CraftRegionExtractor(nn.Module):
 def uniter_position_features(boxes: Tensor) -> Tensor:
     """UNITER's 7-d region position input: `(x1, y1, x2, y2, w, h, w * h)`, normalised by the image size.
 
+    The same as [`UniterModel.position_features`][advlab.backbones.uniter.UniterPreTrainedModel.position_features]
+    for 4-value boxes.
+
     Args:
         boxes: `(x1, y1, x2, y2)` in [0, 1].
 
@@ -433,13 +438,13 @@ def uniter_position_features(boxes: Tensor) -> Tensor:
         tensor([[0.0000, 0.5000, 0.5000, 1.0000, 0.5000, 0.5000, 0.2500]])
     """
     _check_boxes(boxes)
-    w = boxes[..., 2] - boxes[..., 0]
-    h = boxes[..., 3] - boxes[..., 1]
-    return torch.cat([boxes, w[..., None], h[..., None], (w * h)[..., None]], dim=-1)
+    return UniterModel.position_features(boxes)
 
 
 def lxmert_position_features(boxes: Tensor) -> Tensor:
     """LXMERT's 4-d region position input: `(x1, y1, x2, y2)` in [0, 1] (a clamped copy).
+
+    The same as [`LxmertModel.position_features`][advlab.backbones.lxmert.LxmertPreTrainedModel.position_features].
 
     Args:
         boxes: `(x1, y1, x2, y2)` normalised by the image size.
@@ -458,7 +463,7 @@ def lxmert_position_features(boxes: Tensor) -> Tensor:
         tensor([[0.0000, 0.2000, 0.5000, 1.0000]])
     """
     _check_boxes(boxes)
-    return boxes.clamp(0.0, 1.0)
+    return LxmertModel.position_features(boxes)
 
 
 def _check_boxes(boxes: Tensor) -> None:
