@@ -189,3 +189,20 @@ def test_a_trunk_tensor_of_the_wrong_shape_is_named(tmp_path):
     torch.save(state, tmp_path / "c.pth")
     with pytest.raises(AdvlabValueError, match=r"0.weight expected \(64, 3, 3, 3\), got \(64, 3, 5, 5\)"):
         load_craft_trunk(tmp_path / "c.pth")
+
+
+def test_a_flipped_byte_in_the_feature_cache_is_caught_and_recomputed(pngs, tmp_path):
+    # fails if the cache is trusted on its key alone: torch.load returns the flipped value without a word
+    first = extract_features(pngs, grid=2, cache_dir=tmp_path, progress=False)
+    stored = torch.load(first.cache_path, weights_only=True)
+    stored["features"][1, 2, 3] += 1.0  # what a flipped exponent bit on disk amounts to
+    torch.save(stored, first.cache_path)
+    with pytest.warns(UserWarning, match="do not match their stored SHA-256"):
+        again = extract_features(pngs, grid=2, cache_dir=tmp_path, progress=False)
+    assert not again.from_cache and torch.equal(again.features, first.features)
+    assert extract_features(pngs, grid=2, cache_dir=tmp_path, progress=False).from_cache  # rewritten, valid again
+    stored = torch.load(first.cache_path, weights_only=True)
+    stored["boxes"] = stored["boxes"][:2]
+    torch.save(stored, first.cache_path)
+    with pytest.warns(UserWarning, match=r"expected boxes of shape \(3, 5, 4\)"):
+        assert not extract_features(pngs, grid=2, cache_dir=tmp_path, progress=False).from_cache
