@@ -61,3 +61,23 @@ def plain_symkl(a, b):
 
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class TinySumVL(TinyVL):
+    """TinyVL whose output sums over *every* position, padding included.
+
+    Padded tokens and regions therefore reach the logits and get a nonzero gradient, so a
+    loop that forgets the mask (in the ascent's norm, step or projection) gives different
+    numbers: the masking of the exactness loops is compared, not just carried along.
+    """
+
+    def forward(self, ids, img, txt_mask, img_mask, delta_txt=None, delta_img=None):
+        w = self.word(ids)
+        if delta_txt is not None:
+            w = w + delta_txt
+        if delta_img is not None:
+            img = img + delta_img
+        x = torch.cat([w, self.img_proj(img)], dim=1)
+        h = self.drop(torch.tanh(self.mix(x)))
+        pooled = h.sum(1) / h.shape[1]  # no mask: padding counts
+        return self.head(torch.tanh(pooled) + pooled)
