@@ -172,3 +172,22 @@ def test_the_wheel_file_is_checked_against_its_known_sha256(tmp_path, monkeypatc
 def test_a_folder_without_weights_is_named(tmp_path):
     with pytest.raises(AdvlabValueError, match="to hold model.safetensors"):
         load_minilm(tmp_path)
+
+
+def test_a_missing_layer_or_an_unknown_head_count_is_refused(tmp_path, minilm):
+    # fails if the layer count is len(set of indices) (a missing middle layer built a 5-layer model silently)
+    from safetensors.torch import save_file
+
+    state_dict, _ = minilm
+    gap = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("encoder.layer.2.")}
+    save_file(gap, str(tmp_path / "model.safetensors"))
+    with pytest.raises(AdvlabValueError, match=r"layers \[2\] have no keys.*encoder\.layer\.2\.attention"):
+        load_minilm(tmp_path)
+    tiny = {k: v for k, v in MiniLMEncoder(
+        MiniLMConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).state_dict().items()}
+    save_file({k: v.contiguous() for k, v in tiny.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(AdvlabValueError, match="num_attention_heads.*hidden size 8 is not MiniLM-L6's"):
+        load_minilm(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
+    assert load_minilm(tmp_path)[1].num_attention_heads == 2

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import read_state_dict
+from advlab.backbones._checkpoint import layer_count, read_state_dict
 from advlab.backbones.uniter import UniterConfig, UniterEncoder
 
 __all__ = [
@@ -125,13 +125,15 @@ _REQUIRED = (
 )
 
 
-def _config_from_tensors(state_dict: Mapping[str, Tensor], num_attention_heads: int) -> MiniLMConfig:
+def _config_from_tensors(state_dict: Mapping[str, Tensor], num_attention_heads: int, source: str) -> MiniLMConfig:
     words = state_dict["embeddings.word_embeddings.weight"]  # [vocab, hidden]
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+    # every layer must hold every key any layer holds, numbered from 0: a missing layer is refused, not skipped
+    suffixes = sorted({m.group(1) for k in state_dict if (m := re.match(r"encoder\.layer\.\d+\.(.+)$", k))})
+    layers = layer_count(state_dict, "encoder.layer", suffixes, source=source)
     return MiniLMConfig(
         vocab_size=words.shape[0],
         hidden_size=words.shape[1],
-        num_hidden_layers=len(layers),
+        num_hidden_layers=layers,
         num_attention_heads=num_attention_heads,
         intermediate_size=state_dict["encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=state_dict["embeddings.position_embeddings.weight"].shape[0],
@@ -194,7 +196,14 @@ def load_minilm(
         raise AdvlabValueError(
             f"Expected BERT tensors {missing} in {str(root / 'model.safetensors')!r}, but they are missing."
         )
-    config = _config_from_tensors(state_dict, int(declared.get("num_attention_heads", 12)))
+    heads = declared.get("num_attention_heads")
+    hidden = state_dict["embeddings.word_embeddings.weight"].shape[1]
+    if heads is None and hidden != MiniLMConfig.hidden_size:  # the weights do not say; 12 is only the released model's
+        raise AdvlabValueError(
+            f"Expected a config.json with `num_attention_heads` beside {str(root / 'model.safetensors')!r}: the "
+            f"number of heads is not stored in the weights, and hidden size {hidden} is not MiniLM-L6's (384, 12 heads)."
+        )
+    config = _config_from_tensors(state_dict, int(heads or MiniLMConfig.num_attention_heads), repr(str(root)))
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
         if name in declared and declared[name] != getattr(config, name):
             raise AdvlabValueError(
