@@ -128,17 +128,17 @@ def _logit_parts(logits: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], An
     """The tensors of a logits value (a Tensor, or a tuple / list / dict of them) and how to rebuild it."""
     if isinstance(logits, Tensor):
         parts: list[Any] = [logits]
-        rebuild: Callable[[list[Tensor]], Any] = lambda ps: ps[0]  # noqa: E731
+        rebuild: Callable[[list[Tensor]], Any] = lambda ps: ps[0]
     elif isinstance(logits, (tuple, list)) and logits:
         parts = list(logits)
-        rebuild = (lambda ps: list(ps)) if isinstance(logits, list) else (lambda ps: tuple(ps))  # noqa: E731
+        rebuild = (lambda ps: list(ps)) if isinstance(logits, list) else (lambda ps: tuple(ps))
     elif isinstance(logits, Mapping) and logits:
         keys = list(logits)
         parts = [logits[k] for k in keys]
-        rebuild = lambda ps: dict(zip(keys, ps))  # noqa: E731
+        rebuild = lambda ps: dict(zip(keys, ps))
     else:
         parts = [logits]
-        rebuild = lambda ps: ps[0]  # noqa: E731
+        rebuild = lambda ps: ps[0]
     bad = [p for p in parts if not isinstance(p, Tensor) or not p.is_floating_point()]
     if bad:
         got = type(bad[0]).__name__ if not isinstance(bad[0], Tensor) else f"a {bad[0].dtype} tensor"

@@ -41,7 +41,15 @@ from advlab.ascent import PGDAscender, SMARTAscender
 from advlab.free import Ascender, FreeTraining, default_logits, free_training
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
-from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, Regularizer, kl_divergence, symmetric_kl
+from advlab.regularizers import (
+    DISTRIBUTIONS,
+    REDUCTIONS,
+    Distribution,
+    Reduction,
+    Regularizer,
+    kl_divergence,
+    symmetric_kl,
+)
 from advlab.samplers import NormalSampler
 from advlab.sites import SiteLike, resolve_sites
 from advlab.stats import StepStats, collect_stats

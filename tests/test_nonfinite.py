@@ -89,7 +89,7 @@ def _run(recipe_name, fault, policy, state):
     recipe = _recipe(recipe_name, model, policy)
     before = _grads_before(model, state)
     factor = {"nan-loss": float("nan"), "inf-loss": float("inf")}.get(fault, 1.0)
-    task = lambda out: F.cross_entropy(out, y) * factor  # noqa: E731
+    task = lambda out: F.cross_entropy(out, y) * factor
     masks = {"txt": tm, "img": im} if recipe_name.startswith("villa") else {"txt": tm}
     handle = None
     if fault.endswith("delta-grad"):
@@ -141,7 +141,7 @@ def test_finite_step_is_not_skipped_and_matches_a_fresh_run():
 def test_error_names_the_first_non_finite_value_and_its_step():
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
-    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    fwd = lambda: model(ids, img, tm, im)
     with pytest.raises(advlab.NonFiniteError, match="finite loss at ascent step 1"):
         with advlab.free_training(model, SITES, {"txt": advlab.Perturbation(0.1)}, steps=3) as ft:
             ft.clean(fwd)
@@ -156,7 +156,7 @@ def test_clean_loss_is_checked():
     """A NaN clean loss (VILLA paper's explicit clean loss, SMART's task loss) is caught like any other."""
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
-    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    fwd = lambda: model(ids, img, tm, im)
     with pytest.raises(advlab.NonFiniteError, match=r"finite clean loss, but"):
         with advlab.free_training(model, SITES, {"txt": advlab.Perturbation(0.1)}, steps=2) as ft:
             ft.clean(fwd)
@@ -191,7 +191,7 @@ def test_skip_under_a_grad_scaler_restores_grads_and_lowers_the_scale():
 def test_skip_reason_is_recorded():
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
-    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    fwd = lambda: model(ids, img, tm, im)
     with advlab.free_training(model, SITES, {"txt": advlab.Perturbation(0.1)}, steps=2, on_nonfinite="skip") as ft:
         ft.clean(fwd)
         for step in ft:
@@ -203,7 +203,7 @@ def test_skip_reason_is_recorded():
 def test_a_step_that_fails_midway_leaves_grads_as_they_were():
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
-    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    fwd = lambda: model(ids, img, tm, im)
     with pytest.raises(KeyError):
         with advlab.free_training(model, SITES, {"txt": advlab.Perturbation(0.1)}, steps=3) as ft:
             ft.clean(fwd)
@@ -246,7 +246,7 @@ def test_any_non_finite_loss_leaves_grads_bitwise_as_they_were(steps, bad_step, 
     model = TinyVL(seed=seed % 5)
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32, seed=seed)
     before = _grads_before(model, "existing" if existing else "none")
-    fwd = lambda: model(ids, img, tm, im)  # noqa: E731
+    fwd = lambda: model(ids, img, tm, im)
     poisoned = bad_step < steps
 
     def run():

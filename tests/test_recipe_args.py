@@ -96,11 +96,11 @@ def test_villa_regularizer_on_several_outputs_matches_hand_written_loop(schedule
     ref = _two_head_loop(model, batch, K=3, lr=0.2, w=1.5)
     model.zero_grad()
     if structure == "tuple":
-        logits = lambda out: (out["answer"], out["match"])  # noqa: E731
-        reg = lambda c, p: plain_symkl(p[0], c[0]) + plain_symkl(p[1], c[1])  # noqa: E731
+        logits = lambda out: (out["answer"], out["match"])
+        reg = lambda c, p: plain_symkl(p[0], c[0]) + plain_symkl(p[1], c[1])
     else:
-        logits = lambda out: out  # noqa: E731
-        reg = lambda c, p: plain_symkl(p["answer"], c["answer"]) + plain_symkl(p["match"], c["match"])  # noqa: E731
+        logits = lambda out: out
+        reg = lambda c, p: plain_symkl(p["answer"], c["answer"]) + plain_symkl(p["match"], c["match"])
     villa = advlab.VILLA(model, sites={"txt": "word"}, steps=3, step_size=0.2, kl_weight=1.5, mode="txt",
                          logits=logits, regularizer=reg, schedule=schedule)
     villa.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out["answer"], y))

@@ -59,7 +59,7 @@ def test_delta_size_follows_radius_in_paper_and_not_in_mt_dnn():
     seen = {}
     for preset, kw in [("mt-dnn", {"step_size": 1e-5}), ("paper", {"radius": 1e-3})]:
         smart = advlab.SMART(model, {"txt": "word"}, preset=preset, generator=torch.Generator().manual_seed(0), **kw)
-        with smart._context({"txt": tm}) as ft:  # noqa: SLF001 - peek at δ after the ascent
+        with smart._context({"txt": tm}) as ft:
             clean = ft.clean(lambda: model(ids, img, tm, im))
             ft.clean_loss(F.cross_entropy(clean, y))
             ft.ascend(smart._ascent_loss(ft.clean_logits, ft.forward(lambda: model(ids, img, tm, im))))
