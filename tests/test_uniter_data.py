@@ -247,3 +247,29 @@ def test_a_truncated_lmdb_is_refused_before_it_is_mapped(tmp_path):
     data.write_bytes(full)  # whole again: it opens and reads
     feat, _ = UniterImgDb(tmp_path, min_bb=1)["img_39.npz"]
     assert feat.shape == (3, D)
+
+
+def test_non_utf8_sidecars_and_a_fifo_data_file_are_named(tmp_path):
+    # the old readers raised a raw UnicodeDecodeError for a Latin-1 JSON sidecar, and would block on a FIFO data.mdb
+    import os
+
+    rng = np.random.default_rng(5)
+    rec = image_record(rng, 3, [0.9] * 3)
+    write_lmdb(tmp_path / "feat_th0.2_max100_min1", {
+        "a.npz": msgpack.dumps({k: msgpack_numpy_array(v) for k, v in rec.items()}, use_bin_type=True)})
+    (tmp_path / "nbb_th0.2_max100_min1.json").write_bytes(b'{"caf\xe9.npz": 3}')
+    with pytest.raises(AdvlabValueError, match=r"Malformed JSON in .*nbb_th0.2_max100_min1.json.*utf-8"):
+        UniterImgDb(tmp_path, min_bb=1)
+    txt = tmp_path / "txt.db"
+    write_lmdb(txt, {"q1": txt_value({"input_ids": [1, 2]})})
+    (txt / "meta.json").write_bytes(b'{"CLS": 101, "SEP": 102, "note": "\xe9"}')
+    (txt / "id2len.json").write_text(json.dumps({"q1": 2}))
+    with pytest.raises(AdvlabValueError, match=r"Malformed JSON in .*meta.json"):
+        UniterTxtDb(txt)
+    fifo_db = tmp_path / "fifo.db"
+    fifo_db.mkdir()
+    os.mkfifo(fifo_db / "data.mdb")
+    (fifo_db / "meta.json").write_text(json.dumps({"CLS": 101, "SEP": 102}))
+    (fifo_db / "id2len.json").write_text(json.dumps({"q1": 2}))
+    with pytest.raises(AdvlabValueError, match="data.mdb' to be a regular LMDB data file"):
+        UniterTxtDb(fifo_db)

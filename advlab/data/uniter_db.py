@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,6 +149,18 @@ def _decode_msgpack_numpy(obj: dict) -> Any:
     return np.frombuffer(data, dtype=np.dtype(dtype))[0]  # a numpy scalar
 
 
+def _read_json_object(path: str) -> dict:
+    """A JSON object from a file, or an error naming the file (malformed JSON, not UTF-8, not an object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdvlabValueError(f"Malformed JSON in {path!r}: {err}.") from None
+    if not isinstance(data, dict):
+        raise AdvlabValueError(f"Expected {path!r} to hold a JSON object, but got {type(data).__name__}.")
+    return data
+
+
 # LMDB's meta pages (mdb.c, 64-bit little-endian builds): pages 0 and 1 each hold a 16-byte page header, then
 # MDB_meta: mm_magic u32 @16, mm_version u32 @20, mm_address @24, mm_mapsize @32, mm_dbs[2] (48 bytes each,
 # the first one's md_pad u32 @40 stores the page size), mm_last_pg u64 @136, mm_txnid u64 @144.
@@ -166,7 +179,10 @@ def _check_lmdb_size(path: str) -> None:
 
     data_file = os.path.join(path, "data.mdb")
     try:
-        size = os.path.getsize(data_file)
+        st = os.stat(data_file)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read below
+            raise AdvlabValueError(f"Expected {data_file!r} to be a regular LMDB data file, but it is not one.")
+        size = st.st_size
         with open(data_file, "rb") as f:
             head = f.read(_META_END)
             if len(head) < _META_END or struct.unpack_from("<I", head, 16)[0] != _MDB_MAGIC:
@@ -306,8 +322,7 @@ class UniterImgDb:
         self.name2nbb: dict[str, int] | None = None
         sidecar = os.path.join(self.img_dir, f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json")
         if not fixed and os.path.isfile(sidecar):
-            with open(sidecar) as f:
-                self.name2nbb = json.load(f)
+            self.name2nbb = _read_json_object(sidecar)
         self._db = _Lmdb(os.path.join(self.img_dir, db_name))
 
     def _record(self, fname: str) -> Mapping[str, Any]:
@@ -419,14 +434,7 @@ class UniterTxtDb:
         path = os.path.join(self.db_dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected {name} in the text DB {self.db_dir!r}, but {path!r} does not exist.")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise AdvlabValueError(f"Malformed JSON in {path!r}: {err}.") from None
-        if not isinstance(data, dict):
-            raise AdvlabValueError(f"Expected {path!r} to hold a JSON object, but got {type(data).__name__}.")
-        return data
+        return _read_json_object(path)
 
     def __len__(self) -> int:
         return len(self.ids)
