@@ -46,11 +46,15 @@ from advlab.experiments.retrieval.model import build_model as build_model
 from advlab.experiments.retrieval.model import pool_grid as pool_grid
 from advlab.experiments.retrieval.report import draw_curves as draw_curves
 from advlab.experiments.retrieval.report import draw_plot as draw_plot
+from advlab.experiments.retrieval.report import draw_tuning as draw_tuning
 from advlab.experiments.retrieval.report import paired_lines as paired_lines
 from advlab.experiments.retrieval.report import results_markdown as results_markdown
 from advlab.experiments.retrieval.report import summarize as summarize
+from advlab.experiments.retrieval.report import tuning_table as tuning_table
 from advlab.experiments.retrieval.report import verdict_lines as verdict_lines
 from advlab.experiments.retrieval.runs import RECORD_FORMAT as RECORD_FORMAT
+from advlab.experiments.retrieval.runs import TUNE_KL_WEIGHTS as TUNE_KL_WEIGHTS
+from advlab.experiments.retrieval.runs import TUNE_SIZES as TUNE_SIZES
 from advlab.experiments.retrieval.runs import GateError as GateError
 from advlab.experiments.retrieval.runs import best_epoch as best_epoch
 from advlab.experiments.retrieval.runs import load_records as load_records
@@ -65,6 +69,8 @@ __all__ = [
     "CONTROLS",
     "RECORD_FORMAT",
     "SETTINGS_PATH",
+    "TUNE_KL_WEIGHTS",
+    "TUNE_SIZES",
     "Arm",
     "Backbone",
     "GateError",
@@ -78,6 +84,7 @@ __all__ = [
     "configs_from_settings",
     "draw_curves",
     "draw_plot",
+    "draw_tuning",
     "evaluate",
     "itc_loss",
     "load_records",
@@ -93,5 +100,6 @@ __all__ = [
     "summarize",
     "train_run",
     "tune",
+    "tuning_table",
     "verdict_lines",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,15 @@ from advlab.experiments.retrieval.config import (
     load_settings,
 )
 from advlab.experiments.retrieval.data import _check_wheels, _stamps_folder, prepare_data
-from advlab.experiments.retrieval.report import draw_curves, draw_plot, results_markdown, summarize
-from advlab.experiments.retrieval.runs import GateError, load_records, run_experiment, tune
+from advlab.experiments.retrieval.report import (
+    draw_curves,
+    draw_plot,
+    draw_tuning,
+    results_markdown,
+    summarize,
+    tuning_table,
+)
+from advlab.experiments.retrieval.runs import TUNE_SIZES, GateError, load_records, run_experiment, tune
 
 
 def _count(text: str) -> int:
@@ -38,6 +46,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _size(text: str) -> float:
+    """Argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse argument combinations that would run something else than asked (exits with 2)."""
     if args.arms is not None:
@@ -46,6 +65,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --arms: 'baseline' must be among the arms (the gate needs it), got {args.arms}")
     if args.backbones is not None:
         args.backbones = list(dict.fromkeys(args.backbones))
+    if args.sizes is not None and not args.tune:
+        parser.error("argument --sizes: only with --tune")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} exists and is not a folder")
     if not args.tune and not args.report and not args.settings.is_file():
@@ -83,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m advlab.experiments.retrieval", description=DESCRIPTION)
     job = parser.add_mutually_exclusive_group()
     job.add_argument("--full", action="store_true", help="both backbones, all seven arms, 5 seeds")
-    job.add_argument("--tune", action="store_true", help="pick step sizes on validation and write the settings")
+    job.add_argument("--tune", action="store_true",
+                     help="pick the relative step size and KL weight on validation (3 seeds), write the settings")
     job.add_argument("--report", action="store_true",
                      help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
     parser.add_argument("--data", type=Path, default=None, help="image-caption folder (default: Tux Paint stamps)")
@@ -94,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backbones", nargs="+", default=None, choices=["uniter", "lxmert"])
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
                         help="arms to run; 'baseline' must be among them (the gate and the paired differences)")
+    parser.add_argument("--sizes", nargs="+", type=_size, default=None,
+                        help="--tune: relative step sizes to try (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
@@ -137,12 +161,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tune:
         backbones = args.backbones or ["uniter"]
         new = dict(settings)
-        new["base"] = {"epochs": base.epochs, "itm_weight": base.itm_weight}
-        for backbone in backbones:
-            result = tune(data, backbone=backbone, base=base, progress=progress)
-            new[backbone] = result
-            print(f"{backbone}: chose txt_step {result['txt_step']:.3g}, img_step {result['img_step']:.3g}")
-        new["tuned_on"] = f"validation split only, 1 seed, {base.epochs} epochs, VILLA joint; {data.summary}"
+        new["base"] = {k: v for k, v in settings.get("base", {}).items()}
+        new["base"]["epochs"] = base.epochs
+        seeds = list(range(args.seeds or 3))
+        tune_dir = args.out / "tune"
+        try:
+            for backbone in backbones:
+                result = tune(data, backbone=backbone, base=base, sizes=args.sizes or TUNE_SIZES, seeds=seeds,
+                              out_dir=tune_dir, progress=progress)
+                result["tuned_on"] = (f"validation split only, {len(seeds)} seeds, {base.epochs} epochs, "
+                                      f"VILLA joint; {data.summary}")
+                new[backbone] = result
+                print(tuning_table(result, backbone))
+                (tune_dir / f"{backbone}.json").write_text(json.dumps(result, indent=1) + "\n")
+                plot = draw_tuning(result, tune_dir / f"{backbone}.png", backbone=backbone)
+                print(f"{backbone}: chose relative step {result['step']:g}, KL weight {result['kl_weight']:g}; "
+                      f"wrote {tune_dir / (backbone + '.json')} and {plot}")
+        except NonFiniteError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 4
         args.settings.write_text(json.dumps(new, indent=1) + "\n")
         print(f"wrote {args.settings} ({(time.perf_counter() - wall0) / 60:.1f} min)")
         return 0

@@ -59,6 +59,9 @@ class RetrievalConfig:
         kl_weight: Weight of the symmetric KL in the perturbed arms (VILLA's 1.5).
         txt_step: Step size of the text perturbation (l2 over a caption's word embeddings).
         img_step: Step size of the image perturbation (l2 over an image's raw region features).
+        relative: Read `txt_step` and `img_step` as fractions of each row's clean norm at the
+            site (`advlab.Perturbation(relative=True)`: a step's l2 norm is the fraction times
+            the caption's or the image's clean embedding norm); False: absolute sizes.
         max_length: Token limit of a caption, [CLS] and [SEP] included.
         eval_batch: Pairs per forward at evaluation.
         grid: Grid cells per side of the region features (2: 1 object + 4 cells, 4: 1 + 16),
@@ -98,6 +101,7 @@ class RetrievalConfig:
     eval_batch: int = 256
     grid: int = 2
     freeze_word_embeddings: bool = True
+    relative: bool = False  # False: absolute sizes (records of absolute runs keep their cache keys)
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
@@ -112,8 +116,9 @@ class RetrievalConfig:
                 raise AdvlabValueError(
                     f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
                 )
-        if not isinstance(self.freeze_word_embeddings, bool):
-            raise AdvlabTypeError(f"Expected `freeze_word_embeddings` to be a bool, but got {self.freeze_word_embeddings!r}.")
+        for name in ("freeze_word_embeddings", "relative"):
+            if not isinstance(getattr(self, name), bool):
+                raise AdvlabTypeError(f"Expected `{name}` to be a bool, but got {getattr(self, name)!r}.")
 
     def with_steps(self, txt_step: float, img_step: float) -> RetrievalConfig:
         """A copy with other perturbation step sizes.
@@ -142,7 +147,11 @@ def load_settings(path: str | os.PathLike[str] = SETTINGS_PATH) -> dict[str, Any
 
 
 def configs_from_settings(settings: Mapping[str, Any], base: RetrievalConfig) -> dict[str, RetrievalConfig]:
-    """Per-backbone configs: `base` with the settings' step sizes (LXMERT falls back to UNITER's).
+    """Per-backbone configs: `base` with the settings' sizes (LXMERT falls back to UNITER's).
+
+    An entry written by `--tune` holds `relative: true`, one relative `step` for both
+    modalities and the chosen `kl_weight`; an older entry holds absolute `txt_step` and
+    `img_step`.
 
     Args:
         settings: Content of the settings file.
@@ -155,12 +164,18 @@ def configs_from_settings(settings: Mapping[str, Any], base: RetrievalConfig) ->
         >>> s = {"uniter": {"txt_step": 0.3, "img_step": 5.0}}
         >>> configs_from_settings(s, RetrievalConfig())["lxmert"].img_step
         5.0
+        >>> c = configs_from_settings({"uniter": {"relative": True, "step": 3e-3, "kl_weight": 0.0}}, RetrievalConfig())
+        >>> c["uniter"].relative, c["uniter"].txt_step, c["uniter"].img_step, c["uniter"].kl_weight
+        (True, 0.003, 0.003, 0.0)
     """
     out = {}
     for backbone in ("uniter", "lxmert"):
         entry = settings.get(backbone) or settings.get("uniter") or {}
         cfg = base
-        if "txt_step" in entry:
+        if entry.get("relative"):
+            cfg = replace(cfg.with_steps(entry["step"], entry["step"]), relative=True,
+                          kl_weight=float(entry.get("kl_weight", cfg.kl_weight)))
+        elif "txt_step" in entry:
             cfg = cfg.with_steps(entry["txt_step"], entry["img_step"])
         out[backbone] = cfg
     return out

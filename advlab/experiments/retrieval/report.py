@@ -348,3 +348,92 @@ def draw_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
             ax.tick_params(labelsize=9)
         top.legend(fontsize=9, loc="best")
     return _save(fig, path)
+
+
+def tuning_table(result: Mapping[str, Any], backbone: str = "uniter") -> str:
+    """The tuning grid as text: validation R@1 (points, mean ± std over seeds) per relative size and arm.
+
+    Args:
+        result: What `tune` returned (or the stored JSON).
+        backbone: Its backbone, for the title.
+
+    Returns:
+        The table, the bands, the KL rows and the choice.
+
+    Examples:
+        >>> pt = lambda arm, step, kl, m: {"arm": arm, "step": step, "kl_weight": kl, "val_r1": [m], "mean": m, "std": 0.0}
+        >>> res = {"grid": [pt("villa", 1e-3, 1.5, 0.12), pt("noise", 1e-3, 1.5, 0.13)], "baseline": pt("baseline", 0, 0, 0.1),
+        ...        "zero": pt("zero", 0, 1.5, 0.11), "kl": [], "step": 1e-3, "kl_weight": 1.5, "seeds": [0],
+        ...        "extended": [], "edge": False}
+        >>> print(tuning_table(res))
+        uniter: validation R@1 (points) by relative step size, 1 seed each
+        relative step |  VILLA joint | noise control
+               0.001  |  12.0 ±  0.0 |   13.0 ±  0.0
+        baseline 10.0 ± 0.0; zero δ (KL 1.5) 11.0 ± 0.0
+        chosen: relative step 0.001, KL weight 1.5
+    """
+    seeds = len(result.get("seeds", [])) or len(result["baseline"]["val_r1"])
+    lines = [f"{backbone}: validation R@1 (points) by relative step size, {seeds} seed{'s' if seeds != 1 else ''} each",
+             f"{'relative step':>13} | {ARM_LABELS['villa']:>12} | {ARM_LABELS['noise']:>13}"]
+    by = {(p["step"], p["arm"]): p for p in result["grid"]}
+    for step in sorted({p["step"] for p in result["grid"]}):
+        cells = []
+        for arm in ("villa", "noise"):
+            p = by.get((step, arm))
+            cells.append(f"{100 * p['mean']:5.1f} ± {100 * p['std']:4.1f}" if p else "-")
+        lines.append(f"{step:>12g}  | {cells[0]:>12} | {cells[1]:>13}")
+    b, z = result["baseline"], result["zero"]
+    lines.append(f"baseline {100 * b['mean']:.1f} ± {100 * b['std']:.1f}; zero δ (KL {z['kl_weight']:g}) "
+                 f"{100 * z['mean']:.1f} ± {100 * z['std']:.1f}")
+    for p in result.get("kl", []):
+        if p not in result["grid"]:
+            lines.append(f"at step {p['step']:g}, KL {p['kl_weight']:g}: {ARM_LABELS[p['arm']]} "
+                         f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}")
+    if result.get("extended"):
+        lines.append("grid extended past its edge: " + ", ".join(f"{x:g}" for x in result["extended"]))
+    if result.get("edge"):
+        lines.append("the best size is still on the grid's edge (extensions exhausted)")
+    lines.append(f"chosen: relative step {result['step']:g}, KL weight {result['kl_weight']:g}")
+    return "\n".join(lines)
+
+
+def draw_tuning(result: Mapping[str, Any], path: str | os.PathLike[str], *, backbone: str = "uniter") -> Path:
+    """A PNG of validation R@1 against the relative step size: VILLA and the noise control, baseline and zero δ as bands.
+
+    8 x 4 in at 150 dpi, log x axis; dots are seeds, lines join the means, bands are mean ± std.
+
+    Args:
+        result: What `tune` returned.
+        path: Output PNG.
+        backbone: For the title.
+
+    Returns:
+        The path written.
+    """
+    fig = _figure(8.0, 4.0)
+    ax = fig.subplots()
+    steps = sorted({p["step"] for p in result["grid"]})
+    lo, hi = min(steps) / 1.5, max(steps) * 1.5
+    for name, color in (("baseline", _COLORS["baseline"]), ("zero", _COLORS["zero"])):
+        p = result[name]
+        m, s = 100 * p["mean"], 100 * p["std"]
+        label = f"{ARM_LABELS[name]} (mean ± std)" + (f", KL {p['kl_weight']:g}" if name == "zero" else "")
+        ax.axhspan(m - s, m + s, xmin=0, xmax=1, color=color, alpha=0.15)
+        ax.axhline(m, color=color, linewidth=1, linestyle="--", label=label)
+    for arm in ("villa", "noise"):
+        pts = sorted((p for p in result["grid"] if p["arm"] == arm), key=lambda p: p["step"])
+        color = _COLORS[arm]
+        for p in pts:
+            ax.scatter([p["step"]] * len(p["val_r1"]), [100 * v for v in p["val_r1"]], s=14, color=color, alpha=0.5)
+        ax.plot([p["step"] for p in pts], [100 * p["mean"] for p in pts], color=color, linewidth=2, marker="o",
+                label=f"{ARM_LABELS[arm]} (KL {pts[0]['kl_weight']:g})" if pts else None)
+    ax.axvline(result["step"], color="black", linewidth=0.8, linestyle=":", label=f"chosen {result['step']:g}")
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("relative step size (fraction of the clean row norm)", fontsize=10)
+    ax.set_ylabel("validation R@1, points", fontsize=10)
+    ax.set_title(f"{backbone}-mini: tuning on validation, {len(result.get('seeds', []))} seeds per point", fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    return _save(fig, path)

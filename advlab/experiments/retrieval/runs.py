@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,80 @@ RECORD_FORMAT = 2
 
 
 def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: RetrievalData) -> str:
-    fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": asdict(config), "data": data.summary}
+    cfg = asdict(config)
+    if not cfg["relative"]:
+        del cfg["relative"]  # absolute runs are computed as before the field existed: same keys
+    fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": cfg, "data": data.summary}
     if arm in _ARM_REVISIONS:
         fields["revision"] = _ARM_REVISIONS[arm]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached_run(
+    data: RetrievalData,
+    backbone: str,
+    arm: str,
+    config: RetrievalConfig,
+    seed: int,
+    *,
+    path: Path,
+    splits: tuple[str, ...],
+    save_weights: bool = False,
+    text_size: Mapping[str, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Load the run's record from `path` if its key, format and numbers are valid, else train, evaluate and write it.
+
+    `splits` are evaluated after every epoch (`("val",)` for tuning: the test split is never
+    touched). The record is written atomically, so a killed run never leaves half a file.
+    """
+    key = _config_key(backbone, arm, config, data)
+    if path.is_file():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rec = {}
+        weights_ok = not save_weights or path.with_suffix(".pt").is_file()
+        current = rec.get("format") == RECORD_FORMAT and tuple(rec.get("splits", ("val", "test"))) == splits
+        if rec.get("key") == key and current and _finite_record(rec) and weights_ok:
+            rec["resumed"] = True
+            return rec  # type: ignore[no-any-return]
+    t0 = time.perf_counter()
+    model = build_model(backbone, config, data, seed=seed, text_size=text_size)
+    epochs: list[dict[str, Any]] = []
+
+    def after_epoch(epoch: int, loss: float) -> None:
+        entry: dict[str, Any] = {"epoch": epoch, "loss": loss}
+        for split in splits:
+            try:
+                entry[split] = evaluate(model, getattr(data, split), config)
+            except NonFiniteError as err:
+                raise NonFiniteError(
+                    f"{backbone} {arm} seed {seed}, evaluation after epoch {epoch}: {err} No record is written."
+                ) from err
+        epochs.append(entry)
+
+    losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
+                       on_epoch=after_epoch)
+    best = best_epoch(epochs)
+    rec: dict[str, Any] = {
+        "backbone": backbone, "arm": arm, "seed": seed, "key": key, "config": asdict(config),
+        "format": RECORD_FORMAT, "splits": list(splits), **{split: epochs[-1][split] for split in splits},
+        "losses": losses, "epochs": epochs, "best_epoch": best["epoch"],
+    }
+    if "test" in splits:
+        rec["test_at_best"] = best["test"]
+    rec["seconds"] = time.perf_counter() - t0
+    rec["resumed"] = False
+    if save_weights:
+        tmp_pt = path.with_suffix(".pt.tmp")
+        torch.save(model.state_dict(), tmp_pt)
+        tmp_pt.replace(path.with_suffix(".pt"))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written record
+    return rec
 
 
 def best_epoch(epochs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -145,55 +214,15 @@ def run_experiment(
     configs = {b: (configs or {}).get(b, RetrievalConfig()) for b in backbones}
 
     def one(backbone: str, arm: str, seed: int) -> None:
-        config = configs[backbone]
-        key = _config_key(backbone, arm, config, data)
-        path = _run_path(out, backbone, arm, seed)
-        if path.is_file():
-            try:
-                rec = json.loads(path.read_text())
-            except (OSError, ValueError):
-                rec = {}
-            weights_ok = not save_weights or path.with_suffix(".pt").is_file()
-            current = rec.get("format") == RECORD_FORMAT
-            if rec.get("key") == key and current and _finite_record(rec) and weights_ok:
-                rec["resumed"] = True
-                records.append(rec)
-                log(f"[{backbone}] {arm} seed {seed}: loaded from {path}")
-                return
-        t0 = time.perf_counter()
-        model = build_model(backbone, config, data, seed=seed, text_size=text_size)
-        epochs: list[dict[str, Any]] = []
-
-        def after_epoch(epoch: int, loss: float) -> None:
-            try:
-                val = evaluate(model, data.val, config)
-                test = evaluate(model, data.test, config)
-            except NonFiniteError as err:
-                raise NonFiniteError(
-                    f"{backbone} {arm} seed {seed}, evaluation after epoch {epoch}: {err} No record is written."
-                ) from err
-            epochs.append({"epoch": epoch, "loss": loss, "val": val, "test": test})
-
-        losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
-                           on_epoch=after_epoch)
-        val, test = epochs[-1]["val"], epochs[-1]["test"]
-        best = best_epoch(epochs)
-        rec = {
-            "backbone": backbone, "arm": arm, "seed": seed, "key": key, "config": asdict(config),
-            "format": RECORD_FORMAT, "val": val, "test": test, "losses": losses, "epochs": epochs,
-            "best_epoch": best["epoch"], "test_at_best": best["test"],
-            "seconds": time.perf_counter() - t0, "resumed": False,
-        }
-        if save_weights:
-            tmp_pt = path.with_suffix(".pt.tmp")
-            torch.save(model.state_dict(), tmp_pt)
-            tmp_pt.replace(path.with_suffix(".pt"))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(path)  # atomic: a killed run never leaves a half-written record
+        rec = _cached_run(data, backbone, arm, configs[backbone], seed, path=_run_path(out, backbone, arm, seed),
+                          splits=("val", "test"), save_weights=save_weights, text_size=text_size, progress=progress)
         records.append(rec)
+        if rec["resumed"]:
+            log(f"[{backbone}] {arm} seed {seed}: loaded from {_run_path(out, backbone, arm, seed)}")
+            return
+        val, test, best = rec["val"], rec["test"], rec["test_at_best"]
         log(f"[{backbone}] {arm} seed {seed}: val R@1 {val['r1']:.3f}, test IR R@1 {test['ir_r1']:.3f} "
-            f"TR R@1 {test['tr_r1']:.3f} (best validation epoch {best['epoch']}: test R@1 {best['test']['r1']:.3f}; "
+            f"TR R@1 {test['tr_r1']:.3f} (best validation epoch {rec['best_epoch']}: test R@1 {best['r1']:.3f}; "
             f"{rec['seconds']:.0f} s)")
 
     # every baseline first: the gate must pass before any arm is run or compared
@@ -235,47 +264,133 @@ def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["backbone"] != "uniter", r["seed"], order.get(r["arm"], 99)))
 
 
+TUNE_SIZES: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TUNE_KL_WEIGHTS: tuple[float, ...] = (0.0, 1.5)
+
+
+def _next_size(size: float, ordered: Sequence[float], *, down: bool) -> float:
+    """The next size outward: on a 1-3-10 grid 3e-5 below 1e-4 and 0.3 above 0.1; else the edge's own ratio.
+
+    Examples:
+        >>> _next_size(1e-4, [1e-4, 3e-4], down=True), _next_size(3e-5, [3e-5, 1e-4], down=True)
+        (3e-05, 1e-05)
+        >>> _next_size(0.1, [0.03, 0.1], down=False), _next_size(0.3, [0.1, 0.3], down=False)
+        (0.3, 1.0)
+    """
+    mantissa = size / 10 ** math.floor(math.log10(size) + 1e-9)
+    if math.isclose(mantissa, 1.0, rel_tol=1e-6) or math.isclose(mantissa, 3.0, rel_tol=1e-6):
+        at_one = math.isclose(mantissa, 1.0, rel_tol=1e-6)
+        factor = 10 / 3 if at_one == down else 3.0
+    else:
+        a, b = (ordered[0], ordered[1]) if down else (ordered[-2], ordered[-1])
+        factor = b / a
+    return float(f"{size / factor:.3g}") if down else float(f"{size * factor:.3g}")
+
+
+def _tune_path(out: Path, backbone: str, arm: str, size: float, kl: float, seed: int) -> Path:
+    return out / f"{backbone}-{arm}-rel{size:g}-kl{kl:g}-seed{seed}.json"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
 def tune(
     data: RetrievalData,
     *,
     backbone: str = "uniter",
     base: RetrievalConfig,
-    scales: Sequence[float] = (0.05, 0.15, 0.3),
-    seed: int = 0,
-    typical_norms: tuple[float, float] = (3.0, 50.0),
+    sizes: Sequence[float] = TUNE_SIZES,
+    seeds: Sequence[int] = (0, 1, 2),
+    kl_weights: Sequence[float] = TUNE_KL_WEIGHTS,
+    out_dir: str | os.PathLike[str] = "runs/retrieval/tune",
+    max_extensions: int = 3,
     text_size: Mapping[str, int] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Pick VILLA's step sizes on the validation split only (test is never evaluated).
+    """Pick VILLA's relative step size and KL weight on the validation split only (test is never evaluated).
 
-    Each scale s sets the steps to s × `typical_norms` (word embeddings of a caption ≈ 3.0; the
-    cached 1 + 4 x 4 raw region set ≈ 50, its 1 + 2 x 2 pooling at the `img` site ≈ 25). One seed,
-    `base.epochs` epochs, VILLA joint.
+    Sizes are relative (`Perturbation(relative=True)`): one fraction η of each row's clean norm,
+    for the text and the image site alike. For each η of the grid, VILLA joint and the noise
+    control at the same η run with `base.kl_weight`, over `seeds`; the baseline and the zero-δ
+    control (which has no size) give the bands. The best η is the one with the highest mean
+    validation R@1 of VILLA (last epoch); if it sits on the grid's edge, the grid is extended
+    outward by one 1-3-10 step, up to `max_extensions` times. At the best η, VILLA and the noise
+    control also run with every weight of `kl_weights`, and the better weight is chosen. Every
+    run is a record in `out_dir` (resumable: a finished run is loaded, not recomputed).
 
     Args:
         data: Prepared splits.
         backbone: Backbone to tune.
-        base: Settings of the runs.
-        scales: The grid.
-        seed: The seed.
-        typical_norms: (text, image) typical norms.
+        base: Settings of the runs (`relative` is set; `kl_weight` is the grid's weight).
+        sizes: The relative step sizes.
+        seeds: Seeds of every point (3 or more for a choice worth the name).
+        kl_weights: KL weights tried at the best size.
+        out_dir: Folder of the tuning records.
+        max_extensions: How often the grid may grow past an edge optimum.
         text_size: Overrides of text sizes (tests).
         progress: tqdm bars.
         log: Where lines go.
 
     Returns:
-        `{"txt_step", "img_step", "scale", "grid": [{scale, txt_step, img_step, val_r1}]}`.
+        `{"relative": True, "step", "kl_weight", "seeds", "epochs", "grid": [point], "baseline", "zero",
+        "kl": [point], "extended": [sizes added], "edge": bool}`; a point is `{"arm", "step", "kl_weight",
+        "val_r1": [per seed], "mean", "std"}` in fractions of R@1 (the report prints points).
+
+    Raises:
+        AdvlabValueError: Empty or non-positive sizes, no seeds, or a negative KL weight.
     """
-    grid = []
-    for s in scales:
-        cfg = base.with_steps(s * typical_norms[0], s * typical_norms[1])
-        model = build_model(backbone, cfg, data, seed=seed, text_size=text_size)
-        t0 = time.perf_counter()
-        train_run(model, data, "villa", cfg, seed=seed, progress=progress, desc=f"tune {backbone} s={s}")
-        val = evaluate(model, data.val, cfg)
-        grid.append({"scale": s, "txt_step": cfg.txt_step, "img_step": cfg.img_step, "val_r1": val["r1"],
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        log(f"tune {backbone}: scale {s} (txt {cfg.txt_step:.3g}, img {cfg.img_step:.3g}) -> val R@1 {val['r1']:.3f}")
-    best = max(grid, key=lambda g: g["val_r1"])
-    return {"txt_step": best["txt_step"], "img_step": best["img_step"], "scale": best["scale"], "grid": grid}
+    if not sizes or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0) for x in sizes):
+        raise AdvlabValueError(f"Expected `sizes` to be positive finite numbers (at least one), but got {list(sizes)}.")
+    if not seeds:
+        raise AdvlabValueError("Expected at least one seed, but got none.")
+    if not kl_weights or any(not (math.isfinite(w) and w >= 0) for w in kl_weights):
+        raise AdvlabValueError(f"Expected `kl_weights` to be finite numbers >= 0, but got {list(kl_weights)}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rel = replace(base, relative=True)
+
+    def point(arm: str, size: float, kl: float) -> dict[str, Any]:
+        cfg = replace(rel.with_steps(size, size), kl_weight=float(kl))
+        vals = []
+        for seed in seeds:
+            rec = _cached_run(data, backbone, arm, cfg, seed, path=_tune_path(out, backbone, arm, size, kl, seed),
+                              splits=("val",), text_size=text_size, progress=progress)
+            vals.append(rec["val"]["r1"])
+        mean, std = _mean_std(vals)
+        log(f"tune {backbone}: {arm:8} rel step {size:<7g} KL {kl:<4g} -> val R@1 {100 * mean:5.1f} ± {100 * std:4.1f} "
+            f"({len(vals)} seeds)")
+        return {"arm": arm, "step": size, "kl_weight": float(kl), "val_r1": vals, "mean": mean, "std": std}
+
+    kl0 = float(rel.kl_weight)
+    baseline = point("baseline", 0.0, 0.0)
+    zero = point("zero", 0.0, kl0)
+    grid: dict[float, dict[str, dict[str, Any]]] = {}
+    todo = sorted(float(x) for x in sizes)
+    extended: list[float] = []
+    while True:
+        for size in todo:
+            if size not in grid:
+                grid[size] = {arm: point(arm, size, kl0) for arm in ("villa", "noise")}
+        ordered = sorted(grid)
+        best = max(ordered, key=lambda x: grid[x]["villa"]["mean"])
+        edge = len(ordered) > 1 and best in (ordered[0], ordered[-1])
+        if not edge or len(extended) >= max_extensions:
+            break
+        new = _next_size(best, ordered, down=best == ordered[0])
+        log(f"tune {backbone}: the best size {best:g} is on the grid's edge; adding {new:g}")
+        extended.append(new)
+        todo = [new]
+    kl_points = [grid[best]["villa"], grid[best]["noise"]]
+    for kl in kl_weights:
+        if float(kl) != kl0:
+            kl_points += [point("villa", best, kl), point("noise", best, kl)]
+    chosen = max((p for p in kl_points if p["arm"] == "villa"), key=lambda p: p["mean"])
+    return {
+        "relative": True, "step": best, "kl_weight": chosen["kl_weight"], "seeds": list(seeds), "epochs": rel.epochs,
+        "grid": [grid[x][arm] for x in sorted(grid) for arm in ("villa", "noise")],
+        "baseline": baseline, "zero": zero, "kl": kl_points, "extended": extended, "edge": edge,
+    }

@@ -27,8 +27,8 @@ def _arm_perturbations(arm: str, config: RetrievalConfig) -> tuple[dict[str, Per
     direction = "random" if arm == "noise" else "gradient"
     scale = 0.0 if arm == "zero" else 1.0
     perts = {
-        "txt": Perturbation(scale * config.txt_step, direction=direction),  # type: ignore[arg-type]
-        "img": Perturbation(scale * config.img_step, direction=direction),  # type: ignore[arg-type]
+        "txt": Perturbation(scale * config.txt_step, direction=direction, relative=config.relative),  # type: ignore[arg-type]
+        "img": Perturbation(scale * config.img_step, direction=direction, relative=config.relative),  # type: ignore[arg-type]
     }
     mode = {"zero": "joint", "noise": "joint", "villa": "joint", "alter": "alter", "txt": "txt", "img": "img"}.get(arm)
     if mode is None:
