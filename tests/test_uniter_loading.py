@@ -115,9 +115,11 @@ def meta_state(model_cls, cfg, **kwargs):
 
 
 @pytest.mark.parametrize("preset", ["base", "large"])
-def test_config_is_inferred_for_the_released_sizes(preset):
+def test_config_is_inferred_for_the_released_sizes(preset, caplog):
     cfg = getattr(UniterConfig, preset)(vocab_size=1000, img_dim=64)
-    assert _infer_config(meta_state(UniterForVQA, cfg, num_answers=4), 0) == cfg
+    with caplog.at_level(logging.INFO, logger="advlab.backbones.uniter"):
+        assert _infer_config(meta_state(UniterForVQA, cfg, num_answers=4), 0) == cfg
+    assert f"UNITER-{preset} with {cfg.num_attention_heads} attention heads (the head count is not stored" in caplog.text
     grown = meta_state(UniterForVCR, cfg)  # 4 type rows and vocab + 81 words: vocab is inferred without the 81
     assert _infer_config(grown, UniterForVCR._extra_words) == cfg
 

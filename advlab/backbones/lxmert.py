@@ -1298,6 +1298,12 @@ def _infer_config(sd: Mapping[str, Tensor], declared: Mapping[str, Any], source:
             + ". If the file is complete and the model really has this shape, pass `config=LxmertConfig("
             f"{found}, num_attention_heads=...)` with its number of attention heads."
         )
+    logger.info(
+        "Inferred the configuration of %s from its shapes: the released LXMERT with %d attention heads (the head "
+        "count is not stored in the weights; pass `config=` for another one).",
+        source,
+        base.num_attention_heads,
+    )
     return LxmertConfig(**kwargs, num_attention_heads=base.num_attention_heads)
 
 

@@ -619,6 +619,13 @@ def _infer_config(state: Mapping[str, Tensor], extra_words: int, source: str = "
             + ". If the file is complete and the model really has this shape, pass `config=UniterConfig("
             f"hidden_size={hidden}, {found}, num_attention_heads=...)` with its number of attention heads."
         )
+    logger.info(
+        "Inferred the configuration of %s from its shapes: %s with %d attention heads (the head count is not stored "
+        "in the weights; pass `config=` for another one).",
+        source,
+        name,
+        released.num_attention_heads,
+    )
     return replace(released, **sizes)
 
 
