@@ -47,7 +47,8 @@ class FreeLB:
         norm: `"l2"` (default) or `"linf"` (also `"l2_token"`).
         mode: `"joint"`, `"alter"` or a modality name.
         ascender: Replaces the δ update built from each `Perturbation` (one `Ascender`,
-            or a mapping modality -> `Ascender`).
+            or a mapping modality -> `Ascender`); refused together with `step_size` or
+            `radius`, which only configure the default one.
         schedule: Kept for symmetry with `VILLA` (FreeLB has no clean graph).
         on_nonfinite: `"raise"` or `"skip"` (see `free_training`).
         generator: Randomness for the initialisation.
@@ -83,6 +84,11 @@ class FreeLB:
     ) -> None:
         given = {"step_size": step_size, "init_magnitude": init_magnitude, "radius": radius, "norm": norm}
         both = [k for k, v in given.items() if v is not None]
+        if ascender is not None and (step_size is not None or radius is not None):
+            raise AdvlabValueError(
+                "Expected either `ascender` or `step_size` / `radius` (which configure the default ascender built "
+                "from each Perturbation), but got both; the ascender would ignore them."
+            )
         if perturbations is not None and both:
             raise AdvlabValueError(
                 f"Expected {', '.join(f'`{k}`' for k in both)} either as arguments or inside each `Perturbation` of "

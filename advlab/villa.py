@@ -66,7 +66,8 @@ class VILLA:
             default the symmetric KL with `distribution` and `kl_reduction` (both refused
             together with a `regularizer`).
         ascender: Replaces the δ update built from each `Perturbation` (one `Ascender` for
-            every modality, or a mapping modality -> `Ascender`).
+            every modality, or a mapping modality -> `Ascender`); refused together with
+            `step_size` or `radius`, which only configure the default one.
         schedule: `"deferred"` (default), `"retain"` (official structure) or `"lean"`
             (memory-lean: clean forward recomputed); same gradients.
         on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler (see
@@ -140,6 +141,11 @@ class VILLA:
                     "or inside each `Perturbation` of `perturbations`, but got both; set "
                     f"`Perturbation({both[0]}=...)` per modality."
                 )
+        if ascender is not None and (step_size is not None or radius is not None):
+            raise AdvlabValueError(
+                "Expected either `ascender` or `step_size` / `radius` (which configure the default ascender built "
+                "from each Perturbation), but got both; the ascender would ignore them."
+            )
         if regularizer is not None:
             both = [k for k, v in {"kl_reduction": kl_reduction, "distribution": distribution}.items() if v is not None]
             if both:

@@ -136,6 +136,29 @@ def test_freelb_refuses_a_per_modality_setting_given_both_ways(arg):
         advlab.FreeLB(TinyVL(), {"txt": "word"}, perturbations={"txt": advlab.Perturbation(1e-2)}, **arg)
 
 
+@pytest.mark.parametrize("arg", [{"step_size": 0.1}, {"radius": 0.5}])
+@pytest.mark.parametrize("recipe", [advlab.VILLA, advlab.FreeLB])
+def test_ascender_refused_with_the_default_ascenders_settings(recipe, arg):
+    """The ascender replaces the update built from step_size / radius: both given, one would be ignored."""
+    with pytest.raises(advlab.AdvlabValueError, match="ascender.*step_size.*both"):
+        recipe(TinyVL(), {"txt": "word"}, ascender=advlab.ascent.PGDAscender(0.2), **arg)
+
+
+def test_injected_ascender_moves_delta():
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    seen = []
+
+    def ascender(delta, grad, *, mask=None, generator=None):
+        seen.append(grad.shape)
+        return delta + 0.01 * grad.sign()
+
+    stats = advlab.FreeLB(model, {"txt": "word"}, steps=2, ascender=ascender).step(
+        lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y), masks={"txt": tm})
+    assert seen == [torch.Size([4, 5, 8])]
+    assert stats.delta_norm["txt"] > 0
+
+
 def test_regularizer_refused_with_the_default_regularizers_settings():
     with pytest.raises(advlab.AdvlabValueError, match="regularizer.*kl_reduction"):
         advlab.VILLA(TinyVL(), sites=SITES, regularizer=advlab.symmetric_kl, kl_reduction="mean")
