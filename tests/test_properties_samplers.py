@@ -110,11 +110,11 @@ def test_scaled_uniform_sampler_is_within_m_over_sqrt_n(case):
     n = full.reshape(like.shape[0], -1).sum(-1).clamp_min(1).double()  # unmasked elements of each row
     bound = (m / n.sqrt()).reshape(-1, *([1] * (like.dim() - 1)))
     assert (out.double().abs() <= bound * (1 + rtol_for(like.dtype))).all()
-    # it is the uniform draw of the same seed (drawn in the same compute dtype), scaled by 1/sqrt(N)
-    compute = like.float() if like.dtype == torch.bfloat16 else like
-    u = advlab.UniformSampler(m)(compute, mask=mask, generator=generator(seed))
-    expected = u.double() / n.sqrt().reshape(bound.shape)
-    assert_close(out.double(), expected, rtol=rtol_for(like.dtype), atol=1e-300)
+    # written out: u ~ U(0, 1) from the seed in the compute dtype (float64 for float64, else float32),
+    # (2u - 1) m / sqrt(N), padded elements 0
+    u = torch.rand(like.shape, generator=generator(seed), dtype=_compute(like.dtype)).double()
+    expected = ((2 * u - 1) * m / n.sqrt().reshape(bound.shape)) * full
+    assert_close(out.double(), expected, rtol=rtol_for(like.dtype), atol=torch.finfo(like.dtype).tiny)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -139,13 +139,29 @@ def test_sphere_sampler_has_row_norm_r(case):
     assert (norm[~live] == 0).all()
 
 
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype samplers draw in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @given(case=cases(positive))
-def test_normal_sampler_scales_with_std(case):
-    """NormalSampler(s) is s times NormalSampler(1) with the same seed."""
+def test_normal_sampler_is_std_times_standard_normal_draws(case):
+    """Written out: z ~ N(0, 1) from the seed in the compute dtype, σ z, padded elements 0."""
     like, mask, seed, s = case
-    out = advlab.NormalSampler(s)(like.double(), mask=mask, generator=generator(seed))
-    unit = advlab.NormalSampler(1.0)(like.double(), mask=mask, generator=generator(seed))
-    assert_close(out, s * unit, rtol=1e-12, atol=0.0)
+    out = advlab.NormalSampler(s)(like, mask=mask, generator=generator(seed))
+    z = torch.randn(like.shape, generator=generator(seed), dtype=_compute(like.dtype)).double()
+    expected = s * z * expand_mask(mask, like)
+    assert_close(out.double(), expected, rtol=rtol_for(like.dtype), atol=torch.finfo(like.dtype).tiny)
+
+
+@given(case=cases())
+def test_uniform_sampler_is_written_out_uniform_draws(case):
+    """Written out: u ~ U(0, 1) from the seed in the compute dtype, (2u - 1) m, padded elements 0."""
+    like, mask, seed, m = case
+    out = advlab.UniformSampler(m)(like, mask=mask, generator=generator(seed))
+    u = torch.rand(like.shape, generator=generator(seed), dtype=_compute(like.dtype)).double()
+    expected = (2 * u - 1) * m * expand_mask(mask, like)
+    assert_close(out.double(), expected, rtol=rtol_for(like.dtype), atol=torch.finfo(like.dtype).tiny)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "scaled_uniform", "normal", "sphere"])
