@@ -3,8 +3,8 @@
 VILLA did not help there (docs/reproducing.md).
 
     bash scripts/setup_data.sh          # once: wheels, Tux Paint stamps
-    python examples/retrieval.py        # quick default: UNITER-mini, baseline / noise / VILLA, 2 seeds
-    python examples/retrieval.py --full # both backbones, six arms, 5 seeds, resumable under runs/retrieval
+    python examples/retrieval.py        # quick default: UNITER-mini, baseline / zero δ / noise / VILLA, 2 seeds
+    python examples/retrieval.py --full # both backbones, seven arms, 5 seeds, resumable under runs/retrieval
 """
 
 from advlab.experiments.retrieval import main
