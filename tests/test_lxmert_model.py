@@ -127,10 +127,10 @@ def test_every_model_is_finite_and_has_logits(cls, shape):
     model = seeded(cls, CFG)
     out = model(**batch(pair=cls is LxmertForNLVR2))
     if shape is None:
-        assert not torch.isnan(out.pooled_output).any(), "Output included NaNs"
+        assert torch.isfinite(out.pooled_output).all(), "Output included NaN or inf"
         return
     assert out.logits.shape == shape
-    assert not torch.isnan(out.logits).any(), "Output included NaNs"
+    assert torch.isfinite(out.logits).all(), "Output included NaN or inf"
 
 
 def test_padded_text_and_objects_do_not_change_real_outputs():

@@ -132,7 +132,7 @@ def test_heads_return_finite_logits_and_name_their_sites(name):
     model = HEADS[name]()
     out = model(**make_rows(gen, [4, 3, 4, 2], [3, 2, 2, 3]))
     assert tuple(out.logits.shape) == EXPECTED_LOGITS[name]
-    assert not torch.isnan(out.logits).any(), "Output included NaNs"
+    assert torch.isfinite(out.logits).all(), "Output included NaN or inf"
     sites = model.perturbation_sites()
     assert set(sites) == {"txt", "img"}
     assert sites["txt"] == Site(model.uniter.embeddings.word_embeddings)
@@ -234,3 +234,43 @@ def test_losses_against_independent_formulas():
         itm_rank_loss(scores, 3)
     with pytest.raises(AdvlabValueError, match="targets"):
         vqa_loss(logits, target[:, :2])
+
+
+def _layer_norm(x, weight, bias, eps):
+    """LN over the last dimension, written out: (x - mean) / sqrt(biased variance + eps) * w + b."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_image_embedding_matches_its_equations(with_masks):
+    """UniterModel's region embeddings against a float64 hand computation of uniter.md §3:
+    LN(LN_img(W_img (f + μ M_1) + b_img) + LN_pos(W_pos p + b_pos) + T_1), read from the model's own
+    parameters (random, not the identity LayerNorms of a fresh model)."""
+    gen = torch.Generator().manual_seed(5)
+    model = UniterModel(CFG).double().eval()
+    with torch.no_grad():
+        for p in model.img_embeddings.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        model.embeddings.token_type_embeddings.weight.copy_(
+            torch.randn(model.embeddings.token_type_embeddings.weight.shape, generator=gen, dtype=torch.float64))
+    feat = torch.randn(2, 3, CFG.img_dim, generator=gen, dtype=torch.float64)
+    pos = torch.rand(2, 3, 7, generator=gen, dtype=torch.float64)
+    masks = torch.tensor([[True, False, True], [False, False, True]]) if with_masks else None
+    seen = []
+    handle = model.img_embeddings.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        model(img_feat=feat, img_pos_feat=pos, img_masks=masks)
+    finally:
+        handle.remove()
+    e = model.img_embeddings
+    eps = CFG.layer_norm_eps
+    f = feat if masks is None else feat + masks.unsqueeze(-1).double() * e.mask_embedding.weight[1]
+    img = _layer_norm(f @ e.img_linear.weight.T + e.img_linear.bias, e.img_layer_norm.weight, e.img_layer_norm.bias, eps)
+    box = _layer_norm(pos @ e.pos_linear.weight.T + e.pos_linear.bias, e.pos_layer_norm.weight, e.pos_layer_norm.bias,
+                      eps)
+    typ = model.embeddings.token_type_embeddings.weight[1]  # regions: type id 1 of the text table
+    expected = _layer_norm(img + box + typ, e.LayerNorm.weight, e.LayerNorm.bias, eps)
+    assert len(seen) == 1
+    assert_close(seen[0], expected, rtol=1e-12, atol=1e-12)
