@@ -30,7 +30,7 @@ from advlab.attacks.result import AttackResult
 from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
 from advlab.perturbation import Perturbation
 from advlab.samplers import ZeroSampler
-from advlab.sites import SiteLike, unwrap_model
+from advlab.sites import SiteLike, resolve_sites, unwrap_model
 
 __all__ = ["Method", "attack"]
 
@@ -213,9 +213,15 @@ def attack(
             stacklevel=2,
         )
     check_not_compiled(model)
+    resolved = resolve_sites(unwrap_model(model), sites)
+    missing = [m for m in perturbations if m not in resolved]
+    if missing:
+        raise AdvlabValueError(
+            f"Expected every perturbation to have a site, but {missing} have none; sites are {sorted(resolved)}."
+        )
     # δ = 0 at the start of the clean forward; the attack draws its own starts
     zero_init = {m: replace(perturbations[m], init=ZeroSampler()) for m in group}
-    hooks = SiteHooks(unwrap_model(model), sites, zero_init, masks=masks)
+    hooks = SiteHooks(unwrap_model(model), resolved, zero_init, masks=masks)
     problem = _Problem(hooks, forward, loss, logits)
     zero_first = bool(attacked) and all(isinstance(perturbations[m].init, ZeroSampler) for m in attacked)
     grad_first = set(attacked) if zero_first and (method == "apgd" or any(
