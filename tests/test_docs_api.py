@@ -76,11 +76,21 @@ def python_blocks(page: str) -> list[str]:
 
 @pytest.mark.parametrize("page", GUIDE_PAGES)
 def test_guide_code_runs(page, capsys):
-    if not (DOCS / page).exists():
-        pytest.skip(f"docs/{page} not written")
+    assert (DOCS / page).is_file(), f"docs/{page} is missing: the guide page and its code examples must exist"
+    assert python_blocks(page), f"docs/{page} has no ```python block: its examples would go unchecked"
     namespace: dict[str, object] = {"__name__": f"docs_{page[:-3]}"}
     for i, block in enumerate(python_blocks(page)):
         try:
             exec(compile(block, f"docs/{page}[block {i}]", "exec"), namespace)  # noqa: S102 - our own docs
         except Exception as err:  # pragma: no cover - the message is the point
             raise AssertionError(f"docs/{page}, python block {i} failed: {err!r}\n{block}") from err
+
+
+def test_every_page_in_the_site_navigation_exists():
+    """A page listed in mkdocs.yml's nav but deleted or renamed fails here, not only in the strict build."""
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:", 1)[1]
+    nav = re.split(r"^\S", nav, maxsplit=1, flags=re.MULTILINE)[0]  # up to the next top-level key
+    pages = re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", nav, re.MULTILINE)
+    assert set(GUIDE_PAGES) <= set(pages)
+    missing = [page for page in pages if not (DOCS / page).is_file()]
+    assert not missing, f"pages in mkdocs.yml's nav without a file under docs/: {missing}"
