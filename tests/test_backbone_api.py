@@ -77,3 +77,19 @@ def test_position_features_live_on_the_backbones_and_agree_with_the_data_helpers
         UniterForVQA.position_features(torch.zeros(3, 5))
     with pytest.raises(AdvlabValueError, match=r"\[\.\.\., 4\], but got \(3, 6\)"):
         LxmertModel.position_features(torch.zeros(3, 6))
+
+
+def test_task_losses_live_in_one_module_and_take_both_backbones_outputs():
+    from advlab.backbones import losses, uniter
+    from advlab.backbones.lxmert import LxmertClassifierOutput
+
+    for name in ("vqa_loss", "vqa_score", "ve_loss", "nlvr2_loss", "vcr_loss", "itm_loss", "itm_rank_loss"):
+        assert getattr(uniter, name) is getattr(losses, name)  # re-exported, not a second copy
+    gen = torch.Generator().manual_seed(4)
+    logits, targets = torch.randn(3, 5, generator=gen), torch.rand(3, 5, generator=gen)
+    out = LxmertClassifierOutput(logits=logits, pooled_output=torch.zeros(3, 2))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) * 5  # LXMERT's vqa.py
+    assert torch.equal(losses.vqa_loss(out, targets), losses.vqa_loss(logits, targets))
+    torch.testing.assert_close(losses.vqa_loss(out, targets), expected, rtol=1e-6, atol=0)
+    with pytest.raises(AdvlabTypeError, match="itm_logits"):
+        losses.itm_loss([0.0, 1.0], torch.tensor([1]))

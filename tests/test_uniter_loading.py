@@ -12,10 +12,10 @@ from advlab.backbones.uniter import (
     UniterForVCR,
     UniterForVQA,
     UniterModel,
+    _infer_config,
     convert_uniter_state_dict,
     load_state_dict_file,
 )
-from advlab.backbones.uniter import _infer_config
 
 H, LAYERS, FFN, VOCAB, POS, IMG = 32, 2, 64, 99, 64, 16
 CFG = UniterConfig.tiny()

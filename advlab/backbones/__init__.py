@@ -1,4 +1,4 @@
-"""Reference vision-and-language backbones: UNITER and LXMERT, with task heads and checkpoint loaders.
+"""Reference vision-and-language backbones: UNITER and LXMERT, with task heads, task losses and checkpoint loaders.
 
 Each model implements `perturbation_sites()`, so `advlab.VILLA(model)` finds where to perturb.
 """

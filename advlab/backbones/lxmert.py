@@ -29,6 +29,9 @@ Hugging Face config docstring's "(x, y, width, height)" is wrong for them.
 Perturbation sites (VILLA, LXMERT-AdvTrain): the text perturbation is added to the *output of the word-embedding
 lookup*, before position / type embeddings and the embedding LayerNorm; the image perturbation is added to the
 *input of* `encoder.visn_fc.visn_fc`, i.e. the raw 2048-d features. Boxes are never perturbed.
+
+Task losses (`vqa_loss` for VQA's soft scores, `nlvr2_loss`, ...) take these heads' outputs too; they live in
+`advlab.backbones.losses`, shared with UNITER.
 """
 
 from __future__ import annotations
