@@ -116,6 +116,8 @@ def row_norm(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None) -> Ten
         - output: [b] for `"l2"` / `"linf"`, x.shape[:-1] for `"l2_token"`
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import row_norm
         >>> row_norm(torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]))
         tensor([5.])
         >>> row_norm(torch.tensor([[[3.0, 4.0], [6.0, 8.0]]]), "l2_token")
@@ -150,10 +152,14 @@ def normalize(grad: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None, ep
         - grad: [b, n, d] or [b, d]; output: the same.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import normalize
         >>> normalize(torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]]))
         tensor([[[0.6000, 0.8000]],
         <BLANKLINE>
                 [[0.0000, 0.0000]]])
+        >>> normalize(torch.full((1, 4), 1e20))  # the squared norm would overflow float32
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
     """
     grad = check_float_tensor(grad, "grad", min_dim=2)
     check_choice(norm, NORMS, "norm")
@@ -167,6 +173,8 @@ def normalize_l2(grad: Tensor, *, mask: Tensor | None = None, eps: float = NORMA
     """`normalize(grad, "l2")`: unit Frobenius norm per row.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import normalize_l2
         >>> normalize_l2(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
         tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
     """
@@ -177,6 +185,8 @@ def normalize_l2_token(grad: Tensor, *, mask: Tensor | None = None, eps: float =
     """`normalize(grad, "l2_token")`: unit L2 norm per position.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import normalize_l2_token
         >>> normalize_l2_token(torch.tensor([[[0.0, 2.0], [3.0, 4.0]]]))
         tensor([[[0.0000, 1.0000],
                  [0.6000, 0.8000]]])
@@ -188,6 +198,8 @@ def normalize_linf(grad: Tensor, *, mask: Tensor | None = None, eps: float = NOR
     """`normalize(grad, "linf")`: `g / max|g|` per row (the official "linf" step, not sign).
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import normalize_linf
         >>> normalize_linf(torch.tensor([[1.0, -4.0, 2.0]]))
         tensor([[ 0.2500, -1.0000,  0.5000]])
     """
@@ -198,6 +210,8 @@ def normalize_sign(grad: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """`sign(grad)`: the steepest-ascent direction of standard L-inf PGD; masked elements 0.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import normalize_sign
         >>> normalize_sign(torch.tensor([[1.5, -0.2, 0.0]]))
         tensor([[ 1., -1.,  0.]])
     """
@@ -225,6 +239,8 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
         - delta: [b, n, d] or [b, d]; output: the same.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import project
         >>> project(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "l2", radius=1.0)
         tensor([[0.6000, 0.8000],
                 [0.3000, 0.4000]])
@@ -251,6 +267,8 @@ def project_l2(delta: Tensor, radius: float | None, *, mask: Tensor | None = Non
     """`project(delta, "l2", radius)`: per-row Frobenius ball.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import project_l2
         >>> project_l2(torch.tensor([[6.0, 8.0]]), 5.0)
         tensor([[3., 4.]])
     """
@@ -261,6 +279,8 @@ def project_l2_token(delta: Tensor, radius: float | None, *, mask: Tensor | None
     """`project(delta, "l2_token", radius)`: one L2 ball per position.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import project_l2_token
         >>> project_l2_token(torch.tensor([[[6.0, 8.0], [0.3, 0.4]]]), 1.0)
         tensor([[[0.6000, 0.8000],
                  [0.3000, 0.4000]]])
@@ -272,6 +292,8 @@ def project_linf(delta: Tensor, radius: float | None, *, mask: Tensor | None = N
     """`project(delta, "linf", radius)`: elementwise clamp.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import project_linf
         >>> project_linf(torch.tensor([[0.3, -0.05]]), 0.1)
         tensor([[ 0.1000, -0.0500]])
     """
@@ -287,6 +309,8 @@ class Ball:
         radius: Radius > 0, or None for an unbounded ball.
 
     Examples:
+        >>> import torch
+        >>> from advlab.balls import Ball
         >>> ball = Ball("l2", radius=1.0)
         >>> ball.project(torch.tensor([[3.0, 4.0]]))
         tensor([[0.6000, 0.8000]])
