@@ -1,0 +1,290 @@
+"""`AdversarialTrainer` (advlab.integrations.transformers) on a tiny random BertForSequenceClassification.
+
+- N optimizer steps equal a hand-written loop with the same recipe, data order, optimizer and
+  clipping (≤ 1e-6, float32), with and without gradient accumulation;
+- the loss of each micro-batch is scaled by the Trainer's own rule: a recipe whose step is plain
+  training (FreeLB, K = 1, δ = 0) gives the plain Trainer's weights, both when the Trainer
+  divides by the accumulation steps and when it deems the loss normalised by num_items_in_batch;
+- accelerate's GradScaler reaches the recipe (fp16 with a CPU scaler: scale 2^8 = scale 1);
+- recipe statistics in the logs, masks from the batch, resume from a checkpoint, refusals;
+- without transformers / accelerate, the import names the extra to install;
+- `torchrun --nproc_per_node 2` (gloo): ranks end equal, one reduction round per optimizer step,
+  weights equal one process on the global batch (slow).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import advlab
+from advlab import AdvlabTypeError, AdvlabValueError
+from advlab.integrations.transformers import AdversarialTrainer
+
+SITE = {"txt": "bert.embeddings.word_embeddings"}
+SEQ = 8
+CONFIG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+
+
+def tiny_bert(seed: int = 0, *, loss_kwargs: bool = True) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(**CONFIG))
+    if not loss_kwargs:  # the Trainer then divides each micro-batch's (mean) loss by the accumulation steps
+        model.accepts_loss_kwargs = False
+    return model
+
+
+def dataset(n: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(3, SEQ + 1, (), generator=g))
+        ids = torch.zeros(SEQ, dtype=torch.long)
+        ids[:length] = torch.randint(1, CONFIG["vocab_size"], (length,), generator=g)
+        mask = (torch.arange(SEQ) < length).long()
+        label = torch.randint(0, CONFIG["num_labels"], (), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": label, "idx": torch.tensor(i)})
+    return rows  # "idx" is no model input: remove_unused_columns must drop it
+
+
+def train_args(tmp_path: Path, **kw) -> TrainingArguments:
+    base = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, lr_scheduler_type="constant",
+                weight_decay=0.0, max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no",
+                logging_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+    base.update(kw)
+    return TrainingArguments(str(tmp_path / "out"), **base)
+
+
+def freelb(model, **kw):
+    kw = {"steps": 2, "step_size": 0.3, "init_magnitude": 0.05, "generator": torch.Generator().manual_seed(7)} | kw
+    return advlab.FreeLB(model, sites=SITE, **kw)
+
+
+def quiet(trainer: Trainer) -> Trainer:
+    trainer.remove_callback(transformers.PrinterCallback)
+    return trainer
+
+
+def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def hand_loop(model, recipe, data, *, steps, batch, accum, lr=1e-2, clip=1.0, scale=None):
+    """The same training written out: sequential batches, AdamW, clipping, recipe.step per micro-batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scale = 1.0 / accum if scale is None else scale
+    it = iter(range(0, len(data), batch))
+    model.train()
+    for _ in range(steps):
+        for _ in range(accum):
+            start = next(it)
+            rows = data[start : start + batch]
+            ids = torch.stack([r["input_ids"] for r in rows])
+            mask = torch.stack([r["attention_mask"] for r in rows])
+            y = torch.stack([r["labels"] for r in rows])
+            recipe.step(lambda: model(input_ids=ids, attention_mask=mask),
+                        lambda out: F.cross_entropy(out.logits, y), masks={"txt": mask}, scale=scale)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_equals_hand_written_loop(tmp_path, accum):
+    data = dataset()
+    model = tiny_bert(loss_kwargs=False)
+    start = copy.deepcopy(model)
+    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, gradient_accumulation_steps=accum),
+                                       train_dataset=data, recipe=freelb(model)))
+    trainer.train()
+    ref = copy.deepcopy(start)
+    hand_loop(ref, freelb(ref), data, steps=3, batch=2, accum=accum)
+    assert max_diff(model, ref) <= 1e-6
+    assert max_diff(model, start) > 1e-3  # it trained
+
+
+def test_hand_loop_tells_accumulation_scales_apart(tmp_path):
+    """The comparison above can fail: a loop that does not divide by the accumulation steps lands elsewhere."""
+    data = dataset()
+    a, b = tiny_bert(loss_kwargs=False), tiny_bert(loss_kwargs=False)
+    hand_loop(a, freelb(a), data, steps=3, batch=2, accum=2, clip=1e9, lr=1e-1)
+    hand_loop(b, freelb(b), data, steps=3, batch=2, accum=2, clip=1e9, lr=1e-1, scale=1.0)
+    assert max_diff(a, b) > 1e-4
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["num_items_rule", "divide_by_accum"])
+def test_plain_step_recipe_equals_plain_trainer(tmp_path, loss_kwargs):
+    """FreeLB with K = 1 and δ = 0 is plain training: the weights must be the plain Trainer's, whichever GA rule."""
+    data = dataset()
+    args = train_args(tmp_path, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    plain = tiny_bert(loss_kwargs=loss_kwargs)
+    quiet(Trainer(model=plain, args=args, train_dataset=data)).train()
+    model = tiny_bert(loss_kwargs=loss_kwargs)
+    recipe = advlab.FreeLB(model, sites=SITE, steps=1, step_size=0.0)
+    quiet(AdversarialTrainer(model=model, args=args, train_dataset=data, recipe=recipe)).train()
+    assert max_diff(model, plain) <= 1e-6
+    if loss_kwargs:  # BertForSequenceClassification takes **kwargs: the Trainer does not divide its mean loss
+        other = tiny_bert(loss_kwargs=False)
+        quiet(Trainer(model=other, args=args, train_dataset=data)).train()
+        assert max_diff(other, plain) > 1e-4  # the two rules differ, so this test tells them apart
+
+
+def test_fp16_scaler_reaches_the_recipe(tmp_path):
+    """A CPU GradScaler in accelerate's place: SGD weights with scale 2^8 equal those with scale 1."""
+
+    def run(init_scale: float) -> torch.nn.Module:
+        model = tiny_bert(loss_kwargs=False)
+        recipe = advlab.SMART(model, sites=SITE, steps=1, step_size=1e-2, noise_std=1e-3, weight=1.0,
+                              generator=torch.Generator().manual_seed(3))
+        args = train_args(tmp_path, fp16=True, optim="sgd", learning_rate=0.5, max_grad_norm=1.0, max_steps=2)
+        trainer = quiet(AdversarialTrainer(model=model, args=args, train_dataset=dataset(), recipe=recipe))
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        trainer.accelerator.native_amp = True  # float16 autocast on CPU, unscaling before clipping
+        calls = []
+        step = recipe.step
+        recipe.step = lambda *a, **kw: calls.append(kw["scaler"]) or step(*a, **kw)
+        trainer.train()
+        assert calls and all(s is trainer.accelerator.scaler for s in calls)
+        assert trainer.accelerator.scaler.get_scale() == init_scale  # no overflow, no skipped step
+        return model
+
+    one, big = run(1.0), run(2.0**8)
+    start = tiny_bert()
+    moved = max_diff(one, start)
+    assert moved > 1e-2
+    assert max_diff(big, one) <= 2e-3 * moved  # float16 rounding only; a scale left in would be off by 256x
+
+
+def test_recipe_stats_in_logs(tmp_path):
+    model = tiny_bert(loss_kwargs=False)
+    recipe = advlab.SMART(model, sites=SITE, steps=1, step_size=1e-2, noise_std=1e-3, weight=1.0,
+                          generator=torch.Generator().manual_seed(3))
+    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, logging_steps=1, logging_strategy="steps"),
+                                       train_dataset=dataset(), recipe=recipe))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h["adv_task_loss"] == pytest.approx(h["loss"], rel=1e-5)  # no accumulation: the same number
+        assert h["adv_regularizer"] > 0
+        assert h["adv_delta_norm_txt"] > 0
+        assert h["adv_skipped_steps"] == 0
+
+
+class _Spy:
+    """Records the masks the recipe gets."""
+
+    def __init__(self, recipe):
+        self.recipe, self.masks = recipe, []
+        step = recipe.step
+        recipe.step = lambda *a, **kw: self.masks.append(kw["masks"]) or step(*a, **kw)
+
+
+def test_masks_from_attention_mask_by_default(tmp_path):
+    data = dataset()
+    model = tiny_bert()
+    spy = _Spy(freelb(model))
+    quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=data,
+                             recipe=spy.recipe)).train()
+    expected = torch.stack([data[0]["attention_mask"], data[1]["attention_mask"]])
+    assert len(spy.masks) == 1 and torch.equal(spy.masks[0]["txt"], expected)
+    assert not expected.all()  # padded rows: the mask matters
+
+
+def test_masks_mapping_and_none(tmp_path):
+    model = tiny_bert()
+    spy = _Spy(freelb(model))
+    quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(),
+                             recipe=spy.recipe, masks=None)).train()
+    assert spy.masks == [{}]
+    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(),
+                                       recipe=spy.recipe, masks={"txt": "token_mask"}))
+    with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
+        trainer.train()
+    with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
+        AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
+
+
+def test_refusals(tmp_path):
+    model = tiny_bert()
+    with pytest.raises(AdvlabValueError, match="built on another model object"):
+        AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=freelb(tiny_bert()))
+    with pytest.raises(AdvlabTypeError, match="Expected `recipe` to be an advlab recipe"):
+        AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=lambda: None)
+    with pytest.raises(AdvlabValueError, match="`model_init`"):
+        AdversarialTrainer(args=train_args(tmp_path), model_init=tiny_bert, recipe=freelb(model))
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    """4 steps straight = 2 steps, checkpoint, resume for 2 (random sampling, random δ init from a generator)."""
+    data = dataset()
+    kw = dict(max_steps=4, train_sampling_strategy="random", save_strategy="steps", save_steps=2)
+
+    def trainer(out: str) -> AdversarialTrainer:
+        model = tiny_bert(loss_kwargs=False)
+        return quiet(AdversarialTrainer(model=model, args=train_args(tmp_path / out, **kw), train_dataset=data,
+                                        recipe=freelb(model)))
+
+    straight = trainer("a")
+    straight.train()
+    first = trainer("b")
+    first.args.max_steps = 2
+    first.train()
+    resumed = trainer("b")
+    resumed.recipe.generator.manual_seed(12345)  # the checkpoint must restore it
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert max_diff(resumed.model, straight.model) <= 1e-6
+
+
+@pytest.mark.parametrize("hidden", ["transformers", "accelerate"])
+def test_missing_extra_names_it(monkeypatch, hidden):
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError
+    monkeypatch.delitem(sys.modules, "advlab.integrations.transformers")
+    with pytest.raises(ImportError, match=rf"'{hidden}' cannot be imported.*pip install 'advlab\[transformers\]'"):
+        importlib.import_module("advlab.integrations.transformers")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """torchrun, 2 CPU processes (gloo), accumulation 2, FreeLB K = 2."""
+    script = Path(__file__).with_name("_ddp_trainer_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, p in ranks[0]["weights"].items():
+        assert torch.equal(p, ranks[1]["weights"][name]), name
+    for r in ranks:  # each bucket all-reduced once per optimizer step (2 micro-batches x 2 ascent steps each)
+        assert r["buckets"] >= 1 and r["rounds"] == [[*range(r["buckets"])]] * 2, r["rounds"]
+    # one process on the global batch (4 rows a micro-batch) reaches the same weights
+    import tests._ddp_trainer_script as ddp
+
+    model = ddp.build_model()
+    args = ddp.build_args(str(tmp_path / "single"), batch=4, ddp_backend=None)
+    quiet(AdversarialTrainer(model=model, args=args, train_dataset=ddp.build_data(), recipe=ddp.build_recipe(model)))\
+        .train()
+    single = model.state_dict()
+    assert max((single[n] - p).abs().max().item() for n, p in ranks[0]["weights"].items()) <= 1e-5
