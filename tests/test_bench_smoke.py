@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# every test starts a fresh Python process running a benchmark script (timeouts 120-300 s)
+pytestmark = pytest.mark.slow
 
 
 def test_bench_quick_prints_one_finite_table():

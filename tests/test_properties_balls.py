@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -55,6 +55,10 @@ def masked_inputs(draw, dtype=dtypes, elementwise=True):
     x = draw(tensors_elementwise(shape, dtype) if elementwise else tensors(shape, dtype))
     return x, draw(optional_masks(shape))
 
+
+# Categorical spaces of a few hundred combinations (norm x direction x dtype x fill x radius x mask
+# kind) get 8 times the profile's budget (200 in dev, 800 in ci), so each combination is drawn.
+WIDE = settings(max_examples=8 * settings.default.max_examples)
 
 # ---------------------------------------------------------------------------------------------- project
 
@@ -192,6 +196,7 @@ def test_normalize_values_are_the_gradient_over_its_norm(norm, data, dtype):
 # ---------------------------------------------------------------------------------------------- masks
 
 
+@WIDE
 @given(data=st.data(), norm=norms, fill=fills, radius=st.none() | radii, dtype=dtypes)
 def test_masked_positions_are_exact_zeros_and_never_leak(data, norm, fill, radius, dtype):
     shape = data.draw(shapes)
@@ -319,6 +324,7 @@ def test_nonpositive_or_nonfinite_radius_raises(radius, norm):
 # ---------------------------------------------------------------------------------------------- ascent
 
 
+@WIDE
 @given(
     data=st.data(),
     norm=norms,
