@@ -166,7 +166,7 @@ def test_wrong_shapes_are_all_listed_with_their_keys():
     state = {k: v.clone() for k, v in UniterModel(CFG).state_dict().items()}
     state["encoder.layer.1.intermediate.dense.weight"] = torch.zeros(FFN + 1, H)
     state["pooler.dense.bias"] = torch.zeros(H + 1)
-    with pytest.raises(AdvlabValueError, match=r"2 differ: .*layer\.1\.intermediate\.dense\.weight expected "
+    with pytest.raises(AdvlabValueError, match=r"2 have another shape: .*layer\.1\.intermediate\.dense\.weight expected "
                        r"\(64, 32\), got \(65, 32\).*pooler\.dense\.bias"):
         UniterModel.from_pretrained(state, CFG)
 

@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "LoadReport",
     "check_sha256",
+    "check_shapes",
     "file_sha256",
     "layer_count",
     "majority_size",
@@ -242,6 +243,34 @@ def read_state_dict(
     if nonstr:
         raise AdvlabValueError(f"Expected the keys of {file!r} to be str, but got {nonstr[:5]}.")
     return dict(obj), file
+
+
+def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, source: str, model: str) -> None:
+    """Raise listing every key of `state` whose shape differs from `expected`'s (keys absent there are skipped).
+
+    Args:
+        state: The tensors to load.
+        expected: The model's state dict (or its tensors under the same keys).
+        source: How the checkpoint is named in the message.
+        model: How the model is named in the message (class and config).
+
+    Raises:
+        AdvlabValueError: Some shapes differ; each such key is named with both shapes.
+
+    Examples:
+        >>> import torch
+        >>> check_shapes({"w": torch.zeros(2)}, {"w": torch.zeros(2)}, source="sd", model="M")
+    """
+    wrong = [
+        f"{k} expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if wrong:
+        raise AdvlabValueError(
+            f"Expected the tensors in {source} to fit {model}, but {len(wrong)} have another shape: "
+            f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
+        )
 
 
 def _listing(keys: Sequence[str], limit: int = 20) -> str:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport, layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import LoadReport, check_shapes, layer_count, majority_size, read_state_dict
 from advlab.sites import Site
 
 __all__ = [
@@ -1405,16 +1405,7 @@ def _from_pretrained(
         fresh=sorted(k for k in expected if k not in target),
         mismatched=mismatched,
     )
-    wrong = [
-        f"{k} expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-        for k, v in target.items()
-        if tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if wrong:
-        raise AdvlabValueError(
-            f"Expected the tensors in {name} to fit {cls.__name__}({config}), but {len(wrong)} have another shape: "
-            f"{'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
-        )
+    check_shapes(target, expected, source=name, model=f"{cls.__name__}({config})")
     model.load_state_dict(target, strict=False)
     report.log(logger, cls.__name__, name)
     model.eval()  # as transformers' from_pretrained: call .train() to fine-tune

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport, layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import LoadReport, check_shapes, layer_count, majority_size, read_state_dict
 from advlab.backbones.losses import itm_loss, itm_rank_loss, nlvr2_loss, vcr_loss, ve_loss, vqa_loss, vqa_score
 from advlab.sites import Site
 
@@ -825,16 +825,7 @@ class UniterPreTrainedModel(nn.Module):
             ):
                 _resize_rows_(table, state[key].shape[0])
         own = {prefix + k: v for k, v in model.state_dict().items()}
-        wrong = [
-            f"{key} expected {tuple(own[key].shape)}, got {tuple(value.shape)}"
-            for key, value in state.items()
-            if tuple(value.shape) != tuple(own[key].shape)
-        ]
-        if wrong:
-            raise AdvlabValueError(
-                f"Expected the tensors in {source} to have the shapes of {cls.__name__} with {config}, but "
-                f"{len(wrong)} differ: {'; '.join(wrong[:10])}{' ...' if len(wrong) > 10 else ''}."
-            )
+        check_shapes(state, own, source=source, model=f"{cls.__name__}({config})")
         to_load = {k[len(prefix) :]: v for k, v in state.items()}
         model.load_state_dict(to_load, strict=False)
         report.grown = model._grow_embeddings()

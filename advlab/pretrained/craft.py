@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import file_sha256, read_state_dict
+from advlab.backbones._checkpoint import check_shapes, file_sha256, read_state_dict
 from advlab.backbones.lxmert import LxmertModel
 from advlab.backbones.uniter import UniterModel
 from advlab.data.tuxpaint import _cache_root
@@ -197,16 +197,12 @@ def load_craft_trunk(
     own = trunk.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
-    wrong = [
-        f"{k} expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
-        for k, v in weights.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
+    if missing or unexpected:
         raise AdvlabValueError(
             f"Expected the trunk keys of {str(path)!r} to match VGG16-BN features[0:39], but got missing keys "
-            f"{missing[:5]}, unexpected keys {unexpected[:5]} and wrong shapes {wrong[:5]}."
+            f"{missing[:5]} and unexpected keys {unexpected[:5]}."
         )
+    check_shapes(weights, own, source=repr(str(path)), model="the VGG16-BN trunk (features[0:39])")
     trunk.load_state_dict(weights)
     trunk.requires_grad_(False)
     return trunk.eval()
