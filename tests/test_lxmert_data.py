@@ -167,3 +167,12 @@ def test_a_non_utf8_img_id_names_the_file_line_and_field(tmp_path):
     with pytest.raises(advlab.AdvlabValueError, match=r"latin.tsv, line 2: expected UTF-8 text, but field `img_id` "
                        r"holds byte 0xe9 at byte 3"):
         load_obj36(path)
+
+
+def test_an_empty_feature_field_is_refused_even_alone(tmp_path):
+    # a line cut right after the last tab decoded to [n, 0] features without a word
+    line, _ = fixture_line("COCO_3", n=2, dim=4)
+    path = tmp_path / "empty.tsv"
+    path.write_text(line.rsplit("\t", 1)[0] + "\t\n")
+    with pytest.raises(advlab.AdvlabValueError, match=r"empty.tsv, line 1: expected field `features` to hold 2 rows"):
+        load_obj36(path)

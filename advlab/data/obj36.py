@@ -101,7 +101,7 @@ def _decode(field: str, b64: str, dtype: str, num_boxes: int, where: str, per_bo
         raise AdvlabValueError(f"{where}: expected field `{field}` to be base64, but it does not decode.") from None
     itemsize = np.dtype(dtype).itemsize
     if per_box is None:  # infer the width (features: 2048 in the released files)
-        if num_boxes == 0 or len(raw) % (itemsize * num_boxes):
+        if num_boxes == 0 or not raw or len(raw) % (itemsize * num_boxes):
             raise AdvlabValueError(
                 f"{where}: expected field `{field}` to hold {num_boxes} rows of {dtype}, but got {len(raw)} bytes."
             )
