@@ -68,6 +68,10 @@ class VILLA:
         ascender: Replaces the δ update built from each `Perturbation` (one `Ascender` for
             every modality, or a mapping modality -> `Ascender`); refused together with
             `step_size` or `radius`, which only configure the default one.
+        clean_loss: Add the clean forward's task loss (weight 1, times `scale`) to the
+            gradient, as the paper's Algorithm 1 does. Default True for `"paper"` and
+            False otherwise (the official code's step 0, with δ = 0, plays the clean
+            loss). True with an official preset keeps its averaging over forwards and steps.
         schedule: `"deferred"` (default), `"retain"` (official structure) or `"lean"`
             (memory-lean: clean forward recomputed); same gradients.
         on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler (see
@@ -127,6 +131,7 @@ class VILLA:
         logits: Callable[[Any], Any] | None = None,
         regularizer: Regularizer | None = None,
         ascender: Ascender | Mapping[str, Ascender] | None = None,
+        clean_loss: bool | None = None,
         schedule: Schedule = "deferred",
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
@@ -158,6 +163,7 @@ class VILLA:
         given = {
             "steps": steps, "kl_weight": kl_weight, "mode": mode, "step_size": step_size, "radius": radius,
             "norm": norm, "init": init, "kl_reduction": kl_reduction, "distribution": distribution,
+            "clean_loss": clean_loss,
         }
         self.overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if perturbations is not None:
@@ -165,6 +171,9 @@ class VILLA:
         self.model = model
         self.preset = p
         self.flavour = p.flavour
+        if clean_loss is not None and not isinstance(clean_loss, bool):
+            raise AdvlabTypeError(f"Expected `clean_loss` to be a bool or None, but got {clean_loss!r}.")
+        self.clean_loss: bool = self.flavour == "paper" if clean_loss is None else clean_loss
         self.steps = check_count(p.steps if steps is None else steps, "steps")
         self.kl_weight = check_nonnegative(p.kl_weight if kl_weight is None else kl_weight, "kl_weight")
         self.mode = p.mode if mode is None else mode
@@ -297,7 +306,7 @@ class VILLA:
         kl_values: list[Tensor] = []
         with self._context(masks, scaler) as ft:
             ft.clean(forward)
-            if self.flavour == "paper":
+            if self.clean_loss:
                 ft.clean_loss(lambda out: task_loss(out) * scale)
             per_forward = len(self.groups) if self.flavour == "official" else 1
             weight = scale / (self.steps * per_forward)

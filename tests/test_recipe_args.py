@@ -107,6 +107,46 @@ def test_villa_regularizer_on_several_outputs_matches_hand_written_loop(schedule
     assert_grads_equal(grads(model), ref, atol=1e-10)
 
 
+def _retrieval_style_loop(model, batch, *, K, lr, w):
+    """The retrieval experiment's objective: an explicit clean task loss plus the official averaged
+    perturbed losses (each forward's task + w · KL, divided by the forwards and K), alter mode."""
+    ids, img, tm, im, y = batch
+    model.zero_grad()
+    clean = model(ids, img, tm, im)
+    F.cross_entropy(clean["answer"], y).backward(retain_graph=True)
+    dt = torch.zeros(*ids.shape, model.word.embedding_dim, dtype=torch.float64)
+    di = torch.zeros_like(img)
+    for k in range(K):
+        dt.requires_grad_()
+        di.requires_grad_()
+        total = 0.0
+        for d_t, d_i in ((dt, None), (None, di)):
+            out = model(ids, img, tm, im, d_t, d_i)
+            kl = plain_symkl(out["answer"], clean["answer"]) + plain_symkl(out["match"], clean["match"])
+            total = total + F.cross_entropy(out["answer"], y) + w * kl
+        (total / (2 * K)).backward(retain_graph=True)
+        if k == K - 1:
+            break
+        gt, gi = dt.grad, di.grad
+        dt = (dt + lr * gt / gt.flatten(1).norm(dim=1).clamp(min=1e-8).view(-1, 1, 1)).detach()
+        di = (di + lr * gi / gi.flatten(1).norm(dim=1).clamp(min=1e-8).view(-1, 1, 1)).detach()
+    return grads(model)
+
+
+def test_villa_runs_the_retrieval_objective():
+    """clean_loss=True on an official preset, a tuple of outputs and a regulariser over them: the retrieval
+    experiment's objective, without re-implementing VILLA's loop. Fails if clean_loss is ignored."""
+    model = TwoHeads().double()
+    ids, img, tm, im, y = batch = tiny_batch()
+    ref = _retrieval_style_loop(model, batch, K=2, lr=0.2, w=1.5)
+    model.zero_grad()
+    villa = advlab.VILLA(model, sites=SITES, steps=2, step_size=0.2, kl_weight=1.5, mode="alter", clean_loss=True,
+                         logits=lambda out: (out["answer"], out["match"]),
+                         regularizer=lambda c, p: plain_symkl(p[0], c[0]) + plain_symkl(p[1], c[1]))
+    villa.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out["answer"], y))
+    assert_grads_equal(grads(model), ref, atol=1e-10)
+
+
 def test_default_regularizer_is_the_symmetric_kl_bit_for_bit():
     model = TinyVL().double()
     ids, img, tm, im, y = tiny_batch()
