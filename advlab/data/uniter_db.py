@@ -1,6 +1,7 @@
 """Readers for UNITER's feature and text databases, VQA targets, and the batch collate.
 
-UNITER ships its data pre-processed (uniter.md §10):
+UNITER ships its data pre-processed (the formats its `ChenRocks/UNITER` code reads in
+`data/data.py`, `DetectFeatLmdb` and `TxtTokLmdb`):
 
 - `img_db/<split>/`: an LMDB of region features, one record per image, keyed by the
   `.npz` file name; values are `np.savez_compressed` bytes (`_compressed` databases) or
@@ -70,8 +71,9 @@ def vqa_target(labels: Sequence[int], scores: Sequence[float], num_answers: int 
 
     Args:
         labels: Answer indices into `ans2label.json`.
-        scores: Their soft scores (likely 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4 of
-            10 annotators; uniter.md §11).
+        scores: Their soft scores (0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4 of 10
+            annotators in the usual VQA pre-processing, e.g. `compute_softscore.py` of
+            hengyuan-hu/bottom-up-attention-vqa).
         num_answers: Answer vocabulary size.
 
     Shape:
