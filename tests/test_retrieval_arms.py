@@ -162,3 +162,22 @@ def test_plots_are_readable_size(tmp_path: Path) -> None:
     curves = R.draw_curves(recs, tmp_path / "curves.png")
     w, h = Image.open(curves).size
     assert w >= 1200 and h >= 900
+
+
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from advlab._errors import AdvlabError
+    from advlab.experiments.retrieval import report
+
+    for arm in R.ARMS_QUICK:
+        for s in (0, 1):
+            (tmp_path / f"uniter-{arm}-seed{s}.json").write_text(json.dumps(_rec(arm, s, 0.1 + 0.01 * s, best=0.12)))
+
+    def missing(*a: object) -> None:
+        raise AdvlabError("Plots need matplotlib: `python -m pip install matplotlib`.")
+
+    monkeypatch.setattr(report, "_figure", missing)
+    assert R.main(["--report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no plots: Plots need matplotlib" in out and "zero δ - baseline" in out
+    assert (tmp_path / "results.md").is_file() and not (tmp_path / "r1.png").exists()

@@ -88,6 +88,15 @@ def _base_config(settings: Mapping[str, Any], path: Path) -> RetrievalConfig:
         raise AdvlabValueError(f"{path}: 'base': {err}") from None
 
 
+def _plots(records: Sequence[Mapping[str, Any]], out: Path) -> str:
+    """Draw r1.png and curves.png; the text that names them, or why there are none (matplotlib missing)."""
+    try:
+        plot, curves = draw_plot(records, out / "r1.png"), draw_curves(records, out / "curves.png")
+    except AdvlabError as err:
+        return f" (no plots: {err})"
+    return f", {plot} and {curves}"
+
+
 DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs zero-δ and noise controls vs VILLA."
 
 
@@ -129,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(summarize(records))
         (args.out / "results.md").write_text(results_markdown(records))
-        plots = [draw_plot(records, args.out / "r1.png"), draw_curves(records, args.out / "curves.png")]
-        print(f"wrote {args.out / 'results.md'}, {plots[0]} and {plots[1]}")
+        print(f"wrote {args.out / 'results.md'}{_plots(records, args.out)}")
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     wall0 = time.perf_counter()
@@ -174,9 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 new[backbone] = result
                 print(tuning_table(result, backbone))
                 (tune_dir / f"{backbone}.json").write_text(json.dumps(result, indent=1) + "\n")
-                plot = draw_tuning(result, tune_dir / f"{backbone}.png", backbone=backbone)
+                try:
+                    plot = f" and {draw_tuning(result, tune_dir / f'{backbone}.png', backbone=backbone)}"
+                except AdvlabError as err:
+                    plot = f" (no plot: {err})"
                 print(f"{backbone}: chose relative step {result['step']:g}, KL weight {result['kl_weight']:g}; "
-                      f"wrote {tune_dir / (backbone + '.json')} and {plot}")
+                      f"wrote {tune_dir / (backbone + '.json')}{plot}")
         except NonFiniteError as err:
             print(f"error: {err}", file=sys.stderr)
             return 4
@@ -204,11 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     computed = sum(r["seconds"] for r in records)
     resumed = sum(r.get("resumed", False) for r in records)
     (args.out / "results.md").write_text(results_markdown(records, wall_seconds=wall))
-    plot = draw_plot(records, args.out / "r1.png")
-    curves = draw_curves(records, args.out / "curves.png")
+    plots = _plots(records, args.out)
     print(f"\nwall time {wall / 60:.1f} min this invocation ({resumed} of {len(records)} runs loaded from "
           f"{args.out}; training+evaluation time of all runs {computed / 60:.1f} min)")
-    print(f"wrote {args.out / 'results.md'}, {plot} and {curves}")
+    print(f"wrote {args.out / 'results.md'}{plots}")
     return 0
 
 
