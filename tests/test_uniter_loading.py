@@ -301,3 +301,19 @@ def test_text_only_path_matches_transformers_bert():
     for i, n in enumerate([9, 6, 4]):
         assert_close(got.last_hidden_state[i, :n], ref.last_hidden_state[i, :n], rtol=1e-5, atol=1e-5)
     assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_json_beside_the_file_gives_the_heads(tmp_path):
+    import json
+
+    cfg = UniterConfig.tiny(hidden_size=64, num_attention_heads=4, intermediate_size=96, hidden_dropout_prob=0.2)
+    state = UniterForVQA(cfg, num_answers=3).state_dict()
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(AdvlabValueError, match="nor in a config.json"):
+        UniterForVQA.from_pretrained(tmp_path / "model.pt", num_answers=3)
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_dropout_prob": 0.2,
+                                                      "hidden_size": 64, "type_vocab_size": 2}))
+    assert UniterForVQA.from_pretrained(tmp_path / "model.pt", num_answers=3).config == cfg
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_hidden_layers": 3}))
+    with pytest.raises(AdvlabValueError, match="num_hidden_layers 3 in config.json, 2 in the tensors"):
+        UniterForVQA.from_pretrained(tmp_path / "model.pt", num_answers=3)

@@ -11,6 +11,7 @@ back as a slightly different number. Only a SHA-256 of the whole file, compared 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "LoadReport",
     "check_sha256",
     "check_shapes",
+    "config_json_beside",
     "file_sha256",
     "layer_count",
     "majority_size",
@@ -243,6 +245,36 @@ def read_state_dict(
     if nonstr:
         raise AdvlabValueError(f"Expected the keys of {file!r} to be str, but got {nonstr[:5]}.")
     return dict(obj), file
+
+
+def config_json_beside(source: object) -> dict[str, Any]:
+    """The `config.json` in a model folder or beside a checkpoint file, or {} if there is none (or not a path).
+
+    Args:
+        source: What `from_pretrained` was given (a path, or a state dict).
+
+    Returns:
+        The JSON object.
+
+    Examples:
+        >>> config_json_beside({"a": 1})
+        {}
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return {}
+    path = os.fspath(source)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return {}
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise AdvlabValueError(f"Could not read {config!r} as JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise AdvlabValueError(f"Expected {config!r} to hold a JSON object, but it holds a {type(data).__name__}.")
+    return data
 
 
 def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, source: str, model: str) -> None:

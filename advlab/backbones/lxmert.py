@@ -49,7 +49,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport, check_shapes, layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import (
+    LoadReport,
+    check_shapes,
+    config_json_beside,
+    layer_count,
+    majority_size,
+    read_state_dict,
+)
 from advlab.sites import Site
 
 __all__ = [
@@ -1185,22 +1192,6 @@ def convert_lxmert_state_dict(state_dict: Mapping[str, Tensor], *, hidden_size: 
     return renamed
 
 
-def _hf_config(source: object) -> dict[str, Any]:
-    """The Hugging Face `config.json` beside the weights (or in the folder), or {} if there is none."""
-    if not isinstance(source, (str, os.PathLike)):
-        return {}
-    path = os.fspath(source)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        import json
-
-        with open(os.path.join(folder, "config.json")) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 _STAGES = {"l_layers": "layer", "x_layers": "x_layers", "r_layers": "r_layers"}
 
 
@@ -1344,7 +1335,7 @@ def _from_pretrained(
             f"{' ...' if len(unknown) > 10 else ''}."
         )
     if config is None:
-        config = _infer_config(sd, _hf_config(source), name)
+        config = _infer_config(sd, config_json_beside(source), name)
 
     # Build the model asked for; the QA head takes the file's size unless told otherwise.
     if issubclass(cls, LxmertForQuestionAnswering):

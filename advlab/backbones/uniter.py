@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import LoadReport, check_shapes, layer_count, majority_size, read_state_dict
+from advlab.backbones._checkpoint import (
+    LoadReport,
+    check_shapes,
+    config_json_beside,
+    layer_count,
+    majority_size,
+    read_state_dict,
+)
 from advlab.backbones.losses import itm_loss, itm_rank_loss, nlvr2_loss, vcr_loss, ve_loss, vqa_loss, vqa_score
 from advlab.sites import Site
 
@@ -566,8 +573,17 @@ def _layer_suffixes() -> list[str]:
     return list(_Layer(UniterConfig.tiny(num_hidden_layers=1)).state_dict())
 
 
-def _infer_config(state: Mapping[str, Tensor], extra_words: int, source: str = "the state dict") -> UniterConfig:
-    """The configuration of a UNITER state dict, or an error saying why it cannot be told for sure."""
+def _infer_config(
+    state: Mapping[str, Tensor],
+    extra_words: int,
+    source: str = "the state dict",
+    declared: Mapping[str, Any] | None = None,
+) -> UniterConfig:
+    """The configuration of a UNITER state dict, or an error saying why it cannot be told for sure.
+
+    `declared` is a `config.json` beside the checkpoint (UNITER's `config/uniter-*.json` keys, BERT's names): its
+    head count is used, and its sizes must agree with the tensors.
+    """
     needed = (_TXT_WORDS, "uniter.embeddings.position_embeddings.weight", "uniter.img_embeddings.img_linear.weight")
     absent = [k for k in needed if k not in state]
     if absent:
@@ -603,10 +619,27 @@ def _infer_config(state: Mapping[str, Tensor], extra_words: int, source: str = "
         "img_dim": state["uniter.img_embeddings.img_linear.weight"].shape[1],
     }
     found = f"num_hidden_layers={layers}, intermediate_size={ffn}, " + ", ".join(f"{k}={v}" for k, v in sizes.items())
+    heads = (declared or {}).get("num_attention_heads")
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        shapes = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": ffn, **sizes}
+        clash = [
+            f"{k} {declared[k]} in config.json, {v} in the tensors"
+            for k, v in shapes.items()
+            if declared and k in declared and declared[k] != v and k != "vocab_size"
+        ]
+        if clash:
+            raise AdvlabValueError(
+                f"Expected the config.json beside {source} to describe its tensors, but {'; '.join(clash)}. "
+                "Pass `config=`."
+            )
+        known = {f.name for f in fields(UniterConfig)}
+        rest = {k: v for k, v in declared.items() if k in known and k not in shapes}  # dropout, eps, ...
+        return UniterConfig(**{**rest, **shapes, "num_attention_heads": heads})
     if hidden not in _RELEASED:
         raise AdvlabValueError(
             f"Cannot infer the UNITER configuration from {source}: the number of attention heads is not stored in "
-            f"the weights, and hidden size {hidden} is not that of a released model (768: UNITER-base, 12 heads; "
+            f"the weights (nor in a config.json beside them), and hidden size {hidden} is not that of a released model "
+            "(768: UNITER-base, 12 heads; "
             f"1024: UNITER-large, 16 heads). Pass `config=UniterConfig(hidden_size={hidden}, {found}, "
             "num_attention_heads=...)` with the model's number of attention heads."
         )
@@ -751,7 +784,9 @@ class UniterPreTrainedModel(nn.Module):
                 identifies it for sure: the number of attention heads is not stored in the weights,
                 so the hidden size must be a released one (768: UNITER-base, 12 heads, 12 layers;
                 1024: UNITER-large, 16 heads, 24 layers) and the layers must be that model's, each
-                complete, numbered from 0. Anything else raises and asks for `config=`.
+                complete, numbered from 0. A `config.json` beside the file (or in the folder) with
+                `num_attention_heads` (UNITER's `config/uniter-*.json` keys) is used instead, if its
+                sizes agree with the tensors. Anything else raises and asks for `config=`.
             strict: Raise on missing backbone keys.
             output_loading_info: Also return a `LoadReport`.
             expected_sha256: The checkpoint file's SHA-256; if given, checked before reading (the
@@ -786,7 +821,7 @@ class UniterPreTrainedModel(nn.Module):
         if not any(k.startswith("uniter.") for k in state) and "embeddings.word_embeddings.weight" in state:
             state = {f"uniter.{k}": v for k, v in state.items()}  # a bare `UniterModel.state_dict()`
         if config is None:
-            config = _infer_config(state, cls._extra_words, source)
+            config = _infer_config(state, cls._extra_words, source, config_json_beside(checkpoint))
         elif not isinstance(config, UniterConfig):
             raise AdvlabTypeError(f"Expected `config` to be a UniterConfig or None, but got {type(config).__name__}.")
         model = cls(config, **head_kwargs)
