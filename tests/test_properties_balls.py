@@ -1,10 +1,13 @@
 """Properties of the balls (normalise, project, row norms) and of the ascent steps built on them.
 
-float32 and float64 are checked tightly, bfloat16 within its rounding; values are drawn in
-float32 and cast. Norms in the assertions are recomputed independently in float64.
+float32 and float64 are checked tightly, float16 and bfloat16 within their rounding; values are
+drawn in float32 and cast, or (`wide_tensors`) over each dtype's whole range of magnitudes.
+Norms in the assertions are recomputed independently in float64.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -472,3 +475,30 @@ def test_normalize_and_project_survive_values_at_the_dtype_limits(dtype, norm, w
         assert torch.isinf(n).all()
     else:
         assert_close(n.double(), torch.full_like(n, true_norm, dtype=torch.float64), rtol=rtol_for(dtype), atol=0.0)
+
+
+@given(data=st.data(), norm=norms, dtype=dtypes, fill=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_a_nonfinite_unmasked_element_is_never_hidden(data, norm, dtype, fill):
+    """NaN / inf at a real element: normalize and the L2 projections put NaN in its row (position for
+    l2_token) and nowhere else; the L-inf clamp keeps NaN and sends ±inf to ±radius (documented)."""
+    shape = data.draw(shapes)
+    x = data.draw(tensors(shape, dtype))
+    mask = data.draw(optional_masks(shape))
+    live = expand_mask(mask, x)
+    if not live.any():
+        return
+    flat = live.flatten().nonzero().flatten()
+    where = int(flat[data.draw(st.integers(0, len(flat) - 1))])
+    x = x.flatten().clone()
+    x[where] = fill
+    x = x.reshape(shape)
+    index = torch.unravel_index(torch.tensor(where), shape)
+    unit = tuple(int(i) for i in index[:-1]) if norm == "l2_token" else (int(index[0]),)
+    others = torch.ones(shape[:-1] if norm == "l2_token" else shape[:1], dtype=torch.bool)
+    others[unit] = False
+    for name, out in (("normalize", advlab.normalize(x, norm, mask=mask)), ("project", advlab.project(x, norm, 1.0, mask=mask))):
+        if name == "project" and norm == "linf":
+            assert (out.flatten()[where].isnan() if math.isnan(fill) else out.flatten()[where] == math.copysign(1.0, fill))
+            continue
+        assert out[unit].isnan().any(), name  # the row is not silently finite
+        assert torch.isfinite(out[others]).all(), name  # and no other row is touched
