@@ -58,6 +58,27 @@ def check_choice(value: object, choices: tuple[str, ...], name: str) -> str:
     return value  # type: ignore[return-value]
 
 
+def as_bool_mask(mask: Tensor, name: str = "mask") -> Tensor:
+    """A bool mask from a bool, integer or float one (as transformers builds them): True = real element.
+
+    Integer and float masks must hold only 0 and 1 (one host read checks it; bool masks cost none):
+    a weight such as 0.5 is not a mask, and treating it as one would be silently wrong.
+    """
+    mask = check_tensor(mask, name)
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer or float) tensor, but got dtype {mask.dtype}.")
+    binary = (mask == 0) | (mask == 1)
+    if not bool(binary.all()):
+        bad = mask[~binary].flatten()[:3].tolist()
+        raise AdvlabValueError(
+            f"Expected `{name}` to hold only 0 and 1 (1 = real element) as a {mask.dtype} mask, but it holds {bad}; "
+            "pass a bool mask, or (mask > 0) if the values are weights."
+        )
+    return mask != 0
+
+
 def broadcast_mask(mask: Tensor | None, like: Tensor, name: str = "mask") -> Tensor | None:
     """Return `mask` ([b, n] for a [b, n, d] tensor) as a bool tensor broadcastable to `like`."""
     if mask is None:
@@ -69,11 +90,7 @@ def broadcast_mask(mask: Tensor | None, like: Tensor, name: str = "mask") -> Ten
             f"Expected `{name}` to have shape {expected} (the perturbed tensor's dimensions before the feature "
             f"dimension; tensor shape {tuple(like.shape)}), but got {tuple(mask.shape)}."
         )
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex():
-            raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer) tensor, but got dtype {mask.dtype}.")
-        mask = mask != 0
-    mask = mask.to(like.device)
+    mask = as_bool_mask(mask, name).to(like.device)
     return mask.unsqueeze(-1) if like.dim() >= 2 else mask
 
 

@@ -286,3 +286,19 @@ def test_mask_of_an_unperturbed_modality_is_checked_too():
         run_villa(mode="txt", masks={"txt": ids, "img": [ids, ids]})
     # a well-formed mask of an unperturbed modality is fine
     run_villa(mode="txt", masks={"txt": ids, "img": torch.ones(4, 3, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: advlab.project(torch.ones(2, 3, 4), "l2", 0.5, mask=m),
+    lambda m: advlab.normalize(torch.ones(2, 3, 4), "linf", mask=m),
+    lambda m: advlab.NormalSampler(0.1)(torch.zeros(2, 3, 4), mask=m, generator=torch.Generator().manual_seed(0)),
+], ids=["project", "normalize", "sampler"])
+def test_pure_functions_take_masks_like_the_engine(call):
+    """0/1 float and integer masks are accepted everywhere (the old pure functions refused floats and took any
+    nonzero integer as True); other values are refused, naming the mask."""
+    ref = call(torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool))
+    for m in (torch.tensor([[1.0, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])):
+        assert torch.equal(call(m), ref)
+    for bad in (torch.tensor([[0.5, 1, 0], [1, 0, 0]]), torch.tensor([[2, 1, 0], [1, 0, 0]])):
+        with pytest.raises(advlab.AdvlabValueError, match=r"`mask` to hold only 0 and 1"):
+            call(bad)
