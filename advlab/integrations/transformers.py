@@ -56,9 +56,10 @@ from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.sites import unwrap_model
+from advlab.integrations import recipe_log_values
 from advlab.stats import StepStats
 
-__all__ = ["AdversarialTrainer", "recipe_log_values"]
+__all__ = ["AdversarialTrainer"]
 
 _RNG_FILE = "advlab_recipe_rng_{}.pth"
 
@@ -96,34 +97,6 @@ def _mask_keys(masks: str | Mapping[str, str | None] | None, modalities: list[st
     if bad:
         raise AdvlabTypeError(f"Expected each `masks` value to be a batch key (str) or None, but got {bad}.")
     return {m: k for m, k in masks.items() if k is not None}, True
-
-
-def recipe_log_values(stats: list[StepStats]) -> dict[str, float]:
-    """Average a list of `StepStats` into the values `AdversarialTrainer` logs.
-
-    Keys: `adv_task_loss` (mean task loss over ascent steps), `adv_regularizer` (mean
-    regulariser, only for recipes that have one), `adv_delta_norm_<modality>` (mean δ norm) and
-    `adv_skipped_steps` (total ascent steps skipped for a non-finite value).
-
-    Args:
-        stats: The statistics of the training steps since the last log.
-
-    Example:
-        >>> from advlab import StepStats
-        >>> recipe_log_values([StepStats((0.5,), (), {"txt": 0.1}), StepStats((0.7,), (), {"txt": 0.3})])
-        {'adv_task_loss': 0.6, 'adv_delta_norm_txt': 0.2, 'adv_skipped_steps': 0.0}
-    """
-    if not stats:
-        return {}
-    n = len(stats)
-    out = {"adv_task_loss": sum(s.mean_task_loss for s in stats) / n}
-    if any(s.kl for s in stats):
-        out["adv_regularizer"] = sum(s.mean_kl for s in stats) / n
-    for m in stats[0].delta_norm:
-        values = [s.delta_norm[m] for s in stats if m in s.delta_norm]
-        out[f"adv_delta_norm_{m}"] = sum(values) / max(len(values), 1)
-    out["adv_skipped_steps"] = float(sum(s.skipped_steps for s in stats))
-    return out
 
 
 class AdversarialTrainer(Trainer):
