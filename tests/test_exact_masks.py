@@ -5,7 +5,8 @@ padded tokens and regions. advlab's documented semantics: masked elements of δ 
 in no norm, and stay 0. The hand-written loops below apply the mask explicitly to the
 initial δ, to the gradient before its norm, and after the projection; an engine that hands
 the ascender no mask (or a loop that forgets one) moves padded δ and changes every gradient.
-Every schedule (deferred, retain, lean) is compared with the loops, in float64, at 1e-10.
+VILLA is compared for every schedule (deferred, retain, lean); FreeLB and SMART (mt-dnn) too,
+all in float64 at 1e-10.
 """
 
 from __future__ import annotations
@@ -166,3 +167,73 @@ def test_an_unmasked_loop_gives_other_gradients(schedule):
     everything = torch.ones_like(tm), torch.ones_like(im)
     unmasked = official_loop(model, (ids, img, *everything, y), K=3, mode="joint", lr=0.3, kl_w=1.5)
     assert max((ref[n] - unmasked[n]).abs().max().item() for n in ref) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- FreeLB, SMART
+
+
+def freelb_loop(model, batch, *, K, lr, init_mag, norm, max_norm, seed):
+    """Hugging Face FreeLB on the text modality, with the mask applied to the gradient and the step."""
+    ids, img, tm, im, y = batch
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*ids.shape, model.word.embedding_dim)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if norm == "l2":
+        n = tm.sum(1).to(torch.float64) * shape[-1]
+        delta = (2 * u - 1) * tm.unsqueeze(-1) * (init_mag / n.sqrt()).view(-1, 1, 1)
+    else:
+        delta = (2 * u - 1) * init_mag * tm.unsqueeze(-1)
+    for k in range(K):
+        delta.requires_grad_()
+        (F.cross_entropy(model(ids, img, tm, im, delta, None), y) / K).backward()
+        if k == K - 1:
+            break
+        delta = _masked_step(delta, delta.grad, tm, lr=lr, norm=norm, max_norm=max_norm)
+    return grads(model)
+
+
+@pytest.mark.parametrize("norm,max_norm", [("l2", 0.0), ("l2", 0.15), ("linf", 0.0), ("linf", 0.04)])
+def test_freelb_with_padding_matches_the_masked_loop(norm, max_norm):
+    model = TinySumVL().double()
+    ids, img, tm, im, y = batch = tiny_batch()
+    ref = freelb_loop(model, batch, K=3, lr=0.1, init_mag=0.2, norm=norm, max_norm=max_norm, seed=3)
+    model.zero_grad()
+    freelb = advlab.FreeLB(model, {"txt": "word"}, steps=3, step_size=0.1, init_magnitude=0.2, norm=norm,
+                           radius=max_norm or None, generator=torch.Generator().manual_seed(3))
+    freelb.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y), masks={"txt": tm})
+    assert_grads_equal(grads(model), ref)
+
+
+def smart_loop(model, batch, *, K, lr, std, eps, weight, seed):
+    """mt-dnn's SMART with a plain KL, the mask applied to the noise and to each δ-only step."""
+    ids, img, tm, im, y = batch
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(seed)
+    m = tm.unsqueeze(-1).to(torch.float64)
+    noise = torch.randn(*ids.shape, model.word.embedding_dim, generator=gen, dtype=torch.float64) * std * m
+    clean = model(ids, img, tm, im)
+    for _ in range(K):
+        noise.requires_grad_()
+        adv = model(ids, img, tm, im, noise, None)
+        kl = F.kl_div(F.log_softmax(adv, -1), F.softmax(clean.detach(), -1), reduction="none").sum(-1).mean()
+        (gr,) = torch.autograd.grad(kl, noise)
+        s = (noise + lr * gr * m).detach()
+        noise = s / (s.abs().amax(-1, keepdim=True) + eps) * m
+    adv = model(ids, img, tm, im, noise, None)
+    sym = (F.kl_div(F.log_softmax(adv, -1), F.softmax(clean.detach(), -1), reduction="none").sum(-1).mean()
+           + F.kl_div(F.log_softmax(clean, -1), F.softmax(adv.detach(), -1), reduction="none").sum(-1).mean())
+    (F.cross_entropy(clean, y) + weight * sym).backward()
+    return grads(model)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_smart_with_padding_matches_the_masked_loop(steps):
+    model = TinySumVL().double()
+    ids, img, tm, im, y = batch = tiny_batch()
+    ref = smart_loop(model, batch, K=steps, lr=0.3, std=0.1, eps=1e-6, weight=2.0, seed=5)
+    model.zero_grad()
+    smart = advlab.SMART(model, {"txt": "word"}, steps=steps, step_size=0.3, noise_std=0.1, weight=2.0,
+                         generator=torch.Generator().manual_seed(5))
+    smart.step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y), masks={"txt": tm})
+    assert_grads_equal(grads(model), ref)
