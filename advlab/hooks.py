@@ -11,6 +11,25 @@ perturbations (for example to evaluate a trained model under attack).
 
 Site tensors are `[b, n, d]` or `[b, d]`; a site with a `layout` may have more dimensions
 (`[b, c, h, w]` with `layout="channels_first"`), which are viewed as `[b, h*w, c]`.
+
+Draw order of the initial δ₀. Each call of each perturbed site draws its δ₀ once per
+`SiteHooks` (one step), from its `Perturbation`'s `init` sampler and the `generator`, in the
+sites' order: modality by modality as the sites are listed (the order of `resolve_sites`),
+call 0, 1, ... within a modality, the order in which random directions are drawn too. A δ₀
+is drawn only when the δ₀ listed before it are drawn: a perturbed forward first draws every
+earlier-listed δ₀ still missing, also of a modality it does not perturb (which keeps it for
+a later forward of the step). When an earlier forward (a recipe's clean forward) recorded
+the shapes and the model runs the sites in another order than listed, every δ₀ that
+forward needs is drawn, in the sites' order, before it starts; when the model runs them in
+the listed order, each δ₀ is drawn at its site's call, so the random streams are unchanged
+(also the global RNG's, with `generator=None`, between the model's own dropout draws).
+
+Limitation: where no earlier forward of the step recorded a site's shape (the first
+perturbed forward of FreeLB and FastAT, or of `free_training` without `ft.clean`), its δ₀
+cannot be drawn before the site runs. A model that runs a later-listed site first then
+draws that site's δ₀ first, in the order it runs the sites, and `SiteHooks` warns once per
+site (unless one of the two samplers is a `ZeroSampler`). List the sites in the order the
+model runs them, or run a clean forward first, to draw in the listed order.
 """
 
 from __future__ import annotations
@@ -30,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 from advlab._checks import apply_mask, broadcast_mask, check_tensor, compute_dtype
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.perturbation import Perturbation, embedding_scale
+from advlab.samplers import ZeroSampler
 from advlab.sites import Site, SiteLike, resolve_sites
 
 __all__ = ["SiteHooks", "perturb_sites", "check_not_compiled"]
@@ -39,6 +59,7 @@ LOST_FRACTION_WARNING = 0.5  # warn when less than this fraction of δ's norm re
 
 _running = threading.local()  # the SiteHooks whose forward runs now in this thread (re-entrance check)
 _warned_lost: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_warned_order: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _mean_norm(x: Tensor, norm: str) -> Tensor:
@@ -110,6 +131,7 @@ class _SiteState:
     calls_this_forward: int = 0
     total_calls: int = 0
     shapes: list[torch.Size | None] = field(default_factory=list)
+    kinds: list[tuple[torch.dtype, torch.device] | None] = field(default_factory=list)  # at the last call
     masks: list[Tensor | None] = field(default_factory=list)
     deltas: list[Tensor | None] = field(default_factory=list)
     scales: list[Tensor | None] = field(default_factory=list)  # relative sizes: clean norm per row
@@ -168,14 +190,15 @@ class SiteHooks:
             n = site.calls
             self._states[modality] = _SiteState(
                 modality, site, module, label, perturbations[modality], masks.get(modality),
-                shapes=[None] * n, masks=[None] * n, deltas=[None] * n, scales=[None] * n, sent=[None] * n,
-                reached=[None] * n,
+                shapes=[None] * n, kinds=[None] * n, masks=[None] * n, deltas=[None] * n, scales=[None] * n,
+                sent=[None] * n, reached=[None] * n,
             )
         self._generator = generator
         self._handles: list[RemovableHandle] = []
         self._active: frozenset[str] = frozenset()
         self._requires_grad: set[str] = set()
         self._running = False
+        self._visits: list[tuple[str, int]] = []  # (modality, call) in the order the model first ran them
 
     # ------------------------------------------------------------------ lifetime
     def install(self) -> None:
@@ -289,6 +312,7 @@ class SiteHooks:
         for state in self._states.values():
             state.calls_this_forward = 0
         self._active = frozenset(active)
+        self._draw_ahead()
         self._running = True
         _running.hooks = self
         try:
@@ -299,6 +323,67 @@ class SiteHooks:
             self._active = frozenset()
         self._check_after_forward()
         return output
+
+    def _pending(self) -> list[tuple[_SiteState, int]]:
+        """(state, call) whose δ₀ is not drawn yet, in the sites' order (the draw order)."""
+        return [(st, i) for st in self._states.values() for i, d in enumerate(st.deltas) if d is None]
+
+    def _draw_ahead(self) -> None:
+        """Before a perturbed forward: draw in the sites' order the δ₀ that drawing at each call would misorder.
+
+        Needs the shapes an earlier forward recorded. When the model's recorded call order
+        already gives the sites' order, nothing is drawn here (each δ₀ is drawn at its call,
+        bit-identical to drawing there unconditionally, also with the global RNG).
+        """
+        pending = self._pending()
+        needed = [k for k, (st, _) in enumerate(pending) if st.modality in self._active]
+        if not needed:
+            return
+        prefix = pending[: needed[-1] + 1]
+        if any(st.shapes[i] is None for st, i in prefix):
+            return  # not every shape is known: drawn at the calls (see the module docstring)
+        rank = {key: r for r, key in enumerate(self._visits)}
+        at_calls = sorted((pending[k] for k in needed), key=lambda e: rank[(e[0].modality, e[1])])
+        if [(st.modality, i) for st, i in at_calls] == [(st.modality, i) for st, i in prefix]:
+            return
+        for st, i in prefix:
+            st.deltas[i] = self._initial_delta(st, i)
+
+    def _draw_at_call(self, state: _SiteState, call: int) -> Tensor:
+        """δ₀ of `call` of `state`, drawn when the site runs; δ₀ listed before it are drawn first where possible."""
+        missing: list[_SiteState] = []
+        for st, i in self._pending():
+            if st is state and i == call:
+                break
+            if st.shapes[i] is None:
+                missing.append(st)
+            else:
+                st.deltas[i] = self._initial_delta(st, i)
+        if missing:
+            self._warn_order(state, missing)
+        return self._initial_delta(state, call)
+
+    def _warn_order(self, state: _SiteState, earlier: list[_SiteState]) -> None:
+        if isinstance(state.perturbation.init, ZeroSampler):
+            return
+        random = [st for st in earlier if not isinstance(st.perturbation.init, ZeroSampler)]
+        if not random:
+            return
+        seen = _warned_order.setdefault(state.module, set())
+        if state.modality in seen:
+            return
+        seen.add(state.modality)
+        labels = {st.modality: st.name for st in random}  # a site with calls=n is named once
+        names = ", ".join(f"{m!r} (site {name!r})" for m, name in labels.items())
+        warnings.warn(
+            f"The initial δ of modality {state.modality!r} (site {state.name!r}) is drawn before that of {names}, "
+            "listed before it: the model runs its site first, and no earlier forward of the step (a clean forward) "
+            "recorded the shape of the other, so the random draws follow the order the model runs the sites, not "
+            "the listed order. List the sites in the order the model runs them, or run a clean forward "
+            "(`ft.clean`) before the first perturbed forward, for the listed order.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _site_names(self) -> list[str]:
         return [st.name for st in self._states.values()]
@@ -355,9 +440,11 @@ class SiteHooks:
             )
         xv = _to_positions(x, layout)
         recorded = state.shapes[i]
+        state.kinds[i] = (x.dtype, x.device)  # a δ₀ drawn at this call is drawn like x, as always
         if recorded is None:
             state.shapes[i] = x.shape
             state.dtype = x.dtype
+            self._visits.append((state.modality, i))
             mask = broadcast_mask(self._mask_for(state, i, x), xv, f"masks[{state.modality!r}]")
             state.masks[i] = mask
             if state.perturbation.relative:
@@ -374,7 +461,7 @@ class SiteHooks:
             return None
         delta = state.deltas[i]
         if delta is None:
-            delta = self._initial_delta(state, i, x)
+            delta = self._draw_at_call(state, i)
             state.deltas[i] = delta
         if delta.device != x.device:
             raise AdvlabValueError(
@@ -410,10 +497,14 @@ class SiteHooks:
             )
         return mask
 
-    def _initial_delta(self, state: _SiteState, call: int, x: Tensor) -> Tensor:
-        dtype = compute_dtype(x)
-        x = _to_positions(x, state.site.layout)
-        like = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    def _initial_delta(self, state: _SiteState, call: int) -> Tensor:
+        """Draw δ₀ of one call, shaped like its site tensor, on the device and in the dtype of its last call."""
+        shape, kind = state.shapes[call], state.kinds[call]
+        assert shape is not None and kind is not None
+        site_dtype, device = kind
+        dtype = torch.float64 if site_dtype == torch.float64 else torch.float32  # compute_dtype of the site tensor
+        positions = _to_positions(torch.empty(shape, device="meta"), state.site.layout).shape
+        like = torch.zeros(positions, dtype=dtype, device=device)
         mask = state.masks[call]
         flat_mask = None if mask is None else mask.squeeze(-1)
         delta = state.perturbation.init(like, mask=flat_mask, generator=self._generator)

@@ -2,7 +2,7 @@
 
 One step on a batch:
 
-    δ_0 = 0.001 · N(0, 1)  per modality (masked elements 0)
+    δ_0 = 0.001 · N(0, 1)  per modality, in the sites' order (masked elements 0)
     K times:  δ ← Π_ε(δ + η · normalize(∇δ KL(sg(p(x)) ‖ p(x + δ))))   (or η · sign(∇δ ...))
     loss = L(f(x), y) + β · KL(p(x) ‖ p(x + δ))
 
@@ -52,7 +52,10 @@ class TRADES:
         distribution: `"softmax"` or `"sigmoid"` for the KL.
         logits: Output -> logits; default `default_logits`.
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
-        generator: Randomness for δ_0, drawn per modality in the order the model runs the sites.
+        generator: Randomness for δ_0, drawn per modality in the sites' order (the order of `sites`, call
+            0, 1, ... within a site), whatever order the model runs them in: the clean forward records
+            every site's shape, and all δ_0 are drawn before the first perturbed forward when the model
+            runs the sites in another order.
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]
