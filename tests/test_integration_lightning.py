@@ -1,0 +1,104 @@
+"""`adversarial_step` (advlab.integrations.lightning) in a LightningModule with manual optimisation.
+
+- precision="bf16-mixed": the forwards run under bf16 autocast and the weights equal a
+  hand-written loop with the same recipe, data and optimizer under `torch.autocast("cpu",
+  torch.bfloat16)` (≤ 1e-6); the recipe's statistics reach `trainer.callback_metrics`;
+- refusals (automatic optimisation, a recipe on a model the module does not hold), missing extra;
+- strategy="ddp" on 2 CPU processes (slow): ranks end equal, each DDP bucket is reduced once
+  per training step (Lightning alone would reduce at each of the K backwards), and the weights
+  equal one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tests._ddp_lightning_script as script
+from advlab import AdvlabValueError
+from advlab.integrations.lightning import adversarial_step
+
+DATA = script.build_data()
+
+
+def loader(batch: int = 2):
+    return torch.utils.data.DataLoader(DATA, batch_size=batch, shuffle=False)
+
+
+def hand_loop(model, *, steps: int = 2, batch: int = 2, autocast: bool = False):
+    recipe = script.build_recipe(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for i in range(steps):
+        rows = DATA[i * batch : (i + 1) * batch]
+        b = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recipe.step(lambda: model(**b), lambda out: out.loss, masks={"txt": b["attention_mask"]})
+        opt.step()
+    return model
+
+
+def max_diff(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_bf16_mixed_equals_hand_loop_under_autocast():
+    module = script.Classifier(script.build_model())
+    trainer = script.trainer(precision="bf16-mixed", devices=1)
+    trainer.fit(module, loader())
+    assert set(module.logit_dtypes) == {torch.bfloat16}  # every forward of the recipe ran under autocast
+    assert len(module.logit_dtypes) == 2 * 2  # 2 steps x K = 2 forwards
+    ref = hand_loop(script.build_model(), autocast=True)
+    assert max_diff(module.model, ref) <= 1e-6
+    fp32 = hand_loop(script.build_model(), autocast=False)
+    assert max_diff(ref, fp32) > 1e-5  # autocast changes the numbers, so the comparison can fail
+    metrics = trainer.callback_metrics
+    assert metrics["adv_delta_norm_txt"] > 0 and metrics["adv_task_loss"] > 0
+
+
+def test_refusals():
+    module = script.Classifier(script.build_model())
+    module.automatic_optimization = True
+    with pytest.raises(AdvlabValueError, match="automatic_optimization = False"):
+        adversarial_step(module, module.recipe, {}, lambda out: out.loss)
+    module.automatic_optimization = False
+    other = script.build_recipe(script.build_model())
+    with pytest.raises(AdvlabValueError, match="built on `module` or one of its submodules"):
+        adversarial_step(module, other, {}, lambda out: out.loss)
+    with pytest.raises(AdvlabValueError, match="attached to a Trainer"):
+        adversarial_step(module, module.recipe, {}, lambda out: out.loss)
+
+
+def test_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    monkeypatch.delitem(sys.modules, "advlab.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'advlab\[lightning\]'"):
+        importlib.import_module("advlab.integrations.lightning")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("MASTER_PORT", None)
+    cmd = [sys.executable, str(Path(__file__).with_name("_ddp_lightning_script.py")), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, p in ranks[0]["weights"].items():
+        assert torch.equal(p, ranks[1]["weights"][name]), name
+    for r in ranks:  # one round per training step, though each step has K = 2 backwards
+        assert r["buckets"] >= 1 and r["rounds"] == [[*range(r["buckets"])]] * 2, r["rounds"]
+    # rank 0 gets rows 0, 2 and rank 1 rows 1, 3: together the global batch of one process
+    ref = hand_loop(script.build_model(), batch=4)
+    assert [t.tolist() for t in ranks[0]["seen"]] == [[DATA[i]["input_ids"][0].item() for i in (0, 2)],
+                                                      [DATA[i]["input_ids"][0].item() for i in (4, 6)]]
+    got = ranks[0]["weights"]
+    assert max((got[n] - p).abs().max().item() for n, p in ref.state_dict().items()) <= 1e-5
