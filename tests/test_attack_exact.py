@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import advlab
 from tests.tiny_models import TinyVL, tiny_batch
@@ -39,7 +40,7 @@ def _problem(seed=0):
 
 
 def _row_norm(x):
-    return x.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+    return x.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _project_l2(x, eps, mask):
@@ -116,7 +117,10 @@ def hand_apgd(f_and_grad, f, eps, steps, mask, img):
                 lo = w[w.index(k + 1) - 1]
                 rises = sum(1 for s in range(lo, k + 1) if vals[s + 1] > vals[s])
                 cond1 = rises < 0.75 * (k + 1 - lo)
-                cond2 = eta[lo] == eta[k + 1] and f_max_hist[lo] == f_max_hist[k + 1]
+                # η^(w_{j-1}) = η^(w_j): the step size in force when reaching w_{j-1} (eta[lo - 1], before
+                # any halving there) is the one in force now (eta[k]); i.e. no halving at w_{j-1}
+                eta_then = eta[lo - 1] if lo > 0 else eta[0]
+                cond2 = eta_then == eta[k] and f_max_hist[lo] == f_max_hist[k + 1]
                 if cond1 or cond2:
                     halvings += 1
                     eta[k + 1] = eta[k + 1] / 2
@@ -150,3 +154,37 @@ def test_apgd_equals_the_papers_algorithm(steps, eps, seed):
 def test_checkpoints_are_the_papers():
     for n in (1, 5, 12, 20, 25, 100, 1000):
         assert advlab.attacks.apgd_checkpoints(n) == tuple(sorted(set(paper_checkpoints(n)[1:])))
+
+
+def test_apgd_equals_the_papers_algorithm_on_an_oscillating_loss():
+    """A loss with many local maxima along the ball: the second halving condition (step size
+    unchanged and no new best since the last checkpoint) fires here, unlike on the tiny model,
+    also right after a halving (where it must not count)."""
+    g = torch.Generator().manual_seed(11)
+    b, d = 16, 3
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Identity(), nn.Linear(d, 2)).double()
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    k = torch.rand(b, generator=g, dtype=torch.float64) * 20 + 1
+    phase = torch.rand(b, generator=g, dtype=torch.float64) * 6.3
+
+    def loss(out):
+        return torch.sin(k * out[:, 0] + phase) + 0.3 * torch.cos(3 * k * out[:, 1]) + 0.05 * out[:, 0]
+
+    def f(delta):
+        return loss(model(x + delta))
+
+    def f_and_grad(delta):
+        delta = delta.detach().requires_grad_(True)
+        value = f(delta)
+        (grad,) = torch.autograd.grad(value.sum(), delta)
+        return value.detach(), grad
+
+    eps, steps = 0.3, 20
+    want_f, want_x, halvings = hand_apgd(f_and_grad, f, eps, steps, torch.ones(b, 1, dtype=torch.float64),
+                                         torch.zeros_like(x))
+    got = advlab.attack(model, sites={"x": "0"}, perturbations={"x": advlab.Perturbation(radius=eps)},
+                        forward=lambda: model(x), loss=loss, steps=steps, method="apgd")
+    assert halvings > 0
+    torch.testing.assert_close(got.loss, want_f, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got.deltas["x"], want_x, rtol=0, atol=1e-10)
