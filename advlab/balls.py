@@ -258,7 +258,9 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
     scale, rest = _norm_parts(d, norm)  # ||d|| = scale * rest; scale is 1 except for extreme rows
     rest = rest.clamp_min(torch.finfo(rest.dtype).tiny)
     plain = scale == 1  # ordinary rows: the plain radius / ||d||, bit for bit
-    ratio = torch.where(plain, radius / rest, radius / scale / rest)
+    # extreme rows in float64: a radius near or beyond float32's largest value stays finite
+    wide = (radius / scale.to(torch.float64) / rest.to(torch.float64)).to(rest.dtype)
+    ratio = torch.where(plain, radius / rest, wide)
     factor = torch.where(ratio < 1, ratio, torch.ones_like(ratio))
     return (d.to(factor.dtype) * factor).to(delta.dtype)
 
