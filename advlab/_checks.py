@@ -25,6 +25,14 @@ def check_float_tensor(x: object, name: str, min_dim: int = 1) -> Tensor:
     return x
 
 
+def check_scalar(x: object, name: str) -> Tensor:
+    """`x` as a one-element floating tensor; `name` says where it came from (e.g. "`task_loss` output")."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() != 1:
+        got = f"shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, Tensor) else type(x).__name__
+        raise AdvlabValueError(f"Expected the {name} to be a scalar floating tensor, but got {got}.")
+    return x
+
+
 def check_radius(radius: float | None, name: str = "radius") -> float | None:
     if radius is None:
         return None

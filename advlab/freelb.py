@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative
+from advlab._checks import check_choice, check_count, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import NORMS, Norm
 from advlab.free import Ascender, FreeTraining, Schedule, free_training
@@ -135,7 +135,7 @@ class FreeLB:
             for step in ft:
                 total: Tensor | float = 0.0
                 for group in step.groups:
-                    task = task_loss(ft.forward(forward, group))
+                    task = check_scalar(task_loss(ft.forward(forward, group)), "`task_loss` output")
                     total = total + task
                     task_values.append(task.detach())
                 ft.backward(total * (scale / (self.steps * len(step.groups))))  # type: ignore[operator]

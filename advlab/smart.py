@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative, check_radius
+from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.ascent import PGDAscender, SMARTAscender
 from advlab.free import Ascender, FreeTraining, default_logits, free_training
@@ -221,14 +221,14 @@ class SMART:
         with self._context(masks, scaler) as ft:
             clean_output = ft.clean(forward)
             clean = ft.clean_logits
-            task = task_loss(clean_output)
+            task = check_scalar(task_loss(clean_output), "`task_loss` output")
             ft.clean_loss(task * scale)
             for _ in range(self.steps):
                 adv = self.logits(ft.forward(forward))
-                ft.ascend(self._ascent_loss(clean, adv))
+                ft.ascend(check_scalar(self._ascent_loss(clean, adv), "`regularizer` output"))
             for _ in ft:  # one step: under DDP its forward and backward run outside no_sync (one all-reduce)
                 adv = self.logits(ft.forward(forward))
-                reg = self._final_loss(ft.clean_logits, adv)
+                reg = check_scalar(self._final_loss(ft.clean_logits, adv), "`regularizer` output")
                 ft.backward(reg * (self.weight * scale))
             norms = ft.delta_norms()
         return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative
+from advlab._checks import check_choice, check_count, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
 from advlab.free import Ascender, FreeTraining, Schedule, default_logits, forward_groups, free_training
@@ -318,8 +318,8 @@ class VILLA:
                 step_task, step_kl = [], []
                 for i, group in enumerate(step.groups):
                     output = ft.forward(forward, group)
-                    task = task_loss(output)
-                    kl = self.regularizer(step.clean_logits, self.logits(output))
+                    task = check_scalar(task_loss(output), "`task_loss` output")
+                    kl = check_scalar(self.regularizer(step.clean_logits, self.logits(output)), "`regularizer` output")
                     part = task + self.kl_weight * kl
                     step_task.append(task.detach())
                     step_kl.append(kl.detach())

@@ -199,6 +199,26 @@ def test_injected_ascender_moves_delta():
     assert stats.delta_norm["txt"] > 0
 
 
+@pytest.mark.parametrize("recipe", ["villa", "freelb", "smart"])
+def test_task_loss_and_regularizer_must_return_scalars(recipe):
+    """The message names the callable that returned the wrong thing (before: "`loss`", a name the user never
+    wrote, or a raw error for an int)."""
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    make = {"villa": lambda **kw: advlab.VILLA(model, sites={"txt": "word"}, **kw),
+            "freelb": lambda **kw: advlab.FreeLB(model, {"txt": "word"}),
+            "smart": lambda **kw: advlab.SMART(model, {"txt": "word"}, **kw)}[recipe]
+    per_row = lambda out: F.cross_entropy(out, y, reduction="none")
+    with pytest.raises(advlab.AdvlabValueError, match=r"`task_loss` output to be a scalar.*shape \(4,\)"):
+        make().step(lambda: model(ids, img, tm, im), per_row)
+    with pytest.raises(advlab.AdvlabValueError, match=r"`task_loss` output to be a scalar.*int"):
+        make().step(lambda: model(ids, img, tm, im), lambda out: 1)
+    if recipe != "freelb":
+        reg = lambda c, p: advlab.symmetric_kl(p, c, reduction="none")
+        with pytest.raises(advlab.AdvlabValueError, match=r"`regularizer` output to be a scalar"):
+            make(regularizer=reg).step(lambda: model(ids, img, tm, im), lambda out: F.cross_entropy(out, y))
+
+
 def test_regularizer_refused_with_the_default_regularizers_settings():
     with pytest.raises(advlab.AdvlabValueError, match="regularizer.*kl_reduction"):
         advlab.VILLA(TinyVL(), sites=SITES, regularizer=advlab.symmetric_kl, kl_reduction="mean")
