@@ -44,12 +44,12 @@ def build_recipe(model: torch.nn.Module) -> advlab.FreeLB:
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, *, count: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, *, count: bool = False, sgd: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.recipe = build_recipe(model)
-        self.count = count
+        self.count, self.sgd = count, sgd
         self.calls: list[int] = []
         self.rounds: list[list[int]] = []
         self.logit_dtypes: list[torch.dtype] = []
@@ -86,6 +86,8 @@ class Classifier(pl.LightningModule):
         return torch.utils.data.DataLoader(build_data(), batch_size=2, sampler=sampler)
 
     def configure_optimizers(self):
+        if self.sgd:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.0)
 
 
