@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
@@ -23,6 +25,30 @@ def check_float_tensor(x: object, name: str, min_dim: int = 1) -> Tensor:
     if x.dim() < min_dim:
         raise AdvlabValueError(f"Expected `{name}` to have at least {min_dim} dimensions, but got shape {tuple(x.shape)}.")
     return x
+
+
+def check_callable(fn: Any, name: str, args: tuple[str, ...] = ()) -> Any:
+    """`fn` if it is callable and, where its signature can be read, accepts the positional `args`."""
+    if not callable(fn):
+        raise AdvlabTypeError(f"Expected `{name}` to be callable, but got {type(fn).__name__}.")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables have none: trust them
+        return fn
+    try:
+        signature.bind(*args)
+    except TypeError:
+        want = f"({', '.join(args)})" if args else "()"
+        raise AdvlabTypeError(
+            f"Expected `{name}` to be callable as {name}{want}, but its signature is {signature}."
+        ) from None
+    return fn
+
+
+def check_module(model: object, name: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise AdvlabTypeError(f"Expected `{name}` to be an nn.Module, but got {type(model).__name__}.")
+    return model
 
 
 def check_scalar(x: object, name: str) -> Tensor:

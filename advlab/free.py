@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count
+from advlab._checks import check_callable, check_choice, check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError, NonFiniteError
 from advlab.ascent import PGDAscender
 from advlab.balls import row_norm
@@ -224,6 +224,14 @@ class FreeTraining:
         if not isinstance(model, nn.Module):
             raise AdvlabTypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
         check_count(steps, "steps")
+        if logits is not None:
+            check_callable(logits, "logits", ("output",))
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise AdvlabTypeError(f"Expected `generator` to be a torch.Generator or None, but got {type(generator).__name__}.")
+        if scaler is not None and not (callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "get_scale", None))):
+            raise AdvlabTypeError(f"Expected `scaler` to be a torch.amp.GradScaler or None, but got {type(scaler).__name__}.")
+        if masks is not None and not isinstance(masks, Mapping):
+            raise AdvlabTypeError(f"Expected `masks` to map modality -> mask, but got {type(masks).__name__}.")
         if not isinstance(perturbations, Mapping) or not perturbations:
             raise AdvlabValueError(
                 f"Expected `perturbations` to be a non-empty mapping modality -> Perturbation, but got {perturbations!r}."
@@ -398,6 +406,7 @@ class FreeTraining:
             The output of `forward()` (computed without gradients in the `"lean"` schedule).
         """
         self._require_open()
+        check_callable(forward, "forward")
         if self._clean_real is not None:
             raise AdvlabValueError("Expected one clean forward per context, but `clean` was called twice.")
         if _is_ddp(self.model):
@@ -478,6 +487,7 @@ class FreeTraining:
             modalities: Which modalities to perturb in this forward.
         """
         self._require_open()
+        check_callable(forward, "forward")
         active = self.modalities if modalities is None else tuple(modalities)
         if isinstance(modalities, str):
             active = (modalities,)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative, check_scalar
+from advlab._checks import check_callable, check_choice, check_count, check_module, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import NORMS, Norm
 from advlab.free import Ascender, FreeTraining, Schedule, free_training
@@ -97,7 +97,7 @@ class FreeLB:
         norm = check_choice("l2" if norm is None else norm, NORMS, "norm")  # type: ignore[assignment]
         m = check_nonnegative(0.0 if init_magnitude is None else init_magnitude, "init_magnitude")
         init = ZeroSampler() if m == 0 else (UniformSampler(m) if norm == "linf" else ScaledUniformSampler(m))
-        self.model = model
+        self.model = check_module(model)
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         if perturbations is not None and not isinstance(perturbations, Mapping):
             raise AdvlabTypeError(
@@ -130,6 +130,7 @@ class FreeLB:
     ) -> StepStats:
         """One FreeLB step: K perturbed forwards, each loss / K, parameter gradients accumulated."""
         scale = check_nonnegative(scale, "scale")
+        check_callable(task_loss, "task_loss", ("output",))
         task_values: list[Tensor] = []
         with self._context(masks, scaler) as ft:
             for step in ft:

@@ -35,8 +35,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
-from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab._checks import (
+    check_callable,
+    check_choice,
+    check_count,
+    check_module,
+    check_nonnegative,
+    check_radius,
+    check_scalar,
+)
+from advlab._errors import AdvlabValueError
 from advlab.ascent import PGDAscender, SMARTAscender
 from advlab.free import Ascender, FreeTraining, default_logits, free_training
 from advlab.hooks import MaskLike
@@ -146,9 +154,8 @@ class SMART:
                     "Expected either `regularizer` or `distribution` / `reduction` (which configure the default "
                     "regulariser), but got both."
                 )
-            if not callable(regularizer):
-                raise AdvlabTypeError(f"Expected `regularizer` to be callable, but got {type(regularizer).__name__}.")
-        self.model = model
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        self.model = check_module(model)
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.steps = check_count(steps, "steps")
         step_size = check_nonnegative(eta if step_size is None else step_size, "step_size")
@@ -218,6 +225,7 @@ class SMART:
             `StepStats` with the clean task loss and the regulariser.
         """
         scale = check_nonnegative(scale, "scale")
+        check_callable(task_loss, "task_loss", ("output",))
         with self._context(masks, scaler) as ft:
             clean_output = ft.clean(forward)
             clean = ft.clean_logits

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative, check_scalar
+from advlab._checks import check_callable, check_choice, check_count, check_module, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.balls import Norm
 from advlab.free import Ascender, FreeTraining, Schedule, default_logits, forward_groups, free_training
@@ -136,6 +136,7 @@ class VILLA:
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
+        check_module(model)
         p = get_preset(preset)
         if perturbations is not None:
             both = [k for k, v in {"step_size": step_size, "radius": radius, "norm": norm, "init": init}.items()
@@ -158,8 +159,7 @@ class VILLA:
                     f"Expected either `regularizer` or {' / '.join(f'`{k}`' for k in both)} (which configure the "
                     "default symmetric KL), but got both."
                 )
-            if not callable(regularizer):
-                raise AdvlabTypeError(f"Expected `regularizer` to be callable, but got {type(regularizer).__name__}.")
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
         given = {
             "steps": steps, "kl_weight": kl_weight, "mode": mode, "step_size": step_size, "radius": radius,
             "norm": norm, "init": init, "kl_reduction": kl_reduction, "distribution": distribution,
@@ -302,6 +302,7 @@ class VILLA:
             `StepStats` for the step.
         """
         scale = check_nonnegative(scale, "scale")
+        check_callable(task_loss, "task_loss", ("output",))
         task_values: list[Tensor] = []
         kl_values: list[Tensor] = []
         with self._context(masks, scaler) as ft:

@@ -295,3 +295,29 @@ def test_step_under_no_grad_is_refused():
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
     with torch.no_grad(), pytest.raises(advlab.AdvlabValueError, match="no_grad"):
         _villa_step(model, lambda: model(ids, img, tm, im))
+
+
+# ------------------------------------------------------------------------------------ careless arguments
+def _probe_inputs():
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    return model, (lambda: model(ids, img, tm, im)), (lambda out: F.cross_entropy(out, y)), tm
+
+
+@pytest.mark.parametrize("case", [
+    ("model is a function", lambda m, f, t, tm: advlab.VILLA(lambda x: x, sites={"txt": "word"}), "`model`.*nn.Module"),
+    ("generator is a str", lambda m, f, t, tm: advlab.FreeLB(m, {"txt": "word"}, generator="0"), "`generator`"),
+    ("logits is a str", lambda m, f, t, tm: advlab.VILLA(m, sites={"txt": "word"}, logits="logits"), "`logits`"),
+    ("forward is a str", lambda m, f, t, tm: advlab.SMART(m, {"txt": "word"}).step("f", t), "`forward`"),
+    ("task_loss is a str", lambda m, f, t, tm: advlab.VILLA(m, sites={"txt": "word"}).step(f, "ce"), "`task_loss`"),
+    ("scaler is True", lambda m, f, t, tm: advlab.FreeLB(m, {"txt": "word"}).step(f, t, scaler=True), "`scaler`"),
+    ("masks is a list", lambda m, f, t, tm: advlab.FreeLB(m, {"txt": "word"}).step(f, t, masks=[tm]), "`masks`"),
+    ("regularizer takes one argument", lambda m, f, t, tm: advlab.SMART(m, {"txt": "word"}, regularizer=lambda a: a),
+     r"`regularizer`.*regularizer\(clean_logits, perturbed_logits\)"),
+], ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_careless_arguments_get_advlab_errors(case):
+    """Each raised a raw TypeError / AttributeError / ValueError from inside torch or Python before."""
+    _, call, pattern = case
+    model, fwd, task, tm = _probe_inputs()
+    with pytest.raises(advlab.AdvlabError, match=pattern):
+        call(model, fwd, task, tm)
