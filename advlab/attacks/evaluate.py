@@ -83,8 +83,9 @@ class RobustnessTable:
         >>> t = RobustnessTable([{"model": "a", "modality": "txt", "radius": 0.5, "metric": 0.25,
         ...                       "clean_metric": 0.75, "loss": 1.2, "clean_loss": 0.6, "n": 8,
         ...                       "method": "pgd", "steps": 10, "restarts": 1}])
-        >>> t.rows[0]["metric"], len(t + t)
-        (0.25, 2)
+        >>> row = t.rows[0]
+        >>> row["metric"], row["clean_metric"], len(t + t)
+        (0.25, 0.75, 2)
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -271,11 +272,12 @@ def evaluate_robustness(
         ...     model, data, sites={"x": advlab.Site("0", where="input")},
         ...     perturbations={"x": advlab.Perturbation(norm="l2")}, radii=[0.0, 0.5, 2.0],
         ...     forward=lambda batch: model(batch[0]), steps=5, progress=False)
-        >>> [row["radius"] for row in table]
-        [0.0, 0.5, 2.0]
-        >>> table.rows[0]["metric"] == table.rows[0]["clean_metric"]
+        >>> tuple(row["radius"] for row in table)
+        (0.0, 0.5, 2.0)
+        >>> clean, _, far = table.rows
+        >>> clean["metric"] == clean["clean_metric"]
         True
-        >>> table.rows[2]["metric"] <= table.rows[0]["metric"]
+        >>> far["metric"] <= clean["metric"]
         True
     """
     if not isinstance(model, nn.Module):
