@@ -288,3 +288,19 @@ def test_torchrun_two_processes(tmp_path):
         .train()
     single = model.state_dict()
     assert max((single[n] - p).abs().max().item() for n, p in ranks[0]["weights"].items()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_integrations_guide_code_runs(tmp_path, monkeypatch, capsys):
+    """The ```python blocks of docs/integrations.md run in order (Trainer and Lightning examples)."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/integrations.md", "exec"), namespace)  # noqa: S102
+    out = capsys.readouterr().out
+    assert "adv_delta_norm_txt" in out and "adv_task_loss" in out
