@@ -37,9 +37,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_villa import SavedBytes, make_batch, setups  # noqa: E402
+
 import advlab  # noqa: E402
 from advlab.backbones.uniter import UniterConfig, UniterForVisualEntailment, UniterForVQA  # noqa: E402
-from bench_villa import SavedBytes, make_batch, setups  # noqa: E402
 
 ATTACK_STEPS = 10
 

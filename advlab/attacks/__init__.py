@@ -18,15 +18,15 @@ from advlab.attacks.retrieval import attack_retrieval as attack_retrieval
 from advlab.attacks.retrieval import recall_from_ranks as recall_from_ranks
 
 __all__ = [
-    "Method",
-    "attack",
     "AttackResult",
-    "apgd_checkpoints",
-    "evaluate_robustness",
-    "RobustnessTable",
-    "accuracy",
-    "attack_retrieval",
+    "Method",
     "RetrievalAttackResult",
-    "recall_from_ranks",
+    "RobustnessTable",
     "Similarity",
+    "accuracy",
+    "apgd_checkpoints",
+    "attack",
+    "attack_retrieval",
+    "evaluate_robustness",
+    "recall_from_ranks",
 ]

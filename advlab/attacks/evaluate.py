@@ -28,7 +28,7 @@ from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
 from advlab.sites import SiteLike
 
-__all__ = ["RobustnessTable", "evaluate_robustness", "accuracy"]
+__all__ = ["RobustnessTable", "accuracy", "evaluate_robustness"]
 
 COLUMNS = ("model", "modality", "radius", "metric", "clean_metric", "loss", "clean_loss", "n", "method", "steps",
            "restarts")
@@ -338,10 +338,10 @@ def evaluate_robustness(
             bar.close()
     rows = []
     for (mode, r), (adv, clean, lsum, csum, n) in sums.items():
-        mean = (lambda v, n=n: v / n if n else math.nan)
+        adv, clean, lsum, csum = (v / n if n else math.nan for v in (adv, clean, lsum, csum))
         rows.append({
-            "model": label, "modality": mode, "radius": r, "metric": mean(adv), "clean_metric": mean(clean),
-            "loss": mean(lsum), "clean_loss": mean(csum), "n": int(n), "method": method, "steps": steps,
+            "model": label, "modality": mode, "radius": r, "metric": adv, "clean_metric": clean,
+            "loss": lsum, "clean_loss": csum, "n": int(n), "method": method, "steps": steps,
             "restarts": restarts,
         })
     return RobustnessTable(rows)

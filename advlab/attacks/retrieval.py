@@ -28,7 +28,7 @@ from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
 from advlab.sites import SiteLike
 
-__all__ = ["Similarity", "RetrievalAttackResult", "attack_retrieval", "recall_from_ranks"]
+__all__ = ["RetrievalAttackResult", "Similarity", "attack_retrieval", "recall_from_ranks"]
 
 Similarity = Literal["dot", "cosine"]
 
