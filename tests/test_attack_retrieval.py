@@ -110,3 +110,34 @@ def test_errors(over, match):
     kw.update(over)
     with pytest.raises(AdvlabValueError, match=match):
         attack_retrieval(encoder, **kw)
+
+
+def test_retrieval_experiment_model_both_directions():
+    """The experiment's two-tower model: captions as queries (txt site, padding masked) against clean image
+    embeddings, and images as queries against clean caption embeddings; relative sizes, APGD."""
+    from advlab.experiments.retrieval import RetrievalConfig, RetrievalModel
+
+    torch.manual_seed(0)
+    model = RetrievalModel("uniter", RetrievalConfig(layers=1, proj_dim=8), vocab_size=20, hidden_size=16,
+                           num_attention_heads=2, intermediate_size=32, img_dim=6)
+    g = generator(0)
+    ids = torch.randint(1, 20, (6, 5), generator=g)
+    attention = torch.ones(6, 5, dtype=torch.long)
+    attention[2, 3:] = 0
+    ids[attention == 0] = 0
+    feats = torch.randn(6, 5, 6, generator=g)
+    boxes = torch.rand(6, 5, 4, generator=g).sort(-1).values
+    model.eval()
+    with torch.no_grad():
+        images, captions = model.encode_image(feats, boxes).itc, model.encode_text(ids, attention).itc
+    model.train()
+    cases = [("txt", lambda: model.encode_text(ids, attention).itc, images, {"txt": attention.bool()}),
+             ("img", lambda: model.encode_image(feats, boxes).itc, captions, None)]
+    for mode, forward, gallery, masks in cases:
+        out = attack_retrieval(model, perturbations={mode: advlab.Perturbation(0.01, radius=0.05, relative=True)},
+                               mode=mode, forward=forward, gallery=gallery, targets=torch.arange(6), masks=masks,
+                               temperature=0.05, steps=5, method="apgd")
+        assert (out.result.gain > 0).all() and (out.ranks >= out.clean_ranks).float().mean() > 0.5
+        if masks is not None:
+            assert (out.result.deltas["txt"][2, 3:] == 0).all()
+        assert model.training
