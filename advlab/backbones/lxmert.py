@@ -42,7 +42,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,8 @@ PRETRAIN_NUM_ANSWERS = 9500  # data/lxmert/all_ans.json, the pre-training QA hea
 # all masked then becomes softmax(-inf, ..., -inf) = NaN.
 MASK_VALUE = -10000.0
 
+AttnImplementation = Literal["sdpa", "eager"]
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -120,6 +122,10 @@ class LxmertConfig:
         num_qa_labels: Answers of the pre-training QA head.
         num_object_labels: Visual Genome object classes of the pre-training object head.
         num_attr_labels: Visual Genome attribute classes of the pre-training attribute head.
+        attn_implementation: `"sdpa"` computes every attention (language, relationship and cross-modality) with
+            `torch.nn.functional.scaled_dot_product_attention` (a fused kernel; flash attention on GPU); `"eager"`
+            with the explicit softmax of the original code. Both take the same weights and agree to float
+            rounding; pick `"eager"` to reproduce results bit for bit.
 
     Examples:
         >>> LxmertConfig.base().l_layers, LxmertConfig.base().r_layers, LxmertConfig.base().x_layers
@@ -146,10 +152,18 @@ class LxmertConfig:
     num_qa_labels: int = PRETRAIN_NUM_ANSWERS
     num_object_labels: int = 1600
     num_attr_labels: int = 400
+    attn_implementation: AttnImplementation = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise AdvlabValueError(
+                f"Expected `LxmertConfig.attn_implementation` to be 'sdpa' or 'eager', but got "
+                f"{self.attn_implementation!r}."
+            )
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "attn_implementation":
+                continue
             if f.type in ("int", int):
                 minimum = 0 if f.name.endswith("_layers") else 1
                 if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -333,7 +347,7 @@ class _Embeddings(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Multi-head attention of `hidden` (queries) over `context` (keys, values), eager softmax."""
+    """Multi-head attention of `hidden` (queries) over `context` (keys, values): SDPA or eager softmax."""
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -343,6 +357,7 @@ class _Attention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.attn_implementation = config.attn_implementation
 
     def _split(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
@@ -350,11 +365,21 @@ class _Attention(nn.Module):
 
     def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         q, k, v = self._split(self.query(hidden)), self._split(self.key(context)), self._split(self.value(context))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size)  # [b, heads, s_q, s_k]
-        if mask is not None:
-            scores = scores + mask  # [b, 1, 1, s_k] additive, 0 or MASK_VALUE
-        probs = self.dropout(torch.softmax(scores, dim=-1))
-        out = torch.matmul(probs, v)  # [b, heads, s_q, d]
+        if self.attn_implementation == "sdpa":
+            # same additive mask ([b, 1, 1, s_k], 0 or MASK_VALUE) and scale; dropout on the probabilities in training
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if mask is None else mask.to(q.dtype),
+                dropout_p=self.dropout.p if self.training else 0.0,
+            )  # [b, heads, s_q, d]
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size)  # [b, heads, s_q, s_k]
+            if mask is not None:
+                scores = scores + mask  # [b, 1, 1, s_k] additive, 0 or MASK_VALUE
+            probs = self.dropout(torch.softmax(scores, dim=-1))
+            out = torch.matmul(probs, v)  # [b, heads, s_q, d]
         b, _, s, _ = out.shape
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_size)  # [b, s_q, h]
 

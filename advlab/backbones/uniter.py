@@ -80,6 +80,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+AttnImplementation = Literal["sdpa", "eager"]
+
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
@@ -105,10 +107,15 @@ class UniterConfig:
         layer_norm_eps: Epsilon of every LayerNorm.
         img_dim: Region-feature size d (2048 for BUTD Faster R-CNN features).
         pos_dim: Box-feature size (7: x1, y1, x2, y2, w, h, w*h, all normalised).
+        attn_implementation: `"sdpa"` computes attention with `torch.nn.functional.scaled_dot_product_attention`
+            (a fused kernel; flash attention on GPU); `"eager"` with the explicit softmax of the official code.
+            Both take the same weights and agree to float rounding; pick `"eager"` to reproduce results bit for bit.
 
     Examples:
         >>> UniterConfig.base().hidden_size, UniterConfig.large().num_hidden_layers
         (768, 24)
+        >>> UniterConfig.tiny().attn_implementation, UniterConfig.tiny(attn_implementation="eager").attn_implementation
+        ('sdpa', 'eager')
         >>> UniterConfig.tiny(num_hidden_layers=1).num_hidden_layers
         1
     """
@@ -126,10 +133,18 @@ class UniterConfig:
     layer_norm_eps: float = 1e-12  # apex FusedLayerNorm eps in every UNITER LayerNorm
     img_dim: int = 2048  # IMG_DIM in utils/const.py
     pos_dim: int = 7  # 6 stored norm_bb values + area appended at load time
+    attn_implementation: AttnImplementation = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise AdvlabValueError(
+                f"Expected `UniterConfig.attn_implementation` to be 'sdpa' or 'eager', but got "
+                f"{self.attn_implementation!r}."
+            )
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "attn_implementation":
+                continue
             if f.type in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise AdvlabValueError(f"Expected `UniterConfig.{f.name}` to be an int >= 1, but got {value!r}.")
@@ -310,6 +325,7 @@ class _SelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.attn_implementation = config.attn_implementation
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -317,9 +333,15 @@ class _SelfAttention(nn.Module):
 
     def forward(self, hidden: Tensor, extended_mask: Tensor) -> Tensor:
         q, k, v = self._split(self.query(hidden)), self._split(self.key(hidden)), self._split(self.value(hidden))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [b, heads, l, l]
-        probs = self.dropout(torch.softmax(scores + extended_mask, dim=-1))
-        context = probs @ v  # [b, heads, l, hd]
+        if self.attn_implementation == "sdpa":
+            # same additive mask (0 or -10000) and scale 1/sqrt(hd); dropout on the probabilities while training
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=extended_mask.to(q.dtype), dropout_p=self.dropout.p if self.training else 0.0
+            )  # [b, heads, l, hd]
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [b, heads, l, l]
+            probs = self.dropout(torch.softmax(scores + extended_mask, dim=-1))
+            context = probs @ v  # [b, heads, l, hd]
         b, _, n, _ = context.shape
         return context.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # [b, l, h]
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.backbones._checkpoint import layer_count, read_state_dict
-from advlab.backbones.uniter import UniterConfig, UniterEncoder
+from advlab.backbones.uniter import AttnImplementation, UniterConfig, UniterEncoder
 
 __all__ = [
     "MINILM_SHA256",
@@ -89,10 +89,15 @@ class MiniLMConfig:
         type_vocab_size: Number of token-type (segment) rows.
         layer_norm_eps: LayerNorm epsilon.
         pad_token_id: Id of `[PAD]`.
+        attn_implementation: `"sdpa"` (`torch.nn.functional.scaled_dot_product_attention`, as `BertModel`
+            uses by default) or `"eager"` (explicit softmax); passed to the encoder's
+            [`UniterConfig`][advlab.backbones.uniter.UniterConfig]. Not read from the weights.
 
     Examples:
         >>> MiniLMConfig().hidden_size // MiniLMConfig().num_attention_heads
         32
+        >>> MiniLMConfig(attn_implementation="eager").attn_implementation
+        'eager'
     """
 
     vocab_size: int = 30522
@@ -104,8 +109,14 @@ class MiniLMConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12  # BertConfig default, as in the wheel's config.json
     pad_token_id: int = 0
+    attn_implementation: AttnImplementation = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise AdvlabValueError(
+                f"Expected `MiniLMConfig.attn_implementation` to be 'sdpa' or 'eager', but got "
+                f"{self.attn_implementation!r}."
+            )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -495,6 +506,7 @@ class MiniLMEncoder(nn.Module):
                 hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0,
                 layer_norm_eps=config.layer_norm_eps,
+                attn_implementation=config.attn_implementation,
             )
         )
         self.pooler = _Pooler(config)
