@@ -17,8 +17,17 @@ from transformers import BertConfig, BertForSequenceClassification
 import advlab
 from advlab.integrations.lightning import adversarial_step
 
-CONFIG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-              max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+CONFIG = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "num_labels": 3,
+}
 SITE = {"txt": "bert.embeddings.word_embeddings"}
 
 
@@ -34,8 +43,13 @@ def build_data(n: int = 16) -> list[dict[str, torch.Tensor]]:
         length = int(torch.randint(3, 9, (), generator=g))
         ids = torch.zeros(8, dtype=torch.long)
         ids[:length] = torch.randint(1, 40, (length,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(8) < length).long(),
-                     "labels": torch.randint(0, 3, (), generator=g)})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": (torch.arange(8) < length).long(),
+                "labels": torch.randint(0, 3, (), generator=g),
+            }
+        )
     return rows
 
 
@@ -92,8 +106,14 @@ class Classifier(pl.LightningModule):
 
 
 def trainer(**kw) -> pl.Trainer:
-    base = dict(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False)
+    base = {
+        "max_steps": 2,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     return pl.Trainer(**(base | kw))
 
 
@@ -101,9 +121,12 @@ def main(outdir: str) -> None:
     module = Classifier(build_model(), count=True)
     t = trainer(strategy="ddp", devices=2, use_distributed_sampler=False)
     t.fit(module)
-    buckets = len(set(i for r in module.rounds for i in r))
+    buckets = len({i for r in module.rounds for i in r})
     weights = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    torch.save({"weights": weights, "rounds": module.rounds, "buckets": buckets, "seen": module.seen}, f"{outdir}/rank{t.global_rank}.pt")
+    torch.save(
+        {"weights": weights, "rounds": module.rounds, "buckets": buckets, "seen": module.seen},
+        f"{outdir}/rank{t.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,17 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 import advlab
 from advlab.integrations.transformers import AdversarialTrainer
 
-CONFIG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-              max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+CONFIG = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "num_labels": 3,
+}
 
 
 def build_model() -> BertForSequenceClassification:
@@ -33,8 +42,13 @@ def build_data(n: int = 16) -> list[dict[str, torch.Tensor]]:
         length = int(torch.randint(3, 9, (), generator=g))
         ids = torch.zeros(8, dtype=torch.long)
         ids[:length] = torch.randint(1, 40, (length,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(8) < length).long(),
-                     "labels": torch.randint(0, 3, (), generator=g)})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": (torch.arange(8) < length).long(),
+                "labels": torch.randint(0, 3, (), generator=g),
+            }
+        )
     return rows
 
 
@@ -44,10 +58,23 @@ def build_recipe(model: torch.nn.Module) -> advlab.FreeLB:
 
 def build_args(out: str, *, batch: int = 2, ddp_backend: str | None = "gloo") -> TrainingArguments:
     return TrainingArguments(
-        out, per_device_train_batch_size=batch, gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2,
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, use_cpu=True, report_to=[],
-        save_strategy="no", logging_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential",
-        ddp_backend=ddp_backend, average_tokens_across_devices=False, seed=0,
+        out,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        ddp_backend=ddp_backend,
+        average_tokens_across_devices=False,
+        seed=0,
     )
 
 
@@ -80,8 +107,9 @@ def main(outdir: str) -> None:
     from transformers import TrainerCallback
 
     model = build_model()
-    trainer = CountingTrainer(model=model, args=build_args(outdir + "/ddp"), train_dataset=build_data(),
-                              recipe=build_recipe(model))
+    trainer = CountingTrainer(
+        model=model, args=build_args(outdir + "/ddp"), train_dataset=build_data(), recipe=build_recipe(model)
+    )
 
     class AfterStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -90,7 +118,7 @@ def main(outdir: str) -> None:
     trainer.add_callback(AfterStep())
     trainer.train()
     rank = trainer.args.process_index
-    buckets = len(set(i for r in trainer.rounds for i in r))
+    buckets = len({i for r in trainer.rounds for i in r})
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"weights": weights, "rounds": trainer.rounds, "buckets": buckets}, f"{outdir}/rank{rank}.pt")
 

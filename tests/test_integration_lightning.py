@@ -45,7 +45,7 @@ def hand_loop(model, *, steps: int = 2, batch: int = 2, autocast: bool = False, 
         b = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         opt.zero_grad()
         with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            recipe.step(lambda: model(**b), lambda out: out.loss, masks={"txt": b["attention_mask"]})
+            recipe.step(lambda b=b: model(**b), lambda out: out.loss, masks={"txt": b["attention_mask"]})
         opt.step()
     return model
 
@@ -117,7 +117,9 @@ def test_ddp_two_processes(tmp_path):
         assert r["buckets"] >= 1 and r["rounds"] == [[*range(r["buckets"])]] * 2, r["rounds"]
     # rank 0 gets rows 0, 2 and rank 1 rows 1, 3: together the global batch of one process
     ref = hand_loop(script.build_model(), batch=4)
-    assert [t.tolist() for t in ranks[0]["seen"]] == [[DATA[i]["input_ids"][0].item() for i in (0, 2)],
-                                                      [DATA[i]["input_ids"][0].item() for i in (4, 6)]]
+    assert [t.tolist() for t in ranks[0]["seen"]] == [
+        [DATA[i]["input_ids"][0].item() for i in (0, 2)],
+        [DATA[i]["input_ids"][0].item() for i in (4, 6)],
+    ]
     got = ranks[0]["weights"]
     assert max((got[n] - p).abs().max().item() for n, p in ref.state_dict().items()) <= 1e-5

@@ -34,8 +34,17 @@ from advlab.integrations.transformers import AdversarialTrainer
 
 SITE = {"txt": "bert.embeddings.word_embeddings"}
 SEQ = 8
-CONFIG = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-              max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+CONFIG = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "num_labels": 3,
+}
 
 
 def tiny_bert(seed: int = 0, *, loss_kwargs: bool = True) -> BertForSequenceClassification:
@@ -60,9 +69,21 @@ def dataset(n: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
 
 
 def train_args(tmp_path: Path, **kw) -> TrainingArguments:
-    base = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2, lr_scheduler_type="constant",
-                weight_decay=0.0, max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no",
-                logging_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+    base = {
+        "per_device_train_batch_size": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "train_sampling_strategy": "sequential",
+        "seed": 0,
+    }
     base.update(kw)
     return TrainingArguments(str(tmp_path / "out"), **base)
 
@@ -94,8 +115,12 @@ def hand_loop(model, recipe, data, *, steps, batch, accum, lr=1e-2, clip=1.0, sc
             ids = torch.stack([r["input_ids"] for r in rows])
             mask = torch.stack([r["attention_mask"] for r in rows])
             y = torch.stack([r["labels"] for r in rows])
-            recipe.step(lambda: model(input_ids=ids, attention_mask=mask),
-                        lambda out: F.cross_entropy(out.logits, y), masks={"txt": mask}, scale=scale)
+            recipe.step(
+                lambda ids=ids, mask=mask: model(input_ids=ids, attention_mask=mask),
+                lambda out, y=y: F.cross_entropy(out.logits, y),
+                masks={"txt": mask},
+                scale=scale,
+            )
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
@@ -107,8 +132,14 @@ def test_equals_hand_written_loop(tmp_path, accum):
     data = dataset()
     model = tiny_bert(loss_kwargs=False)
     start = copy.deepcopy(model)
-    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, gradient_accumulation_steps=accum),
-                                       train_dataset=data, recipe=freelb(model)))
+    trainer = quiet(
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, gradient_accumulation_steps=accum),
+            train_dataset=data,
+            recipe=freelb(model),
+        )
+    )
     trainer.train()
     ref = copy.deepcopy(start)
     hand_loop(ref, freelb(ref), data, steps=3, batch=2, accum=accum)
@@ -147,8 +178,15 @@ def test_fp16_scaler_reaches_the_recipe(tmp_path):
 
     def run(init_scale: float) -> torch.nn.Module:
         model = tiny_bert(loss_kwargs=False)
-        recipe = advlab.SMART(model, sites=SITE, steps=1, step_size=1e-2, noise_std=1e-3, weight=1.0,
-                              generator=torch.Generator().manual_seed(3))
+        recipe = advlab.SMART(
+            model,
+            sites=SITE,
+            steps=1,
+            step_size=1e-2,
+            noise_std=1e-3,
+            weight=1.0,
+            generator=torch.Generator().manual_seed(3),
+        )
         args = train_args(tmp_path, fp16=True, optim="sgd", learning_rate=0.5, max_grad_norm=1.0, max_steps=2)
         trainer = quiet(AdversarialTrainer(model=model, args=args, train_dataset=dataset(), recipe=recipe))
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
@@ -170,10 +208,23 @@ def test_fp16_scaler_reaches_the_recipe(tmp_path):
 
 def test_recipe_stats_in_logs(tmp_path):
     model = tiny_bert(loss_kwargs=False)
-    recipe = advlab.SMART(model, sites=SITE, steps=1, step_size=1e-2, noise_std=1e-3, weight=1.0,
-                          generator=torch.Generator().manual_seed(3))
-    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, logging_steps=1, logging_strategy="steps"),
-                                       train_dataset=dataset(), recipe=recipe))
+    recipe = advlab.SMART(
+        model,
+        sites=SITE,
+        steps=1,
+        step_size=1e-2,
+        noise_std=1e-3,
+        weight=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    trainer = quiet(
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, logging_steps=1, logging_strategy="steps"),
+            train_dataset=dataset(),
+            recipe=recipe,
+        )
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
@@ -197,8 +248,9 @@ def test_masks_from_attention_mask_by_default(tmp_path):
     data = dataset()
     model = tiny_bert()
     spy = _Spy(freelb(model))
-    quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=data,
-                             recipe=spy.recipe)).train()
+    quiet(
+        AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=data, recipe=spy.recipe)
+    ).train()
     expected = torch.stack([data[0]["attention_mask"], data[1]["attention_mask"]])
     assert len(spy.masks) == 1 and torch.equal(spy.masks[0]["txt"], expected)
     assert not expected.all()  # padded rows: the mask matters
@@ -207,11 +259,21 @@ def test_masks_from_attention_mask_by_default(tmp_path):
 def test_masks_mapping_and_none(tmp_path):
     model = tiny_bert()
     spy = _Spy(freelb(model))
-    quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(),
-                             recipe=spy.recipe, masks=None)).train()
+    quiet(
+        AdversarialTrainer(
+            model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(), recipe=spy.recipe, masks=None
+        )
+    ).train()
     assert spy.masks == [{}]
-    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(),
-                                       recipe=spy.recipe, masks={"txt": "token_mask"}))
+    trainer = quiet(
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, max_steps=1),
+            train_dataset=dataset(),
+            recipe=spy.recipe,
+            masks={"txt": "token_mask"},
+        )
+    )
     with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
         trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
@@ -232,12 +294,15 @@ def test_refusals(tmp_path):
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     """4 steps straight = 2 steps, checkpoint, resume for 2 (random sampling, random δ init from a generator)."""
     data = dataset()
-    kw = dict(max_steps=4, train_sampling_strategy="random", save_strategy="steps", save_steps=2)
+    kw = {"max_steps": 4, "train_sampling_strategy": "random", "save_strategy": "steps", "save_steps": 2}
 
     def trainer(out: str) -> AdversarialTrainer:
         model = tiny_bert(loss_kwargs=False)
-        return quiet(AdversarialTrainer(model=model, args=train_args(tmp_path / out, **kw), train_dataset=data,
-                                        recipe=freelb(model)))
+        return quiet(
+            AdversarialTrainer(
+                model=model, args=train_args(tmp_path / out, **kw), train_dataset=data, recipe=freelb(model)
+            )
+        )
 
     straight = trainer("a")
     straight.train()
@@ -270,8 +335,17 @@ def test_torchrun_two_processes(tmp_path):
     """torchrun, 2 CPU processes (gloo), accumulation 2, FreeLB K = 2."""
     script = Path(__file__).with_name("_ddp_trainer_script.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -284,8 +358,9 @@ def test_torchrun_two_processes(tmp_path):
 
     model = ddp.build_model()
     args = ddp.build_args(str(tmp_path / "single"), batch=4, ddp_backend=None)
-    quiet(AdversarialTrainer(model=model, args=args, train_dataset=ddp.build_data(), recipe=ddp.build_recipe(model)))\
-        .train()
+    quiet(
+        AdversarialTrainer(model=model, args=args, train_dataset=ddp.build_data(), recipe=ddp.build_recipe(model))
+    ).train()
     single = model.state_dict()
     assert max((single[n] - p).abs().max().item() for n, p in ranks[0]["weights"].items()) <= 1e-5
 

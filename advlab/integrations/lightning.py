@@ -132,7 +132,7 @@ def adversarial_step(
             f"Expected `recipe` to be built on `module` or one of its submodules, but it was built on a "
             f"{type(unwrap_model(own)).__name__} that `module` ({type(module).__name__}) does not hold."
         )
-    trainer = module._trainer  # noqa: SLF001 - `module.trainer` raises its own error when detached
+    trainer = module._trainer
     if trainer is None:
         raise AdvlabValueError("Expected `module` to be attached to a Trainer (call from `training_step`).")
     wrapper = trainer.strategy.model

@@ -55,8 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.sites import unwrap_model
 from advlab.integrations import recipe_log_values
+from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
 __all__ = ["AdversarialTrainer"]
@@ -90,9 +90,7 @@ def _mask_keys(masks: str | Mapping[str, str | None] | None, modalities: list[st
         )
     unknown = [m for m in masks if m not in modalities]
     if unknown:
-        raise AdvlabValueError(
-            f"Expected `masks` keys to be the recipe's modalities {modalities}, but got {unknown}."
-        )
+        raise AdvlabValueError(f"Expected `masks` keys to be the recipe's modalities {modalities}, but got {unknown}.")
     bad = {m: k for m, k in masks.items() if k is not None and not isinstance(k, str)}
     if bad:
         raise AdvlabTypeError(f"Expected each `masks` value to be a batch key (str) or None, but got {bad}.")
@@ -243,7 +241,7 @@ class AdversarialTrainer(Trainer):
                 )
 
             stats = self._recipe_step(model, forward, task_loss, masks, scale)
-        del inputs, losses
+        losses.clear()  # the step's graphs are gone; drop the outputs
         self._recipe_stats.append(stats)
         return torch.tensor(stats.mean_task_loss * scale, device=self.args.device)
 
