@@ -54,7 +54,7 @@ from advlab.perturbation import Perturbation
 from advlab.sites import SiteLike, unwrap_model
 from advlab.stats import DeltaNorms
 
-__all__ = ["free_training", "FreeTraining", "AscentStep", "Ascender", "Schedule", "default_logits", "forward_groups"]
+__all__ = ["Ascender", "AscentStep", "FreeTraining", "Schedule", "default_logits", "forward_groups", "free_training"]
 
 Schedule = Literal["deferred", "retain", "lean"]
 SCHEDULES: tuple[str, ...] = ("deferred", "retain", "lean")
@@ -266,6 +266,8 @@ class FreeTraining:
         self._clean_parts: list[Tensor] = []
         self._clean_leaves: list[Tensor | None] = []  # a detached leaf per part (deferred, lean) or None
         self._clean_view: Any = None  # what `clean_logits` returns
+        self._clean_guards: list[Any] = []  # hooks on the clean logits that refuse an early backward through them
+        self._in_final_backward = False
         self._clean_losses: list[Tensor] = []
         self._clean_loss_fns: list[Callable[[Any], Tensor]] = []
         self._clean_forward: Callable[[], Any] | None = None
@@ -331,6 +333,8 @@ class FreeTraining:
             elif self._phase == "open" and not self._settled:
                 _restore_grads(self._saved_grads)  # a step that failed midway adds nothing to the gradients
         finally:
+            for guard in self._clean_guards:
+                guard.remove()
             self._hooks.remove()
             self._sync.close()
             self._phase = "closed"
@@ -432,6 +436,8 @@ class FreeTraining:
         else:
             leaves = [None for _ in parts]
         self._clean_real, self._clean_parts, self._clean_leaves = logits, parts, leaves
+        if self.schedule == "deferred" and self.steps > 1:
+            self._clean_guards = [p.register_hook(self._guard_clean_graph) for p in parts if p.requires_grad]
         self._clean_view = rebuild([p if leaf is None else leaf for p, leaf in zip(parts, leaves)])
         self._clean_output = output
         return output
@@ -545,16 +551,16 @@ class FreeTraining:
             self._update_deltas(self._delta_grads_from_leaves())
 
     def _plain_backward(self, loss: Tensor) -> None:
-        try:
-            self._scale(loss).backward(retain_graph=self.schedule == "retain")
-        except RuntimeError as err:
-            if "second time" in str(err) and self.schedule != "retain":
-                raise AdvlabValueError(
-                    "Expected the step's loss to use `step.clean_logits` (or `ft.clean_logits`) for the clean "
-                    f"prediction, not the logits of the clean output itself: with schedule={self.schedule!r} the "
-                    "clean graph is back-propagated once, at the last step."
-                ) from err
-            raise
+        self._scale(loss).backward(retain_graph=self.schedule == "retain")
+
+    def _guard_clean_graph(self, grad: Tensor) -> None:
+        """Hook on the clean logits (deferred schedule): a gradient may reach them only in the last backward."""
+        if not self._in_final_backward:
+            raise AdvlabValueError(
+                "Expected the step's loss to use `step.clean_logits` (or `ft.clean_logits`) for the clean "
+                f"prediction, not the logits of the clean output itself: with schedule={self.schedule!r} the "
+                "clean graph is back-propagated once, at the last step."
+            )
 
     def ascend(self, loss: Tensor) -> None:
         """δ-only ascent step: move δ along the gradient of `loss`; no parameter gradient.
@@ -675,7 +681,11 @@ class FreeTraining:
             tensors.append(self._scale(clean))
             grads.append(None)
         if tensors:
-            torch.autograd.backward(tensors, grads)  # type: ignore[arg-type]
+            self._in_final_backward = True
+            try:
+                torch.autograd.backward(tensors, grads)  # type: ignore[arg-type]
+            finally:
+                self._in_final_backward = False
         self._clean_losses, self._clean_loss_fns = [], []
         for leaf in self._clean_leaves:
             if leaf is not None:

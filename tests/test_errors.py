@@ -302,3 +302,28 @@ def test_pure_functions_take_masks_like_the_engine(call):
     for bad in (torch.tensor([[0.5, 1, 0], [1, 0, 0]]), torch.tensor([[2, 1, 0], [1, 0, 0]])):
         with pytest.raises(advlab.AdvlabValueError, match=r"`mask` to hold only 0 and 1"):
             call(bad)
+
+
+def test_clean_graph_misuse_is_caught_at_its_first_backward_without_reading_messages():
+    """The real clean logits in a deferred step's loss: refused inside step 0's backward (a hook on the clean
+    logits, not the text of torch's 'backward a second time' error) and the gradients are put back; the
+    retain schedule, which back-propagates the clean graph every step, accepts the same loop."""
+    model = TinyVL()
+    ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
+    fwd = lambda: model(ids, img, tm, im)
+    reached = []
+    with pytest.raises(advlab.AdvlabValueError, match="step.clean_logits"):
+        with advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, steps=3) as ft:
+            clean = ft.clean(fwd)
+            for step in ft:
+                reached.append(step.index)
+                out = ft.forward(fwd)
+                ft.backward(advlab.symmetric_kl(out, clean) + F.cross_entropy(out, y))
+    assert reached == [0]
+    assert all(p.grad is None for p in model.parameters())
+    with advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, steps=3, schedule="retain") as ft:
+        clean = ft.clean(fwd)
+        for step in ft:
+            out = ft.forward(fwd)
+            ft.backward(advlab.symmetric_kl(out, clean) + F.cross_entropy(out, y))
+    assert all(p.grad is not None for p in model.parameters())
