@@ -203,6 +203,12 @@ class FreeTraining:
     Methods, in the order a step uses them: `clean`, iteration (`for step in ft`),
     `forward`, `accumulate` (optional, one part of a step), `backward` (or `ascend` for a
     δ-only ascent step), `clean_loss`.
+
+    Attributes:
+        skipped_steps: After the last backward: 0, or (with `on_nonfinite="skip"`) the
+            number of ascent steps that had a NaN or inf; the whole step's parameter
+            gradients were then put back as they were on entry.
+        skip_reason: None, or what was non-finite first and where.
     """
 
     def __init__(
