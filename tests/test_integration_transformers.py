@@ -156,6 +156,7 @@ def test_hand_loop_tells_accumulation_scales_apart(tmp_path):
     assert max_diff(a, b) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_kwargs", [True, False], ids=["num_items_rule", "divide_by_accum"])
 def test_plain_step_recipe_equals_plain_trainer(tmp_path, loss_kwargs):
     """FreeLB with K = 1 and δ = 0 is plain training: the weights must be the plain Trainer's, whichever GA rule."""
@@ -173,6 +174,7 @@ def test_plain_step_recipe_equals_plain_trainer(tmp_path, loss_kwargs):
         assert max_diff(other, plain) > 1e-4  # the two rules differ, so this test tells them apart
 
 
+@pytest.mark.slow
 def test_fp16_scaler_reaches_the_recipe(tmp_path):
     """A CPU GradScaler in accelerate's place: SGD weights with scale 2^8 equal those with scale 1."""
 
