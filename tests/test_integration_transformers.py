@@ -292,6 +292,16 @@ def test_refusals(tmp_path):
         AdversarialTrainer(args=train_args(tmp_path), model_init=tiny_bert, recipe=freelb(model))
 
 
+def test_data_parallel_refused(tmp_path, monkeypatch):
+    model = tiny_bert()
+    trainer = quiet(
+        AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=freelb(model))
+    )
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(AdvlabValueError, match=r"2 GPUs in one process.*torchrun --nproc_per_node N"):
+        trainer.training_step(model, dataset()[0])
+
+
 @pytest.mark.slow
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     """4 steps straight = 2 steps, checkpoint, resume for 2 (random sampling, random δ init from a generator)."""

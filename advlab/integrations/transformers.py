@@ -211,6 +211,12 @@ class AdversarialTrainer(Trainer):
         """
         if transformers.trainer.is_sagemaker_mp_enabled():
             raise AdvlabValueError("Expected a Trainer without SageMaker model parallelism, but it is enabled.")
+        if self.args.n_gpu > 1:
+            raise AdvlabValueError(
+                f"Expected one device per process, but the Trainer uses {self.args.n_gpu} GPUs in one process "
+                "(DataParallel), whose replicas would each draw their own δ; launch one process per GPU with "
+                "`torchrun --nproc_per_node N` (DDP) instead."
+            )
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
             model.train()
@@ -226,8 +232,6 @@ class AdversarialTrainer(Trainer):
                     loss, outputs = self.compute_loss(
                         model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
                     )
-                if self.args.n_gpu > 1:
-                    loss = loss.mean()  # DataParallel: one loss per device
                 losses.append((outputs, loss))
                 return outputs
 
