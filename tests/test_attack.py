@@ -514,3 +514,23 @@ def test_bfloat16_model(method):
     assert result.deltas["txt"].dtype == result.deltas["img"].dtype == torch.float32
     assert (result.gain > 0).all()
     assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in model.parameters())
+
+
+def test_channels_first_site_and_replay():
+    """A conv site read channels-first: δ comes back as [b, h*w, c], per-patch L2 balls hold, and
+    perturb_sites replays it to the loss the attack reported."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), nn.Flatten(), nn.Linear(16, 3)).double()
+    g = generator(0)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    site = {"img": advlab.Site("0", layout="channels_first")}
+    result = advlab.attack(model, sites=site, perturbations={"img": advlab.Perturbation(0.2, radius=0.3, norm="l2_token")},
+                           forward=lambda: model(x), loss=lambda out: F.cross_entropy(out, y, reduction="none"), steps=5)
+    delta = result.deltas["img"]
+    assert delta.shape == (5, 4, 4)  # [b, h*w, c]
+    assert (torch.linalg.vector_norm(delta, dim=-1) <= 0.3 * (1 + 1e-12)).all()
+    model.eval()
+    with torch.no_grad(), advlab.perturb_sites(model, result.deltas, sites=site):
+        again = F.cross_entropy(model(x), y, reduction="none")
+    torch.testing.assert_close(again, result.loss, rtol=0, atol=1e-12)

@@ -24,7 +24,9 @@ class AttackResult:
         deltas: Modality to the δ that gave `loss` (in float32, float64 for a float64
             site), inside its ball, exactly 0 at masked positions. A site called several
             times in one forward (`Site(..., calls=n)`) gives a tuple with one δ per call.
-            A modality attacked with radius 0 gets zeros.
+            A modality attacked with radius 0 gets zeros. At a `Site(..., layout=...)`, δ
+            is in the features-last view the balls use (`[b, h*w, c]` for a
+            channels-first `[b, c, h, w]` site), which `advlab.perturb_sites` accepts.
         logits: With `attack(..., logits=fn)`: `fn(output)` at each example's worst case
             (row i comes from the forward that gave `loss[i]`); None otherwise.
         clean_logits: With `attack(..., logits=fn)`: `fn(output)` of the clean forward.
