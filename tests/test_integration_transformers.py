@@ -222,14 +222,17 @@ def test_recipe_stats_in_logs(tmp_path):
     trainer = quiet(
         AdversarialTrainer(
             model=model,
-            args=train_args(tmp_path, logging_steps=1, logging_strategy="steps"),
+            args=train_args(tmp_path, logging_steps=1, logging_strategy="steps", eval_strategy="steps", eval_steps=3),
             train_dataset=dataset(),
+            eval_dataset=dataset(4, seed=2),
             recipe=recipe,
         )
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]  # the Trainer's evaluation, no recipe
+    assert len(evals) == 1 and not any(k.startswith("adv_") for k in evals[0])
     for h in logs:
         assert h["adv_task_loss"] == pytest.approx(h["loss"], rel=1e-5)  # no accumulation: the same number
         assert h["adv_regularizer"] > 0
