@@ -127,8 +127,17 @@ def hand_loop(model, recipe, data, *, steps, batch, accum, lr=1e-2, clip=1.0, sc
     return model
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_equals_hand_written_loop(tmp_path, accum):
+def villa(model):
+    """VILLA text-only, official preset (clean forward, symmetric KL), 2 ascent steps."""
+    return advlab.VILLA(model, sites=SITE, steps=2, step_size=0.1, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize(
+    "recipe,accum",
+    [(freelb, 1), (freelb, 2), pytest.param(villa, 2, marks=pytest.mark.slow)],
+    ids=["freelb-accum1", "freelb-accum2", "villa-accum2"],
+)
+def test_equals_hand_written_loop(tmp_path, recipe, accum):
     data = dataset()
     model = tiny_bert(loss_kwargs=False)
     start = copy.deepcopy(model)
@@ -137,12 +146,12 @@ def test_equals_hand_written_loop(tmp_path, accum):
             model=model,
             args=train_args(tmp_path, gradient_accumulation_steps=accum),
             train_dataset=data,
-            recipe=freelb(model),
+            recipe=recipe(model),
         )
     )
     trainer.train()
     ref = copy.deepcopy(start)
-    hand_loop(ref, freelb(ref), data, steps=3, batch=2, accum=accum)
+    hand_loop(ref, recipe(ref), data, steps=3, batch=2, accum=accum)
     assert max_diff(model, ref) <= 1e-6
     assert max_diff(model, start) > 1e-3  # it trained
 
