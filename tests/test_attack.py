@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -534,3 +535,15 @@ def test_channels_first_site_and_replay():
     with torch.no_grad(), advlab.perturb_sites(model, result.deltas, sites=site):
         again = F.cross_entropy(model(x), y, reduction="none")
     torch.testing.assert_close(again, result.loss, rtol=0, atol=1e-12)
+
+
+def test_warns_when_delta_rounds_away_at_a_bfloat16_site():
+    model = TinyVL(seed=0).to(torch.bfloat16)
+    ids, img, tm, im, y = tiny_batch(dtype=torch.bfloat16)
+    kw = dict(sites=SITES, forward=lambda: model(ids, img, tm, im), masks={"txt": tm, "img": im}, steps=2,
+              loss=lambda out: F.cross_entropy(out.float(), y, reduction="none"), mode="txt")
+    with pytest.warns(RuntimeWarning, match="modality 'txt'"):
+        advlab.attack(model, perturbations={"txt": advlab.Perturbation(1e-5, radius=1e-5)}, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        advlab.attack(model, perturbations={"txt": advlab.Perturbation(1e-2, radius=1e-2, relative=True)}, **kw)

@@ -240,6 +240,7 @@ def attack(
                     zero_start = _Evaluation(clean_loss.detach(), grads, clean_kept)
                 runner = run_pgd if method == "pgd" else run_apgd
                 runner(problem, worst, steps=steps, restarts=restarts, generator=generator, zero_start=zero_start)
+                _warn_if_rounded_away(hooks, attacked)
         finally:
             hooks.remove()
     return AttackResult(
@@ -254,6 +255,20 @@ def attack(
         forwards=problem.forwards,
         modalities=tuple(attacked),
     )
+
+
+def _warn_if_rounded_away(hooks: SiteHooks, attacked: list[str]) -> None:
+    """Warn when less than half of δ's norm reached the model at the last step (a low-precision site)."""
+    for m, (sent, reached) in hooks.reached_norms().items():
+        if m in attacked and float(sent) > 0 and float(reached) < 0.5 * float(sent):
+            warnings.warn(
+                f"Only {float(reached) / float(sent):.0%} of δ's norm reaches the model at modality {m!r}: added to "
+                "a low-precision (bfloat16 / float16) embedding, most of it rounds away, so the attack is weaker "
+                "than its radius says. Use sizes relative to the embedding (Perturbation(relative=True)), a larger "
+                "radius, or compute the site in float32.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _slots(
