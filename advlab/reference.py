@@ -57,7 +57,7 @@ class ReferenceModel:
         >>> round(float((model(x) - ema(lambda: model(x))).detach()), 4)  # the reference still has the old bias
         1.0
         >>> ema.update()  # θ̃ moves half-way to θ
-        >>> float((model(x) - ema(lambda: model(x))).detach())
+        >>> round(float((model(x) - ema(lambda: model(x))).detach()), 4)
         0.5
     """
 
