@@ -172,11 +172,11 @@ def test_smoke_whole_experiment_and_resume(data: R.RetrievalData, tmp_path: Path
     text = summarize(records)
     assert "VILLA joint - baseline" in text and "VILLA joint - noise control" in text
     md = results_markdown(records, wall_seconds=12.0)
-    assert md.startswith("| backbone | arm | seeds | IR R@1")
+    assert md.startswith("Image retrieval (caption → image), test split") and "| backbone | arm | seeds | R@1 |" in md
     png = draw_plot(records, tmp_path / "r1.png")
     assert Image.open(png).size[0] > 100
     assert R.main(["--report", "--out", str(tmp_path)]) == 0  # tabulates finished runs without training
-    assert (tmp_path / "results.md").read_text().startswith("| backbone |")
+    assert (tmp_path / "results.md").read_text().startswith("Image retrieval")
 
     # resumability: finished runs are loaded, never recomputed
     def boom(*args: object, **kwargs: object) -> None:
