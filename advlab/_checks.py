@@ -59,14 +59,17 @@ def check_scalar(x: object, name: str) -> Tensor:
     return x
 
 
-def check_radius(radius: float | None, name: str = "radius") -> float | None:
+def check_radius(radius: float | None, name: str = "radius", *, allow_zero: bool = False) -> float | None:
     if radius is None:
         return None
     if isinstance(radius, bool) or not isinstance(radius, (int, float)):
         raise AdvlabTypeError(f"Expected `{name}` to be a positive float or None, but got {radius!r}.")
+    if allow_zero and radius == 0:
+        return 0.0
     if not math.isfinite(radius) or radius <= 0:
+        kind = "a finite float >= 0" if allow_zero else "a positive finite float"
         raise AdvlabValueError(
-            f"Expected `{name}` to be a positive finite float or None (unbounded), but got {radius!r}; "
+            f"Expected `{name}` to be {kind} or None (unbounded), but got {radius!r}; "
             "the official configs' `adv_max_norm = 0` means None."
         )
     return float(radius)

@@ -231,7 +231,7 @@ class PGDAscender:
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
         check_choice(self.norm, NORMS, "norm")
-        object.__setattr__(self, "radius", check_radius(self.radius))
+        object.__setattr__(self, "radius", check_radius(self.radius, allow_zero=True))
         check_choice(self.direction, DIRECTIONS, "direction")
 
     def __call__(

@@ -229,7 +229,7 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
     Args:
         delta: Perturbation to project; not modified.
         norm: `"l2"`, `"l2_token"` or `"linf"`.
-        radius: Ball radius > 0, or None for no bound.
+        radius: Ball radius >= 0 (0 gives δ = 0), or None for no bound.
         mask: True at real elements; masked elements come out 0.
 
     Returns:
@@ -249,8 +249,10 @@ def project(delta: Tensor, norm: Norm = "l2", radius: float | None = None, *, ma
     """
     delta = check_float_tensor(delta, "delta", min_dim=2)
     check_choice(norm, NORMS, "norm")
-    radius = check_radius(radius)
+    radius = check_radius(radius, allow_zero=True)
     d = apply_mask(delta, broadcast_mask(mask, delta, "mask"))
+    if radius == 0:
+        return torch.zeros_like(d)  # the ball of radius 0 is the single point δ = 0
     if radius is None:
         return d
     if norm == "linf":
@@ -325,7 +327,7 @@ class Ball:
 
     def __post_init__(self) -> None:
         check_choice(self.norm, NORMS, "norm")
-        object.__setattr__(self, "radius", check_radius(self.radius))
+        object.__setattr__(self, "radius", check_radius(self.radius, allow_zero=True))
 
     def normalize(self, grad: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """The unit-norm ascent direction (see `normalize`)."""

@@ -37,6 +37,7 @@ Shape notation:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -261,6 +262,13 @@ class FreeTraining:
         self._hooks = SiteHooks(unwrap_model(model), sites, active_perts, masks=masks, generator=generator)
         self.groups = groups
         self.perturbations: dict[str, Perturbation] = active_perts
+        zero = [m for m, p in active_perts.items() if p.radius == 0]
+        if zero:
+            warnings.warn(
+                f"Perturbation(radius=0) keeps δ ≡ 0 for {zero}: no perturbation reaches the model (a zero-δ "
+                "control). A released config's `adv_max_norm = 0` means unbounded: use radius=None for that.",
+                stacklevel=3,
+            )
         # δ whose gradient is used: a "random" direction ignores it
         self._needs_grad = {m for m, p in active_perts.items() if p.direction != "random"}
         self._ascenders = self._make_ascenders(ascender)

@@ -72,6 +72,9 @@ class Perturbation:
             a fraction of each row's clean embedding norm.
         radius: Radius ε of the ball δ is projected onto; None = unbounded (the official
             configs' `adv_max_norm = 0`); with `relative=True` a fraction of the row's norm.
+            A radius of exactly 0 keeps δ ≡ 0: an attack then returns the clean loss, and
+            training recipes warn once, since `adv_max_norm = 0` in a released config means
+            None, not 0.
         norm: `"l2"` (per row, over all positions and features), `"l2_token"` (per
             position) or `"linf"` (per row max-abs; projection clamps elements).
         direction: `"gradient"` (the normalised gradient), `"sign"` (sign of the gradient)
@@ -93,10 +96,12 @@ class Perturbation:
         Perturbation(step_size=0.001, radius=None, norm='l2', direction='gradient', init=ZeroSampler())
         >>> Perturbation(step_size=2e-4, radius=1e-3, relative=True).relative
         True
-        >>> Perturbation(step_size=0.1, radius=0.0)
+        >>> Perturbation(step_size=0.1, radius=0.0).radius  # δ ≡ 0
+        0.0
+        >>> Perturbation(step_size=0.1, radius=-1.0)
         Traceback (most recent call last):
         ...
-        advlab._errors.AdvlabValueError: Expected `radius` to be a positive finite float or None (unbounded), but got 0.0; the official configs' `adv_max_norm = 0` means None.
+        advlab._errors.AdvlabValueError: Expected `radius` to be a finite float >= 0 or None (unbounded), but got -1.0; the official configs' `adv_max_norm = 0` means None.
     """
 
     step_size: float = 1e-3  # VILLA VQA-base adv_lr_txt / adv_lr_img
@@ -108,7 +113,7 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
-        object.__setattr__(self, "radius", check_radius(self.radius))
+        object.__setattr__(self, "radius", check_radius(self.radius, allow_zero=True))
         check_choice(self.norm, NORMS, "norm")
         check_choice(self.direction, DIRECTIONS, "direction")
         if not callable(self.init):

@@ -57,7 +57,7 @@ seeds = st.integers(0, 2**32 - 1)
 radii = st.floats(1e-3, 1e3, allow_nan=False, allow_infinity=False)
 norms = st.sampled_from(["l2", "l2_token", "linf"])
 # radius <= 0, NaN and inf are all invalid radii (None is the unbounded ball)
-bad_radii = st.floats(max_value=0.0, allow_nan=False) | st.sampled_from([math.nan, math.inf, -math.inf])
+bad_radii = st.floats(max_value=0.0, exclude_max=True, allow_nan=False).filter(lambda r: r != 0) | st.sampled_from([math.nan, math.inf, -math.inf])
 
 
 def generator(seed: int) -> torch.Generator:
