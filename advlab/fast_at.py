@@ -125,4 +125,4 @@ class FastAT:
                 task = task_loss(ft.forward(forward))
                 ft.backward(task * scale)
             norms = ft.delta_norms()
-        return collect_stats([start.detach(), task.detach()], [], norms, ft.skipped_steps, {})
+        return collect_stats([start.detach(), task.detach()], [], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

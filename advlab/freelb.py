@@ -141,4 +141,4 @@ class FreeLB:
                     task_values.append(task.detach())
                 ft.backward(total * (scale / (self.steps * len(step.groups))))  # type: ignore[operator]
             norms = ft.delta_norms()
-        return collect_stats(task_values, [], norms, ft.skipped_steps, {})
+        return collect_stats(task_values, [], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

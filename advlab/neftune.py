@@ -106,4 +106,4 @@ class NEFTune:
                 task = task_loss(ft.forward(forward, noisy))
                 ft.backward(task * scale)
             norms = ft.delta_norms()
-        return collect_stats([task.detach()], [], norms, ft.skipped_steps, {})
+        return collect_stats([task.detach()], [], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

@@ -174,4 +174,4 @@ class R3F:
                                    reduction=self.reduction)  # type: ignore[arg-type]
                 ft.backward(reg * (self.weight * scale))
             norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})
+        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

@@ -239,4 +239,4 @@ class SMART:
                 reg = check_scalar(self._final_loss(ft.clean_logits, adv), "`regularizer` output")
                 ft.backward(reg * (self.weight * scale))
             norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})
+        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

@@ -38,6 +38,8 @@ class StepStats:
         kl: Regulariser value of each ascent step (mean over that step's forwards), unweighted.
         delta_norm: Mean per-row norm of each modality's last perturbation.
         skipped_steps: Ascent steps skipped for a non-finite loss or δ gradient.
+        skip_reason: None, or what was non-finite first and where (under
+            `on_nonfinite="skip"`; parameter gradients were left as before the step).
         overrides: Arguments that overrode the preset.
         effective_delta_norm: Mean per-row norm of what δ changed in the site tensor at
             each modality's last perturbed forward, `(x + δ) - x` computed in the site's
@@ -56,6 +58,7 @@ class StepStats:
     skipped_steps: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     effective_delta_norm: dict[str, float] = field(default_factory=dict)
+    skip_reason: str | None = None
 
     @property
     def mean_task_loss(self) -> float:
@@ -69,7 +72,13 @@ class StepStats:
 
 
 def collect_stats(
-    task_loss: list[Any], kl: list[Any], delta_norm: dict[str, Any], skipped_steps: int, overrides: dict[str, Any]
+    task_loss: list[Any],
+    kl: list[Any],
+    delta_norm: dict[str, Any],
+    skipped_steps: int,
+    overrides: dict[str, Any],
+    *,
+    skip_reason: str | None = None,
 ) -> StepStats:
     """Turn per-step tensors into a `StepStats` with a single device-to-host copy."""
     import torch
@@ -95,4 +104,5 @@ def collect_stats(
         skipped_steps=skipped_steps,
         overrides=dict(overrides),
         effective_delta_norm=effective,
+        skip_reason=skip_reason,
     )

@@ -141,4 +141,4 @@ class TRADES:
                 reg = kl_divergence(ft.clean_logits, adv, **kw)  # type: ignore[arg-type]
                 ft.backward(reg * (self.beta * scale))
             norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})
+        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

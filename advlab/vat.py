@@ -232,4 +232,4 @@ class VAT:
                     reg = symmetric_kl(adv, ft.clean_logits, detach="target", **kw)  # type: ignore[arg-type]
                 ft.backward(reg * (self.weight * scale))
             norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {})
+        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)

@@ -332,4 +332,4 @@ class VILLA:
                 task_values.append(torch.stack(step_task).mean())
                 kl_values.append(torch.stack(step_kl).mean())
             norms = ft.delta_norms()
-        return collect_stats(task_values, kl_values, norms, ft.skipped_steps, self.overrides)
+        return collect_stats(task_values, kl_values, norms, ft.skipped_steps, self.overrides, skip_reason=ft.skip_reason)
