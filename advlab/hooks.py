@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from advlab._checks import apply_mask, broadcast_mask, check_tensor, compute_dtype
+from advlab._checks import apply_mask, as_bool_mask, broadcast_mask, check_tensor, compute_dtype
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.perturbation import Perturbation, embedding_scale
 from advlab.samplers import ZeroSampler
@@ -654,22 +654,6 @@ def _check_perturbations(perturbations: Mapping[str, object], sites: Mapping[str
             )
 
 
-def _as_bool_mask(mask: Tensor, name: str) -> Tensor:
-    """A bool mask from a bool, integer or float one; integer and float masks must hold only 0 and 1."""
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex():
-        raise AdvlabTypeError(f"Expected `{name}` to be a bool (or 0/1 integer or float) tensor, but got dtype {mask.dtype}.")
-    binary = (mask == 0) | (mask == 1)
-    if not bool(binary.all()):
-        bad = mask[~binary].flatten()[:3].tolist()
-        raise AdvlabValueError(
-            f"Expected `{name}` to hold only 0 and 1 (1 = real element) as a {mask.dtype} mask, but it holds {bad}; "
-            "pass a bool mask, or (mask > 0) if the values are weights."
-        )
-    return mask != 0
-
-
 def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]) -> dict[str, MaskLike]:
     """Type, values and batch size of every mask, before any forward; returns them as bool masks.
 
@@ -699,7 +683,7 @@ def _check_masks_eagerly(masks: Mapping[str, MaskLike], calls: Mapping[str, int]
             part = check_tensor(part, name)
             if part.dim() < 1:
                 raise AdvlabValueError(f"Expected `{name}` to have a batch dimension, but got a 0-d tensor.")
-            converted.append(_as_bool_mask(part, name))
+            converted.append(as_bool_mask(part, name))
             batch.setdefault(int(part.shape[0]), []).append(name)
         out[modality] = converted[0] if isinstance(mask, Tensor) else converted
     if len(batch) > 1:
