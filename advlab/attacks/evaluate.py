@@ -156,7 +156,7 @@ class RobustnessTable:
             from matplotlib.figure import Figure
         except ImportError:
             raise ImportError(
-                "RobustnessTable.plot needs matplotlib, which is not installed: pip install matplotlib"
+                "RobustnessTable.plot needs matplotlib, which is not installed: pip install 'advlab[plot]'"
             ) from None
         fig = Figure(figsize=(7, 3.5), constrained_layout=True)
         ax = fig.add_subplot()
