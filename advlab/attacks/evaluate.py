@@ -140,7 +140,7 @@ class RobustnessTable:
              xlabel: str = "radius ε", title: str | None = None) -> Any:
         """Draw the metric against the radius, one line per model and modality.
 
-        Needs matplotlib (`pip install matplotlib`); the figure is built without pyplot, so
+        Needs matplotlib (`pip install 'advlab[plot]'`); the figure is built without pyplot, so
         no display or backend is needed.
 
         Args:
