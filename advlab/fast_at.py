@@ -47,6 +47,9 @@ class FastAT:
         init_factor: Noise half-width in units of ε; None = 1 (FGSM-RS) or 2 (N-FGSM's k).
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
         generator: Randomness for δ_0.
+            With several modalities in joint mode and no earlier forward in the step, δ₀ is drawn
+            at each site's first call: list the sites in the order the model runs them (a
+            model that runs a later-listed site first draws in its own order, with a warning).
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]

@@ -376,7 +376,7 @@ class FreeTraining:
         return self._hooks.total_calls()
 
     def deltas(self, modality: str) -> list[Tensor | None]:
-        """Current δ of each call of `modality` (None before its first perturbed forward)."""
+        """Current δ of each call of `modality` (None before its δ₀ is drawn)."""
         return self._hooks.deltas(modality)
 
     def delta_norms(self) -> DeltaNorms:

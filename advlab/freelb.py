@@ -52,6 +52,9 @@ class FreeLB:
         schedule: Kept for symmetry with `VILLA` (FreeLB has no clean graph).
         on_nonfinite: `"raise"` or `"skip"` (see `free_training`).
         generator: Randomness for the initialisation.
+            With several modalities in joint mode and no earlier forward in the step, δ₀ is drawn
+            at each site's first call: list the sites in the order the model runs them (a
+            model that runs a later-listed site first draws in its own order, with a warning).
 
     Examples:
         >>> import torch
