@@ -58,7 +58,7 @@ def random_direction(
         >>> g = torch.Generator().manual_seed(0)
         >>> u = random_direction(torch.zeros(2, 3, 4), generator=g)
         >>> torch.linalg.vector_norm(u, dim=(1, 2))  # one unit direction per row
-        tensor([1.0000, 1.0000])
+        tensor([1., 1.])
     """
     like = check_float_tensor(like, "like", min_dim=2)
     return normalize(_rand(like, generator, "normal"), norm, mask=mask).to(like.dtype)
