@@ -18,7 +18,7 @@ import advlab
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-GUIDE_PAGES = ["quickstart.md", "concepts.md", "recipes.md"]
+GUIDE_PAGES = ["quickstart.md", "concepts.md", "recipes.md", "choosing_sizes.md"]
 
 
 def api_pages() -> dict[str, str]:
