@@ -93,7 +93,7 @@ def default_logits(output: Any) -> Tensor:
     Args:
         output: What the forward returned.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab.free import default_logits
         >>> default_logits(torch.ones(1, 2))

@@ -47,7 +47,7 @@ def embedding_scale(x: Tensor, norm: Norm = "l2", *, mask: Tensor | None = None)
         - mask: [b, n] (for [b, n, d]) or [b] (for [b, d])
         - output: [b, 1, 1] or [b, n, 1] ([b, 1] for [b, d])
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab import embedding_scale
         >>> x = torch.tensor([[[3.0, 4.0], [6.0, 8.0]]])
@@ -90,7 +90,7 @@ class Perturbation:
             `SphereSampler(r)` starts at norm `r * ||x_row||` and `ScaledUniformSampler(m)`
             at about `m / sqrt(3) * ||x_row||`.
 
-    Example:
+    Examples:
         >>> from advlab import Perturbation
         >>> Perturbation(step_size=1e-3)
         Perturbation(step_size=0.001, radius=None, norm='l2', direction='gradient', init=ZeroSampler())
@@ -142,7 +142,7 @@ class Perturbation:
         Shape:
             - x: [b, n, d] or [b, d]; output: see `embedding_scale`.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from advlab import Perturbation, pgd_step
             >>> p = Perturbation(step_size=0.1, relative=True)

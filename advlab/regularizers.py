@@ -342,7 +342,7 @@ class Regularizer(Protocol):
         - p_logits, q_logits: [..., c]
         - output: scalar
 
-    Example:
+    Examples:
         >>> import functools
         >>> import torch
         >>> from advlab.regularizers import Regularizer, symmetric_kl

@@ -45,7 +45,7 @@ class Site:
             norms and the ball, and moved back before δ is added; masks are then `[b, h, w]`
             or `[b, h*w]`, and δ (`SiteHooks.deltas`) is held as `[b, h*w, c]`.
 
-    Example:
+    Examples:
         >>> from advlab import Site
         >>> Site("bert.embeddings.word_embeddings")
         Site(module='bert.embeddings.word_embeddings', where='output', arg=0, calls=1)

@@ -99,7 +99,7 @@ class SMART:
     Shape:
         - logits: [b, c] (any leading dimensions); δ has the shape of each site's tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from advlab import SMART

@@ -78,7 +78,7 @@ class VILLA:
             `free_training`: either way the parameter gradients are left as they were).
         generator: Randomness for δ_0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import advlab
@@ -224,7 +224,7 @@ class VILLA:
             perturbations: Modality to `Perturbation`; None = built from the preset.
             **overrides: Any other keyword argument of `VILLA`.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch import nn
             >>> from advlab import VILLA

@@ -1,7 +1,7 @@
 """Fine-tune UNITER / VILLA on VQA with VILLA adversarial training (advlab only).
 
 The official recipe (VILLA `train_vqa_adv.py` with `config/train-vqa-base-4gpu-adv.json`,
-villa.md §11): AdamW (betas 0.9, 0.98), lr 8e-5 with linear warm-up over 600 steps and
+the released VILLA configuration): AdamW (betas 0.9, 0.98), lr 8e-5 with linear warm-up over 600 steps and
 linear decay to 0 at 6000, the VQA head at 10x the learning rate, weight decay 0.01 except
 on names containing `bias` / `LayerNorm.weight`, gradient clipping at 2.0, VILLA preset
 `vqa-base` (text, K = 3, step 1e-3, KL weight 1.5). One difference: batches are counted in

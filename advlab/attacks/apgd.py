@@ -44,7 +44,7 @@ def apgd_checkpoints(steps: int) -> tuple[int, ...]:
     Returns:
         The checkpoints in increasing order, each in `1..steps`.
 
-    Example:
+    Examples:
         >>> from advlab.attacks import apgd_checkpoints
         >>> apgd_checkpoints(100)
         (22, 41, 57, 70, 80, 87, 93, 99)

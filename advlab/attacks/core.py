@@ -137,7 +137,7 @@ def attack(
         - result.loss, result.clean_loss: [b]
         - result.deltas[m]: like modality m's site tensor, [b, n, d] or [b, d]
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from torch import nn

@@ -44,7 +44,7 @@ def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     Shape:
         - logits: [b, c]; targets: [b]; output: [b]
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab.attacks import accuracy
         >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]))
@@ -78,7 +78,7 @@ class RobustnessTable:
     attack), `clean_metric`, `loss` and `clean_loss` (means over examples), `n` (examples),
     `method`, `steps`, `restarts`. Tables of several models concatenate with `+`.
 
-    Example:
+    Examples:
         >>> from advlab.attacks import RobustnessTable
         >>> t = RobustnessTable([{"model": "a", "modality": "txt", "radius": 0.5, "metric": 0.25,
         ...                       "clean_metric": 0.75, "loss": 1.2, "clean_loss": 0.6, "n": 8,
@@ -260,7 +260,7 @@ def evaluate_robustness(
     Returns:
         A `RobustnessTable` with one row per mode and radius, in the order given.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import advlab

@@ -41,7 +41,7 @@ class AttackResult:
         - deltas: each like its site tensor, [b, n, d] or [b, d]
         - logits, clean_logits: [b, ...]
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab.attacks import AttackResult
         >>> r = AttackResult(loss=torch.tensor([1.5, 0.7]), clean_loss=torch.tensor([1.0, 0.7]), deltas={})

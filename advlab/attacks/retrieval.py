@@ -43,7 +43,7 @@ def recall_from_ranks(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int
     Shape:
         - ranks: [b]
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab.attacks import recall_from_ranks
         >>> recall_from_ranks(torch.tensor([0, 3, 12, 0]), ks=(1, 5, 10))
@@ -71,7 +71,7 @@ class RetrievalAttackResult:
     Shape:
         - ranks, clean_ranks: [b]
 
-    Example:
+    Examples:
         >>> import torch
         >>> from advlab.attacks import AttackResult, RetrievalAttackResult
         >>> r = RetrievalAttackResult(torch.tensor([0, 7]), torch.tensor([0, 0]),
@@ -177,7 +177,7 @@ def attack_retrieval(
         - gallery: [g, e]
         - targets: [b] (int) or [b, g] (bool)
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import advlab

@@ -27,7 +27,7 @@ def recipe_log_values(stats: list[StepStats]) -> dict[str, float]:
     Args:
         stats: The statistics of the training steps since the last log.
 
-    Example:
+    Examples:
         >>> from advlab import StepStats
         >>> recipe_log_values([StepStats((0.5,), (), {"txt": 0.1}), StepStats((0.7,), (), {"txt": 0.3})])
         {'adv_task_loss': 0.6, 'adv_delta_norm_txt': 0.2, 'adv_skipped_steps': 0.0}

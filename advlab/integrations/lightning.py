@@ -88,7 +88,7 @@ def adversarial_step(
     Returns:
         The recipe's `StepStats`.
 
-    Example:
+    Examples:
         >>> import torch, advlab, lightning.pytorch as pl
         >>> from torch import nn
         >>> from advlab.integrations.lightning import adversarial_step

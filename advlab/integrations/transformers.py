@@ -116,7 +116,7 @@ class AdversarialTrainer(Trainer):
             `eval_dataset`, `data_collator`, `compute_metrics`, ...). `model_init` is refused (a
             recipe is bound to one model object).
 
-    Example:
+    Examples:
         >>> import torch, transformers, advlab
         >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
         >>> from advlab.integrations.transformers import AdversarialTrainer
