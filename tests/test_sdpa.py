@@ -249,3 +249,29 @@ def test_an_unknown_implementation_is_refused_naming_the_choices(make, name, val
     message = str(err.value)
     assert f"`{name}.attn_implementation`" in message
     assert "'sdpa' or 'eager'" in message and repr(value) in message
+
+
+@pytest.mark.slow  # a fresh Python process running the benchmark script
+def test_bench_attention_quick_prints_both_paths():
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_attention.py"), "--quick"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 0.1 |", "| 0.0 |"))]
+    assert [r.split("|")[2].strip() for r in rows] == ["sdpa", "eager"] * 2
+    for row in rows:
+        numbers = [float(c) for c in row.strip("|").split("|")[2:] if c.strip() not in ("sdpa", "eager")]
+        assert len(numbers) == 6 and all(math.isfinite(x) and x > 0 for x in numbers), row
+    agreement = next(line for line in proc.stdout.splitlines() if line.startswith("max |SDPA - eager|"))
+    assert float(agreement.split("logits ")[1].split(",")[0]) < 1e-4, agreement
