@@ -47,7 +47,7 @@ def test_absolute_records_keep_their_cache_keys(data: R.RetrievalData) -> None:
 
     cfg = tiny_config()
     fields = asdict(cfg)
-    del fields["relative"]
+    del fields["relative"], fields["attention"]
     blob = json.dumps({"backbone": "uniter", "arm": "villa", "config": fields, "data": data.summary}, sort_keys=True)
     assert runs._config_key("uniter", "villa", cfg, data) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert runs._config_key("uniter", "villa", tiny_config(relative=True), data) != runs._config_key(
@@ -158,3 +158,19 @@ def test_cli_sizes_only_with_tune(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--tune", "--sizes", "0"])
     assert "argument --sizes" in capsys.readouterr().err
+
+
+def test_default_attention_is_eager_the_kernel_of_the_recorded_runs(data: R.RetrievalData) -> None:
+    def weights(cfg: R.RetrievalConfig) -> torch.Tensor:
+        model = R.build_model("uniter", cfg, data, seed=0, text_size=TINY)
+        assert model.net.config.attn_implementation == cfg.attention
+        R.train_run(model, data, "villa", cfg, seed=0, progress=False)
+        return model.image_proj.weight.detach().clone()
+
+    default = weights(tiny_config())
+    assert torch.equal(default, weights(tiny_config(attention="eager")))
+    assert not torch.equal(default, weights(tiny_config(attention="sdpa")))  # sdpa differs in the last bits
+    assert runs._config_key("uniter", "villa", tiny_config(attention="sdpa"), data) != runs._config_key(
+        "uniter", "villa", tiny_config(), data)
+    with pytest.raises(AdvlabValueError, match="attention"):
+        tiny_config(attention="flash")

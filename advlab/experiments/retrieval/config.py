@@ -62,6 +62,9 @@ class RetrievalConfig:
         relative: Read `txt_step` and `img_step` as fractions of each row's clean norm at the
             site (`advlab.Perturbation(relative=True)`: a step's l2 norm is the fraction times
             the caption's or the image's clean embedding norm); False: absolute sizes.
+        attention: The backbone's attention kernel, `"eager"` (the default: the recorded runs
+            were computed with it) or `"sdpa"` (`scaled_dot_product_attention`, faster; its
+            results differ in the last bits, which training amplifies).
         max_length: Token limit of a caption, [CLS] and [SEP] included.
         eval_batch: Pairs per forward at evaluation.
         grid: Grid cells per side of the region features (2: 1 object + 4 cells, 4: 1 + 16),
@@ -102,6 +105,7 @@ class RetrievalConfig:
     grid: int = 2
     freeze_word_embeddings: bool = True
     relative: bool = False  # False: absolute sizes (records of absolute runs keep their cache keys)
+    attention: Literal["eager", "sdpa"] = "eager"  # eager: the recorded runs' numbers, bit for bit
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
@@ -116,6 +120,8 @@ class RetrievalConfig:
                 raise AdvlabValueError(
                     f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
                 )
+        if self.attention not in ("eager", "sdpa"):
+            raise AdvlabValueError(f"Expected `attention` to be 'eager' or 'sdpa', but got {self.attention!r}.")
         for name in ("freeze_word_embeddings", "relative"):
             if not isinstance(getattr(self, name), bool):
                 raise AdvlabTypeError(f"Expected `{name}` to be a bool, but got {getattr(self, name)!r}.")

@@ -76,7 +76,7 @@ class RetrievalModel(nn.Module):
             self.net: nn.Module = UniterModel(UniterConfig(
                 vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=config.layers,
                 num_attention_heads=num_attention_heads, intermediate_size=intermediate_size, img_dim=img_dim,
-                pos_dim=7,
+                pos_dim=7, attn_implementation=config.attention,
             ))
         else:
             from advlab.backbones.lxmert import LxmertConfig, LxmertModel
@@ -85,6 +85,7 @@ class RetrievalModel(nn.Module):
                 vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
                 intermediate_size=intermediate_size, l_layers=config.layers, x_layers=config.x_layers,
                 r_layers=config.r_layers, visual_feat_dim=img_dim, visual_pos_dim=4,
+                attn_implementation=config.attention,
             ))
         self.text_proj = nn.Linear(hidden_size, config.proj_dim)
         self.image_proj = nn.Linear(hidden_size, config.proj_dim)

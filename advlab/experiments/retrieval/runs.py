@@ -44,6 +44,8 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
     cfg = asdict(config)
     if not cfg["relative"]:
         del cfg["relative"]  # absolute runs are computed as before the field existed: same keys
+    if cfg["attention"] == "eager":
+        del cfg["attention"]  # eager attention is how every earlier record was computed: same keys
     fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": cfg, "data": data.summary}
     if arm in _ARM_REVISIONS:
         fields["revision"] = _ARM_REVISIONS[arm]
