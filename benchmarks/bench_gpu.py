@@ -95,9 +95,11 @@ def check_exactness(model, inputs, targets, ks, modes) -> list[str]:
                 scale_used = float(scaler.get_scale())
                 fp16 = {n: g / scale_used for n, g in grads(model).items()}
                 finite = all(bool(torch.isfinite(g).all()) for g in fp16.values())
+                if stats.skipped_steps:  # gradients were left as before the step; advlab lowered the scale
+                    continue
                 scaler.step(frozen)
                 scaler.update()
-                if finite and stats.skipped_steps == 0:
+                if finite:
                     break
             lines.append(f"fp16 autocast + GradScaler {mode} K={K}: finite {finite} at attempt {attempt} (scale "
                          f"{scale_used:g}), skipped ascent steps {stats.skipped_steps}, "
