@@ -14,7 +14,7 @@ Shape notation:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -32,10 +32,39 @@ from advlab._errors import AdvlabValueError
 from advlab.balls import NORMS, Norm, _norm_keepdim, normalize, normalize_sign, project
 from advlab.samplers import _rand
 
-__all__ = ["Direction", "DIRECTIONS", "pgd_step", "random_direction", "smart_step", "PGDAscender", "SMARTAscender"]
+__all__ = [
+    "Ascender", "Direction", "DIRECTIONS", "pgd_step", "random_direction", "smart_step", "PGDAscender", "SMARTAscender",
+]
 
 Direction = Literal["gradient", "sign", "random"]
 DIRECTIONS: tuple[str, ...] = ("gradient", "sign", "random")
+
+
+class Ascender(Protocol):
+    """What moves δ given its gradient: `PGDAscender`, `SMARTAscender`, or any matching callable.
+
+    Recipes and `free_training` take one as `ascender=` (one for every modality, or a mapping
+    modality -> ascender). An ascender that also accepts `scale=` (the clean embedding norm per
+    row) serves perturbations with relative sizes.
+
+    Shape:
+        - delta, grad: the site tensor's shape, e.g. [b, n, d]; mask: [b, n] (True = real element)
+        - output: the shape of `delta`
+
+    Examples:
+        >>> import torch
+        >>> def half_sign(delta, grad, *, mask=None, generator=None):
+        ...     return delta + 0.5 * grad.sign()
+        >>> step: Ascender = half_sign
+        >>> step(torch.zeros(1, 2), torch.tensor([[3.0, -4.0]]))
+        tensor([[ 0.5000, -0.5000]])
+    """
+
+    def __call__(
+        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Return the new δ (`grad` is None for a δ that sends no gradient, e.g. a random direction)."""
+        ...
 
 
 def random_direction(

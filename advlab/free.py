@@ -41,13 +41,14 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from advlab._checks import check_callable, check_choice, check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError, NonFiniteError
+from advlab.ascent import Ascender as Ascender  # re-exported: recipes and older code import it from here
 from advlab.ascent import PGDAscender
 from advlab.balls import row_norm
 from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
@@ -60,16 +61,6 @@ __all__ = ["Ascender", "AscentStep", "FreeTraining", "Schedule", "default_logits
 Schedule = Literal["deferred", "retain", "lean"]
 SCHEDULES: tuple[str, ...] = ("deferred", "retain", "lean")
 NonFinitePolicy = Literal["raise", "skip"]
-
-
-class Ascender(Protocol):
-    """Anything that moves δ given its gradient (`PGDAscender`, `SMARTAscender`)."""
-
-    def __call__(
-        self, delta: Tensor, grad: Tensor | None, *, mask: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Return the new δ."""
-        ...
 
 
 def _is_ddp(model: nn.Module) -> bool:
