@@ -144,7 +144,8 @@ class Perturbation:
 
         Examples:
             >>> import torch
-            >>> from advlab import Perturbation, pgd_step
+            >>> from advlab import Perturbation
+            >>> from advlab.ascent import pgd_step
             >>> p = Perturbation(step_size=0.1, relative=True)
             >>> x = torch.tensor([[3.0, 4.0]])
             >>> s = p.scale_for(x)

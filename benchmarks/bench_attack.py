@@ -177,7 +177,7 @@ def strength(quick: bool) -> list[dict]:
             for method in ("pgd", "apgd"):
                 pert = {"txt": advlab.Perturbation(step_size=2.5 * radius / steps, radius=radius, relative=True)}
                 res = advlab.attack(model, perturbations=pert, forward=lambda: model(**inputs), steps=steps,
-                                    mode="txt", method=method, logits=advlab.default_logits,
+                                    mode="txt", method=method, logits=advlab.free.default_logits,
                                     loss=lambda o: F.cross_entropy(o.logits, labels, reduction="none"))
                 out[method] = res
             pgd, apgd = out["pgd"], out["apgd"]

@@ -229,7 +229,7 @@ def test_properties(seed, norm, radius, method, mode, restarts, steps, init, pat
     clean = {"txt": model.word(ids).detach(), "img": img}
     for m, delta in result.deltas.items():
         bound = radius * (advlab.embedding_scale(clean[m], norm, mask=masks[m]) if relative else torch.ones((), dtype=torch.float64))
-        size = advlab.row_norm(delta, norm, mask=masks[m])
+        size = advlab.balls.row_norm(delta, norm, mask=masks[m])
         assert (size <= bound.reshape(size.shape if relative else ()) * (1 + 1e-12)).all()
         assert (delta[~masks[m]] == 0).all()
     # the δ returned reproduces the loss returned (eval mode, as during the attack)
@@ -359,7 +359,7 @@ def test_works_under_no_grad_and_keeps_logits():
     model, (ids, img, tm, im), y = _tiny()
     with torch.no_grad():
         r = advlab.attack(model, sites=SITES, perturbations={"txt": advlab.Perturbation(0.2, radius=0.5)},
-                          forward=lambda: model(ids, img, tm, im), logits=advlab.default_logits,
+                          forward=lambda: model(ids, img, tm, im), logits=advlab.free.default_logits,
                           loss=lambda out: F.cross_entropy(out, y, reduction="none"), masks={"txt": tm})
     assert (r.loss > r.clean_loss).any()
     torch.testing.assert_close(F.cross_entropy(r.logits, y, reduction="none"), r.loss, rtol=0, atol=0)

@@ -54,7 +54,7 @@ def test_table_matches_a_hand_loop_over_batches_of_different_sizes():
                 model, sites=SITES, perturbations=PERTS, forward=lambda b=batch: _forward(model)(b),
                 loss=lambda out, y=batch["labels"]: F.cross_entropy(out, y, reduction="none"), steps=4,
                 mode=row["modality"], masks={"txt": batch["tm"], "img": batch["im"]}, radius=radius,
-                step_size={m: 2.5 / 4 * r for m, r in radius.items()}, logits=advlab.default_logits,
+                step_size={m: 2.5 / 4 * r for m, r in radius.items()}, logits=advlab.free.default_logits,
             )
             adv.append(accuracy(res.logits, batch["labels"]))
             clean.append(accuracy(res.clean_logits, batch["labels"]))

@@ -31,7 +31,7 @@ def _check(model, before, result, masks, perturbations):
         call_masks = masks[m] if isinstance(masks[m], list) else [masks[m]] * len(deltas)
         for d, mask in zip(deltas, call_masks):
             p = perturbations[m]
-            assert advlab.Ball(p.norm, p.radius).contains(d, mask=mask, rtol=1e-5).all()
+            assert advlab.balls.Ball(p.norm, p.radius).contains(d, mask=mask, rtol=1e-5).all()
             assert (d[~mask.bool()] == 0).all()
 
 
@@ -80,7 +80,7 @@ def test_bundled_backbones(make, method):
     before = _state(model)
     result = advlab.attack(model, perturbations=perts, forward=forward, masks=masks, steps=5, method=method,
                            loss=lambda out: F.cross_entropy(out.logits, labels, reduction="none"),
-                           logits=advlab.default_logits)
+                           logits=advlab.free.default_logits)
     _check(model, before, result, masks, perts)
     assert result.modalities == ("txt", "img")
     single = advlab.attack(model, perturbations=perts, forward=forward, masks=masks, steps=5, method=method,

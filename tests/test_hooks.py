@@ -182,7 +182,7 @@ def test_zero_delta_is_bit_identical_nonzero_changes_and_hooks_run_as_expected(m
                 loss = loss + F.cross_entropy(out, y)
             ft.backward(loss / steps)
         calls = ft.hook_calls
-    groups = advlab.forward_groups(mode, ["txt", "img"])
+    groups = advlab.free.forward_groups(mode, ["txt", "img"])
     perturbed = [m for g in groups for m in g]
     # every forward (the clean one and each group's) runs each hooked site once
     assert calls == {m: 1 + steps * len(groups) for m in perturbed}

@@ -228,12 +228,12 @@ def test_pretraining_heads_are_optional_and_tied():
 @pytest.mark.parametrize("cls", [LxmertModel, LxmertForVQA, LxmertForGQA, LxmertForNLVR2, LxmertForPreTraining])
 def test_perturbation_sites_resolve_to_the_word_lookup_and_visn_fc(cls):
     model = seeded(cls, CFG)
-    resolved = advlab.resolve_sites(model)
+    resolved = advlab.sites.resolve_sites(model)
     backbone = model if isinstance(model, LxmertModel) else model.lxmert
     assert resolved["txt"][1] is backbone.embeddings.word_embeddings
     assert resolved["img"][1] is backbone.encoder.visn_fc.visn_fc
     assert resolved["txt"][0].where == "output" and resolved["img"][0].where == "input"
-    assert isinstance(model, advlab.HasPerturbationSites)
+    assert isinstance(model, advlab.sites.HasPerturbationSites)
     calls = 2 if cls is LxmertForNLVR2 else 1
     assert resolved["txt"][0].calls == resolved["img"][0].calls == calls
 

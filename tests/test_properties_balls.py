@@ -39,14 +39,14 @@ from tests.strategies import (
 )
 
 PROJECTIONS = {
-    "l2": advlab.project_l2,
-    "l2_token": advlab.project_l2_token,
-    "linf": advlab.project_linf,
+    "l2": advlab.balls.project_l2,
+    "l2_token": advlab.balls.project_l2_token,
+    "linf": advlab.balls.project_linf,
 }
 NORMALIZERS = {
-    "l2": advlab.normalize_l2,
-    "l2_token": advlab.normalize_l2_token,
-    "linf": advlab.normalize_linf,
+    "l2": advlab.balls.normalize_l2,
+    "l2_token": advlab.balls.normalize_l2_token,
+    "linf": advlab.balls.normalize_linf,
 }
 
 
@@ -74,7 +74,7 @@ def test_project_is_idempotent_and_inside_the_ball(norm, data, radius):
     assert once.dtype == x.dtype and once.shape == x.shape
     # the named function and the Ball are the same projection, bit for bit
     assert torch.equal(PROJECTIONS[norm](x, radius, mask=mask), once)
-    ball = advlab.Ball(norm, radius)
+    ball = advlab.balls.Ball(norm, radius)
     assert torch.equal(ball.project(x, mask=mask), once)
 
     twice = advlab.project(once, norm, radius, mask=mask)
@@ -110,7 +110,7 @@ def test_project_unbounded_only_masks(norm, data):
     assert torch.equal(advlab.project(x, norm, None), x)
     masked_x = torch.where(expand_mask(mask, x), x, torch.zeros((), dtype=x.dtype))
     assert torch.equal(advlab.project(x, norm, None, mask=mask), masked_x)
-    inside = advlab.Ball(norm, None).contains(x, mask=mask)
+    inside = advlab.balls.Ball(norm, None).contains(x, mask=mask)
     assert inside.shape == x.shape[:1] and inside.all()
 
 
@@ -209,15 +209,15 @@ def test_masked_positions_are_exact_zeros_and_never_leak(data, norm, fill, radiu
     full = expand_mask(mask, x)
     outs = {
         "normalize": (advlab.normalize(poisoned, norm, mask=mask), advlab.normalize(x, norm, mask=mask)),
-        "normalize_sign": (advlab.normalize_sign(poisoned, mask=mask), advlab.normalize_sign(x, mask=mask)),
+        "normalize_sign": (advlab.balls.normalize_sign(poisoned, mask=mask), advlab.balls.normalize_sign(x, mask=mask)),
         "project": (advlab.project(poisoned, norm, radius, mask=mask), advlab.project(x, norm, radius, mask=mask)),
         "pgd_step": (
-            advlab.pgd_step(poisoned, poisoned, step_size=0.1, norm=norm, radius=radius, mask=mask),
-            advlab.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius, mask=mask),
+            advlab.ascent.pgd_step(poisoned, poisoned, step_size=0.1, norm=norm, radius=radius, mask=mask),
+            advlab.ascent.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius, mask=mask),
         ),
         "smart_step": (
-            advlab.smart_step(poisoned, poisoned, step_size=0.1, mask=mask),
-            advlab.smart_step(x, x, step_size=0.1, mask=mask),
+            advlab.ascent.smart_step(poisoned, poisoned, step_size=0.1, mask=mask),
+            advlab.ascent.smart_step(x, x, step_size=0.1, mask=mask),
         ),
     }
     for name, (out, clean) in outs.items():
@@ -226,8 +226,8 @@ def test_masked_positions_are_exact_zeros_and_never_leak(data, norm, fill, radiu
         assert torch.isfinite(out).all(), name
         # what was at the masked positions changed nothing anywhere
         assert torch.equal(out, clean), name
-    n_poisoned = advlab.row_norm(poisoned, norm, mask=mask)
-    assert torch.equal(n_poisoned, advlab.row_norm(x, norm, mask=mask))
+    n_poisoned = advlab.balls.row_norm(poisoned, norm, mask=mask)
+    assert torch.equal(n_poisoned, advlab.balls.row_norm(x, norm, mask=mask))
     # atol: float32 squares of elements below ~1e-19 underflow (harmless: far below the 1e-8 clamp)
     assert_close(n_poisoned.double(), ref_norm(x, norm, mask), rtol=rtol_for(torch.float32), atol=1e-18)
 
@@ -239,7 +239,7 @@ def test_fully_masked_rows_normalise_and_project_to_zero(data, norm, dtype):
     mask = torch.zeros(shape[:-1], dtype=torch.bool)
     assert torch.equal(advlab.normalize(x, norm, mask=mask), torch.zeros_like(x))
     assert torch.equal(advlab.project(x, norm, 1.0, mask=mask), torch.zeros_like(x))
-    assert torch.equal(advlab.row_norm(x, norm, mask=mask), torch.zeros_like(advlab.row_norm(x, norm)))
+    assert torch.equal(advlab.balls.row_norm(x, norm, mask=mask), torch.zeros_like(advlab.balls.row_norm(x, norm)))
 
 
 # ---------------------------------------------------------------------------------------------- normalise
@@ -257,7 +257,7 @@ def test_normalize_has_unit_norm_or_is_zero(norm, data, dtype):
         x = -x
     out = advlab.normalize(x, norm, mask=mask)
     assert torch.equal(NORMALIZERS[norm](x, mask=mask), out)
-    assert torch.equal(advlab.Ball(norm).normalize(x, mask=mask), out)
+    assert torch.equal(advlab.balls.Ball(norm).normalize(x, mask=mask), out)
     assert out.dtype == x.dtype and torch.isfinite(out).all()
 
     g_norm = ref_norm(x, norm, mask)
@@ -283,7 +283,7 @@ def test_normalize_bfloat16_is_the_float32_direction_rounded(x, norm):
 @given(data=masked_inputs())
 def test_normalize_sign_is_minus_one_zero_or_one(data):
     x, mask = data
-    out = advlab.normalize_sign(x, mask=mask)
+    out = advlab.balls.normalize_sign(x, mask=mask)
     assert out.dtype == x.dtype
     assert torch.isin(out.double(), torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)).all()
     full = expand_mask(mask, x)
@@ -298,11 +298,11 @@ def test_normalize_sign_is_minus_one_zero_or_one(data):
 def test_row_norm_is_at_least_float32(x, norm, data):
     mask = data.draw(optional_masks(x.shape))
     xb = x.bfloat16()
-    nb = advlab.row_norm(xb, norm, mask=mask)
+    nb = advlab.balls.row_norm(xb, norm, mask=mask)
     assert nb.dtype == torch.float32
-    assert torch.equal(nb, advlab.row_norm(xb.float(), norm, mask=mask))  # not accumulated in bfloat16
-    assert advlab.row_norm(x, norm, mask=mask).dtype == torch.float32
-    n64 = advlab.row_norm(x.double(), norm, mask=mask)
+    assert torch.equal(nb, advlab.balls.row_norm(xb.float(), norm, mask=mask))  # not accumulated in bfloat16
+    assert advlab.balls.row_norm(x, norm, mask=mask).dtype == torch.float32
+    n64 = advlab.balls.row_norm(x.double(), norm, mask=mask)
     assert n64.dtype == torch.float64
     assert_close(n64, ref_norm(x, norm, mask), rtol=1e-12, atol=0.0)
     expected_shape = x.shape[:-1] if norm == "l2_token" else x.shape[:1]
@@ -315,8 +315,8 @@ def test_nonpositive_or_nonfinite_radius_raises(radius, norm):
     for call in (
         lambda: advlab.project(x, norm, radius),
         lambda: PROJECTIONS[norm](x, radius),
-        lambda: advlab.Ball(norm, radius),
-        lambda: advlab.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius),
+        lambda: advlab.balls.Ball(norm, radius),
+        lambda: advlab.ascent.pgd_step(x, x, step_size=0.1, norm=norm, radius=radius),
         lambda: advlab.PGDAscender(0.1, norm, radius),
         lambda: advlab.Perturbation(0.1, radius=radius, norm=norm),
     ):
@@ -347,7 +347,7 @@ def test_pgd_step_keeps_masked_zero_and_stays_in_the_ball(data, norm, direction,
     for _ in range(steps):
         grad = 10 * torch.randn(shape, generator=gen).to(dtype)
         grad = poison_masked(grad, mask, fill)
-        delta = advlab.pgd_step(
+        delta = advlab.ascent.pgd_step(
             delta, grad, step_size=step_size, norm=norm, radius=radius, direction=direction, mask=mask, generator=gen
         )
         assert delta.dtype == dtype and delta.shape == shape
@@ -363,7 +363,7 @@ def test_pgd_step_random_direction_moves_by_step_size(data, norm, step_size, dty
     mask = data.draw(optional_masks(shape))
     seed = data.draw(seeds)
     delta = advlab.UniformSampler(step_size)(torch.empty(shape, dtype=dtype), mask=mask, generator=generator(seed + 1))
-    out = advlab.pgd_step(
+    out = advlab.ascent.pgd_step(
         delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed)
     )
     move = ref_norm(out.double() - delta.double(), norm)
@@ -371,14 +371,14 @@ def test_pgd_step_random_direction_moves_by_step_size(data, norm, step_size, dty
     assert_close(move[live], torch.full_like(move[live], step_size), rtol=4 * rtol_for(dtype), atol=0.0)
     assert (move[~live] == 0).all()
     # equal seeds, equal moves; another seed, another move
-    again = advlab.pgd_step(
+    again = advlab.ascent.pgd_step(
         delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed)
     )
     assert torch.equal(again, out)
     full = expand_mask(mask, delta)
     per_unit = full.sum(-1) if norm == "l2_token" else full.reshape(shape[0], -1).sum(-1)
     if (per_unit >= 2).any():  # a 1-element unit has only the directions +-1
-        other = advlab.pgd_step(
+        other = advlab.ascent.pgd_step(
             delta, None, step_size=step_size, norm=norm, direction="random", mask=mask, generator=generator(seed ^ 1)
         )
         assert not torch.equal(other, out)
@@ -400,15 +400,15 @@ def test_pgd_step_is_invariant_to_scaling_the_gradient(data, norm, direction, ra
     g[data.draw(st.integers(0, shape[0] - 1))] = 0.0  # a zero row stays put in both
     delta = data.draw(tensors(shape, dtype, scale=0.1))
     kwargs = {"step_size": 0.05, "norm": norm, "radius": radius, "direction": direction, "mask": mask}
-    assert torch.equal(advlab.pgd_step(delta, g * 2.0**16, **kwargs), advlab.pgd_step(delta, g, **kwargs))
+    assert torch.equal(advlab.ascent.pgd_step(delta, g * 2.0**16, **kwargs), advlab.ascent.pgd_step(delta, g, **kwargs))
 
 
 @pytest.mark.parametrize("direction", ["gradient", "sign", "random"])
 def test_pgd_step_refuses_a_1d_delta_by_its_name(direction):
     with pytest.raises(advlab.AdvlabValueError, match="`delta`.*at least 2 dimensions"):
-        advlab.pgd_step(torch.zeros(3), torch.ones(3), step_size=0.1, direction=direction)
+        advlab.ascent.pgd_step(torch.zeros(3), torch.ones(3), step_size=0.1, direction=direction)
     with pytest.raises(advlab.AdvlabValueError, match="`like`.*at least 2 dimensions"):
-        advlab.random_direction(torch.zeros(3))
+        advlab.ascent.random_direction(torch.zeros(3))
 
 
 @pytest.mark.parametrize("direction", ["gradient", "sign", "random"])
@@ -416,7 +416,7 @@ def test_pgd_step_returns_a_detached_perturbation(direction):
     """Documented: the new δ is detached, also when δ and its gradient still carry a graph."""
     delta = torch.zeros(2, 3, 4, requires_grad=True)
     grad = torch.randn(2, 3, 4, generator=generator(0)).requires_grad_()
-    out = advlab.pgd_step(delta * 1.0, grad * 1.0, step_size=0.1, radius=1.0, direction=direction)
+    out = advlab.ascent.pgd_step(delta * 1.0, grad * 1.0, step_size=0.1, radius=1.0, direction=direction)
     assert not out.requires_grad and out.grad_fn is None
 
 
@@ -434,7 +434,7 @@ def test_smart_step_is_bounded_per_position(data, step_size, eps, dtype, steps):
     full = expand_mask(mask, delta)
     for _ in range(steps):
         grad = data.draw(tensors_elementwise(shape, dtype))
-        delta = advlab.smart_step(delta, grad, step_size=step_size, eps=eps, mask=mask)
+        delta = advlab.ascent.smart_step(delta, grad, step_size=step_size, eps=eps, mask=mask)
         assert delta.dtype == dtype and delta.shape == shape
         assert torch.isfinite(delta).all()
         assert (delta.double().abs().amax(-1) <= 1.0).all()
@@ -444,7 +444,7 @@ def test_smart_step_is_bounded_per_position(data, step_size, eps, dtype, steps):
 def test_smart_step_max_abs_is_one_without_eps():
     """Independent value: after one step each nonzero position has max-abs exactly 1 when eps = 0."""
     g = torch.tensor([[[2.0, -4.0], [0.0, 0.0], [0.5, 0.25]]])
-    out = advlab.smart_step(torch.zeros_like(g), g, step_size=3.0, eps=0.0)
+    out = advlab.ascent.smart_step(torch.zeros_like(g), g, step_size=3.0, eps=0.0)
     assert torch.equal(out, torch.tensor([[[0.5, -1.0], [0.0, 0.0], [1.0, 0.5]]]))
 
 
@@ -469,7 +469,7 @@ def test_normalize_and_project_survive_values_at_the_dtype_limits(dtype, norm, w
     proj = advlab.project(x, norm, radius)
     # on the sphere along x's own direction: each element radius / sqrt(n) in magnitude
     assert_close(proj.double(), expected * radius, rtol=rtol_for(dtype), atol=0.0)
-    n = advlab.row_norm(x, norm)
+    n = advlab.balls.row_norm(x, norm)
     true_norm = float(value) * n_elems**0.5
     if true_norm > torch.finfo(n.dtype).max:  # bfloat16's largest values: the norm itself exceeds float32
         assert torch.isinf(n).all()

@@ -69,6 +69,6 @@ def test_training_with_a_zero_radius_warns_and_equals_plain_training() -> None:
 @pytest.mark.parametrize("norm", ["l2", "l2_token", "linf"])
 def test_every_radius_taker_accepts_zero_as_the_point_ball(norm: str) -> None:
     x = torch.randn(2, 3, 4)
-    assert torch.equal(advlab.Ball(norm, 0.0).project(x), torch.zeros_like(x))
+    assert torch.equal(advlab.balls.Ball(norm, 0.0).project(x), torch.zeros_like(x))
     assert torch.equal(advlab.PGDAscender(0.1, norm, 0.0)(x, torch.randn_like(x)), torch.zeros_like(x))
     assert advlab.Perturbation(0.1, radius=-0.0, norm=norm).radius == 0.0

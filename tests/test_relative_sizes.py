@@ -161,8 +161,8 @@ def test_the_step_scales_with_the_embedding(data, norm, c):
     x, mask = data
     s = advlab.embedding_scale(x, norm, mask=mask)
     g = torch.randn(x.shape, dtype=torch.float64, generator=generator(3))
-    d0 = advlab.pgd_step(torch.zeros_like(x), g, step_size=0.1, norm=norm, radius=0.05, mask=mask, scale=s)
-    d1 = advlab.pgd_step(torch.zeros_like(x), g, step_size=0.1, norm=norm, radius=0.05, mask=mask, scale=c * s)
+    d0 = advlab.ascent.pgd_step(torch.zeros_like(x), g, step_size=0.1, norm=norm, radius=0.05, mask=mask, scale=s)
+    d1 = advlab.ascent.pgd_step(torch.zeros_like(x), g, step_size=0.1, norm=norm, radius=0.05, mask=mask, scale=c * s)
     torch.testing.assert_close(d1, c * d0, rtol=1e-12, atol=1e-300)
 
 
@@ -217,9 +217,9 @@ def test_bad_scale_and_relative_flag_are_refused():
         advlab.Perturbation(relative=1)
     delta = torch.zeros(2, 3, 4)
     with pytest.raises(advlab.AdvlabValueError, match=r"`scale`.*\(2,\).*got \(3,\)"):
-        advlab.pgd_step(delta, torch.ones_like(delta), step_size=0.1, scale=torch.ones(3))
+        advlab.ascent.pgd_step(delta, torch.ones_like(delta), step_size=0.1, scale=torch.ones(3))
     with pytest.raises(advlab.AdvlabValueError, match="finite and >= 0"):
-        advlab.pgd_step(delta, torch.ones_like(delta), step_size=0.1, scale=-torch.ones(2))
+        advlab.ascent.pgd_step(delta, torch.ones_like(delta), step_size=0.1, scale=-torch.ones(2))
 
 
 def test_relative_sizes_with_an_ascender_without_scale_are_refused():

@@ -241,7 +241,7 @@ def evaluate_robustness(
         metric: `(logits, targets)` to a per-example value [b] or a batch mean; None =
             top-1 accuracy (`advlab.attacks.accuracy`).
         logits: Output to the logits the loss and the metric read; default
-            `advlab.default_logits` (a Tensor, `.logits`, or element 0 of a tuple).
+            `advlab.free.default_logits` (a Tensor, `.logits`, or element 0 of a tuple).
         sites: Modality to site; None = `model.perturbation_sites()`.
         masks: Batch to the modality masks of that batch, or None.
         modes: Which attacks to run: `"joint"` and/or modality names; one table row each.
