@@ -13,39 +13,69 @@ model sends no gradient to padding (any model that masks padded keys and pools r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_module, check_nonnegative, check_scalar
+from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.ascent import Ascender
 from advlab.balls import NORMS, Norm
-from advlab.free import Ascender, FreeTraining, Schedule, free_training
-from advlab.hooks import MaskLike
+from advlab.free import FreeTraining, Schedule
 from advlab.perturbation import Perturbation
+from advlab.recipe import Recipe, refuse_together
 from advlab.samplers import ScaledUniformSampler, UniformSampler, ZeroSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["FreeLB"]
+__all__ = ["FreeLB", "FreeLBConfig"]
 
 
-class FreeLB:
+@dataclass(frozen=True)
+class FreeLBConfig:
+    """The numbers of a `FreeLB` step (the Hugging Face script's arguments).
+
+    Attributes:
+        steps: K (`adv_steps`; 2-4 in the published GLUE runs).
+        step_size: η (`adv_lr`; 3e-2 to 2e-1 in the published runs).
+        init_magnitude: m (`adv_init_mag`; 0 gives zeros).
+        radius: Projection radius (`adv_max_norm`; None = 0 = unbounded).
+        norm: `"l2"`, `"linf"` or `"l2_token"`.
+        mode: `"joint"`, `"alter"` or a modality name.
+
+    Examples:
+        >>> FreeLBConfig(steps=2, init_magnitude=0.1).step_size
+        0.1
+    """
+
+    steps: int = 3
+    step_size: float = 0.1
+    init_magnitude: float = 0.0
+    radius: float | None = None  # None = unbounded (adv_max_norm = 0)
+    norm: Norm = "l2"
+    mode: str = "joint"
+
+    def __post_init__(self) -> None:
+        check_count(self.steps, "steps")
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        object.__setattr__(self, "init_magnitude", check_nonnegative(self.init_magnitude, "init_magnitude"))
+        object.__setattr__(self, "radius", check_radius(self.radius, allow_zero=True))
+        check_choice(self.norm, NORMS, "norm")
+        if not isinstance(self.mode, str):
+            raise AdvlabTypeError(f"Expected `mode` to be a str, but got {type(self.mode).__name__}.")
+
+
+class FreeLB(Recipe):
     """FreeLB on any nn.Module.
 
     Args:
         model: The model.
         sites: Modality to site; None = `model.perturbation_sites()`.
-        perturbations: Modality to `Perturbation`; None = one per site from
-            `step_size`, `init_magnitude`, `radius` and `norm` (which are refused together
-            with `perturbations`: set them on each `Perturbation`).
-        steps: K (FreeLB's `adv_steps`; 2-4 in the published GLUE runs; default 3).
-        step_size: η (`adv_lr`; 3e-2 to 2e-1 in the published runs; default 0.1).
-        init_magnitude: m (`adv_init_mag`; default 0, which gives zeros).
-        radius: Projection radius (`adv_max_norm`; None = 0 = unbounded).
-        norm: `"l2"` (default) or `"linf"` (also `"l2_token"`).
-        mode: `"joint"`, `"alter"` or a modality name.
+        perturbations: Modality to `Perturbation`; None = one per site from the config's
+            `step_size`, `init_magnitude`, `radius` and `norm` (which are refused as
+            overrides together with `perturbations`: set them on each `Perturbation`).
+        config: A `FreeLBConfig`; default `FreeLBConfig()` (K = 3, η = 0.1, m = 0, unbounded L2).
         ascender: Replaces the δ update built from each `Perturbation` (one `Ascender`,
             or a mapping modality -> `Ascender`); refused together with `step_size` or
             `radius`, which only configure the default one.
@@ -55,6 +85,8 @@ class FreeLB:
             With several modalities in joint mode and no earlier forward in the step, δ₀ is drawn
             at each site's first call: list the sites in the order the model runs them (a
             model that runs a later-listed site first draws in its own order, with a warning).
+        **overrides: Fields of `FreeLBConfig` (`steps`, `step_size`, `init_magnitude`,
+            `radius`, `norm`, `mode`).
 
     Examples:
         >>> import torch
@@ -68,80 +100,57 @@ class FreeLB:
         2
     """
 
+    config_class = FreeLBConfig
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         perturbations: Mapping[str, Perturbation] | None = None,
         *,
-        steps: int = 3,
-        step_size: float | None = None,
-        init_magnitude: float | None = None,
-        radius: float | None = None,
-        norm: Norm | None = None,
-        mode: str = "joint",
+        config: FreeLBConfig | None = None,
         ascender: Ascender | Mapping[str, Ascender] | None = None,
         schedule: Schedule = "deferred",
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        given = {"step_size": step_size, "init_magnitude": init_magnitude, "radius": radius, "norm": norm}
-        both = [k for k, v in given.items() if v is not None]
-        if ascender is not None and (step_size is not None or radius is not None):
-            raise AdvlabValueError(
-                "Expected either `ascender` or `step_size` / `radius` (which configure the default ascender built "
-                "from each Perturbation), but got both; the ascender would ignore them."
-            )
-        if perturbations is not None and both:
-            raise AdvlabValueError(
-                f"Expected {', '.join(f'`{k}`' for k in both)} either as arguments or inside each `Perturbation` of "
-                "`perturbations`, but got both; set them per modality on the `Perturbation`s."
-            )
-        norm = check_choice("l2" if norm is None else norm, NORMS, "norm")  # type: ignore[assignment]
-        m = check_nonnegative(0.0 if init_magnitude is None else init_magnitude, "init_magnitude")
-        init = ZeroSampler() if m == 0 else (UniformSampler(m) if norm == "linf" else ScaledUniformSampler(m))
-        self.model = check_module(model)
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
+        if ascender is not None:
+            refuse_together("FreeLB", overrides, ("step_size", "radius"), "ascender",
+                            "which configure the default ascender built from each Perturbation")
+        if perturbations is not None:
+            both = [k for k in ("step_size", "init_magnitude", "radius", "norm") if overrides.get(k) is not None]
+            if both:
+                raise AdvlabValueError(
+                    f"Expected {', '.join(f'`{k}`' for k in both)} either as arguments or inside each `Perturbation` "
+                    "of `perturbations`, but got both; set them per modality on the `Perturbation`s."
+                )
+        c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
         if perturbations is not None and not isinstance(perturbations, Mapping):
             raise AdvlabTypeError(
                 f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
             )
-        eta = 0.1 if step_size is None else step_size
+        m = c.init_magnitude
+        init = ZeroSampler() if m == 0 else (UniformSampler(m) if c.norm == "linf" else ScaledUniformSampler(m))
         self.perturbations = dict(perturbations) if perturbations is not None else {
-            k: Perturbation(step_size=eta, radius=radius, norm=norm, init=init) for k in self.sites  # type: ignore[arg-type]
+            k: Perturbation(step_size=c.step_size, radius=c.radius, norm=c.norm, init=init) for k in self.sites
         }
-        self.steps, self.mode, self.schedule = check_count(steps, "steps"), mode, schedule
+        self.steps, self.mode, self.schedule = c.steps, c.mode, schedule
         self.ascender = ascender
-        self.on_nonfinite, self.generator = on_nonfinite, generator
         self._context()  # checks perturbations against sites, mode, policy, ascender, no compile: now
 
-    def _context(self, masks: Mapping[str, MaskLike] | None = None, scaler: Any | None = None) -> FreeTraining:
-        return free_training(
-            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
-            schedule=self.schedule, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
-            generator=self.generator, ascender=self.ascender,
-        )
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mode": self.mode, "schedule": self.schedule, "ascender": self.ascender}
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One FreeLB step: K perturbed forwards, each loss / K, parameter gradients accumulated."""
-        scale = check_nonnegative(scale, "scale")
-        check_callable(task_loss, "task_loss", ("output",))
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """K perturbed forwards, each loss / K, parameter gradients accumulated."""
         task_values: list[Tensor] = []
-        with self._context(masks, scaler) as ft:
-            for step in ft:
-                total: Tensor | float = 0.0
-                for group in step.groups:
-                    task = check_scalar(task_loss(ft.forward(forward, group)), "`task_loss` output")
-                    total = total + task
-                    task_values.append(task.detach())
-                ft.backward(total * (scale / (self.steps * len(step.groups))))  # type: ignore[operator]
-            norms = ft.delta_norms()
-        return collect_stats(task_values, [], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+        for step in ft:
+            total: Tensor | float = 0.0
+            for group in step.groups:
+                task = check_scalar(task_loss(ft.forward(forward, group)), "`task_loss` output")
+                total = total + task
+                task_values.append(task.detach())
+            ft.backward(total * (scale / (self.steps * len(step.groups))))  # type: ignore[operator]
+        return task_values, []

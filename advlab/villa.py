@@ -19,64 +19,138 @@ with w = 1 reproducing the printed algorithm.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_module, check_nonnegative, check_scalar
+from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.balls import Norm
-from advlab.free import Ascender, FreeTraining, Schedule, default_logits, forward_groups, free_training
-from advlab.hooks import MaskLike
+from advlab.ascent import Ascender
+from advlab.balls import NORMS, Norm
+from advlab.free import FreeTraining, Schedule, default_logits, forward_groups
 from advlab.perturbation import Perturbation
-from advlab.presets import get_preset
+from advlab.recipe import Recipe, refuse_together
 from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, Regularizer, symmetric_kl
 from advlab.samplers import Sampler, ScaledUniformSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["VILLA"]
+__all__ = ["VILLA", "VILLAConfig", "VILLA_PRESETS", "Flavour"]
+
+Flavour = Literal["official", "paper"]
 
 
-class VILLA:
+@dataclass(frozen=True)
+class VILLAConfig:
+    """The numbers of a `VILLA` step; every preset is an instance (see `VILLA_PRESETS`).
+
+    Attributes:
+        name: Preset name (`"custom"` for a config built by hand).
+        flavour: `"official"` (the released code's objective) or `"paper"` (Algorithm 1).
+        mode: `"joint"`, `"alter"` or a modality name (`"txt"`, `"img"`).
+        step_size: Ascent step η for every modality.
+        steps: K.
+        kl_weight: Weight w of the regulariser.
+        kl_reduction: Reduction of the default symmetric KL (`"batchmean"`, `"mean"`, `"sum"`).
+        distribution: How logits become distributions for the default KL (`"softmax"` in
+            all released code, or `"sigmoid"`).
+        source: Where the numbers come from.
+        radius: Ball radius ε (required by the `"paper"` flavour; None = unbounded).
+        norm: `"l2"`, `"l2_token"` or `"linf"`.
+        init: Sampler of δ_0; None = zeros (U(-ε, ε)/√N for `"paper"`).
+        clean_loss: Add the clean forward's task loss; None = True for `"paper"`, False otherwise.
+
+    Examples:
+        >>> import dataclasses
+        >>> dataclasses.replace(VILLA_PRESETS["vqa-large"], steps=2).step_size
+        0.002
+    """
+
+    name: str = "custom"
+    flavour: Flavour = "official"
+    mode: str = "joint"
+    step_size: float = 1e-3  # VILLA VQA-base adv_lr_txt / adv_lr_img
+    steps: int = 3
+    kl_weight: float = 1.5
+    kl_reduction: Reduction = "batchmean"
+    distribution: Distribution = "softmax"
+    source: str = ""
+    radius: float | None = None  # None = unbounded (adv_max_norm = 0 in every released config)
+    norm: Norm = "l2"
+    init: Sampler | None = None
+    clean_loss: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.flavour, ("official", "paper"), "flavour")
+        if not isinstance(self.mode, str):
+            raise AdvlabTypeError(f"Expected `mode` to be a str, but got {type(self.mode).__name__}.")
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        check_count(self.steps, "steps")
+        object.__setattr__(self, "kl_weight", check_nonnegative(self.kl_weight, "kl_weight"))
+        check_choice(self.kl_reduction, REDUCTIONS[:3], "kl_reduction")
+        check_choice(self.distribution, DISTRIBUTIONS, "distribution")
+        object.__setattr__(self, "radius", check_radius(self.radius, allow_zero=True))
+        check_choice(self.norm, NORMS, "norm")
+        if self.init is not None and not callable(self.init):
+            raise AdvlabTypeError(f"Expected `init` to be a Sampler (callable) or None, but got {type(self.init).__name__}.")
+        if self.clean_loss is not None and not isinstance(self.clean_loss, bool):
+            raise AdvlabTypeError(f"Expected `clean_loss` to be a bool or None, but got {self.clean_loss!r}.")
+
+
+VILLA_PRESETS: dict[str, VILLAConfig] = {
+    p.name: p
+    for p in [
+        VILLAConfig("official", "official", "joint", 1e-3, source="official code, VQA-base numbers, both modalities"),
+        VILLAConfig("paper", "paper", "alter", 1e-3, kl_weight=1.0, source="Algorithm 1 as printed (no KL weight)"),
+        VILLAConfig("vqa-base", "official", "txt", 1e-3, source="config/train-vqa-base-4gpu-adv.json"),
+        VILLAConfig("vqa-large", "official", "txt", 2e-3, kl_weight=1.0, source="config/train-vqa-large-8gpu-adv.json"),
+        VILLAConfig("vqa-large-best", "official", "joint", 2e-3, kl_weight=1.0, source="reproducibility-vqa/hps.json"),
+        VILLAConfig("vcr-base", "official", "joint", 1e-2, kl_reduction="mean", source="config/train-vcr-base-4gpu-adv.json"),
+        VILLAConfig("vcr-large", "official", "joint", 1e-1, kl_weight=1.0, kl_reduction="mean",
+                    source="config/train-vcr-large-4gpu-adv.json"),
+        VILLAConfig("nlvr2", "official", "txt", 1e-3, source="config/train-nlvr2-base-1gpu-adv.json"),
+        VILLAConfig("ve", "official", "txt", 1e-3, source="config/train-ve-base-2gpu-adv.json"),
+        VILLAConfig("lxmert-vqa", "official", "txt", 1e-3, source="LXMERT-AdvTrain run/vqa_adv_finetune.bash"),
+        VILLAConfig("lxmert-gqa", "official", "txt", 1e-2, source="LXMERT-AdvTrain run/gqa_adv_finetune.bash"),
+        VILLAConfig("lxmert-nlvr2", "official", "txt", 1e-3, source="LXMERT-AdvTrain run/nlvr2_adv_finetune.bash"),
+    ]
+}
+
+
+class VILLA(Recipe):
     """VILLA on any nn.Module: a preset plus overrides, and `step` for one batch.
 
     Args:
         model: The model; sites resolve against it (a DDP wrapper is unwrapped).
         sites: Modality to site; None = `model.perturbation_sites()`.
         perturbations: Modality to `Perturbation`; None = one per site, built from the
-            preset and `step_size`, `radius`, `norm`, `init` (which are then refused: set
-            them on each `Perturbation`).
-        preset: `"official"`, `"paper"` or a task preset (see `advlab.presets`).
-        steps: K ascent steps (preset: 3).
-        kl_weight: Weight w of the regulariser (preset: 1.5; 1.0 for `"paper"`).
-        mode: `"joint"`, `"alter"` or a modality name (preset: `"joint"` for `"official"`).
-        step_size: Ascent step η for every modality (preset: 1e-3 for `"official"`).
-        radius: Ball radius ε (required by `"paper"`; default unbounded).
-        norm: `"l2"` (default), `"l2_token"` or `"linf"`.
-        init: Sampler of δ_0 (default zeros; U(-ε, ε)/√N for `"paper"`).
-        kl_reduction: `"batchmean"` (preset default), `"mean"` or `"sum"` for the default
-            regulariser.
-        distribution: `"softmax"` (default) or `"sigmoid"` for the default regulariser.
+            config's `step_size`, `radius`, `norm` and `init` (which are then refused as
+            overrides: set them on each `Perturbation`).
+        preset: A name in `VILLA_PRESETS` (`VILLA.presets`): `"official"` (default),
+            `"paper"` or a task preset (see `advlab.presets`).
+        config: A `VILLAConfig` instead of a preset (e.g. `dataclasses.replace` of one).
         logits: Output -> logits for the regulariser; default `default_logits` (a Tensor,
             or an object's `.logits`). It may return a tuple, list or dict of tensors for a
             model with several outputs, given a `regularizer` that takes them.
         regularizer: `(clean_logits, perturbed_logits) -> scalar` (a `Regularizer`);
-            default the symmetric KL with `distribution` and `kl_reduction` (both refused
-            together with a `regularizer`).
+            default the symmetric KL with the config's `distribution` and `kl_reduction`
+            (both refused as overrides together with a `regularizer`).
         ascender: Replaces the δ update built from each `Perturbation` (one `Ascender` for
             every modality, or a mapping modality -> `Ascender`); refused together with
             `step_size` or `radius`, which only configure the default one.
-        clean_loss: Add the clean forward's task loss (weight 1, times `scale`) to the
-            gradient, as the paper's Algorithm 1 does. Default True for `"paper"` and
-            False otherwise (the official code's step 0, with δ = 0, plays the clean
-            loss). True with an official preset keeps its averaging over forwards and steps.
         schedule: `"deferred"` (default), `"retain"` (official structure) or `"lean"`
             (memory-lean: clean forward recomputed); same gradients.
         on_nonfinite: `"raise"` or `"skip"`; default raise, skip with a GradScaler (see
             `free_training`: either way the parameter gradients are left as they were).
         generator: Randomness for δ_0.
+        **overrides: Fields of `VILLAConfig`: `steps` (K, preset 3), `kl_weight` (w, 1.5;
+            1.0 for `"paper"`), `mode`, `step_size` (η), `radius` (ε, required by
+            `"paper"`), `norm`, `init`, `kl_reduction`, `distribution` and `clean_loss`
+            (add the clean forward's task loss, weight 1 times `scale`, as the paper's
+            Algorithm 1 does; default True for `"paper"` and False otherwise, where the
+            official code's step 0 with δ = 0 plays the clean loss; True with an official
+            preset keeps its averaging over forwards and steps).
 
     Examples:
         >>> import torch
@@ -112,84 +186,56 @@ class VILLA:
         (3, torch.Size([2, 4]))
     """
 
+    config_class = VILLAConfig
+    presets = VILLA_PRESETS
+    default_preset = "official"
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         perturbations: Mapping[str, Perturbation] | None = None,
         *,
-        preset: str = "official",
-        steps: int | None = None,
-        kl_weight: float | None = None,
-        mode: str | None = None,
-        step_size: float | None = None,
-        radius: float | None = None,
-        norm: Norm | None = None,
-        init: Sampler | None = None,
-        kl_reduction: Reduction | None = None,
-        distribution: Distribution | None = None,
+        preset: str | None = None,
+        config: VILLAConfig | None = None,
         logits: Callable[[Any], Any] | None = None,
         regularizer: Regularizer | None = None,
         ascender: Ascender | Mapping[str, Ascender] | None = None,
-        clean_loss: bool | None = None,
         schedule: Schedule = "deferred",
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        check_module(model)
-        p = get_preset(preset)
         if perturbations is not None:
-            both = [k for k, v in {"step_size": step_size, "radius": radius, "norm": norm, "init": init}.items()
-                    if v is not None]
+            both = [k for k in ("step_size", "radius", "norm", "init") if overrides.get(k) is not None]
             if both:
                 raise AdvlabValueError(
                     f"Expected {', '.join(f'`{k}`' for k in both)} either as {'an argument' if len(both) == 1 else 'arguments'} "
                     "or inside each `Perturbation` of `perturbations`, but got both; set "
                     f"`Perturbation({both[0]}=...)` per modality."
                 )
-        if ascender is not None and (step_size is not None or radius is not None):
-            raise AdvlabValueError(
-                "Expected either `ascender` or `step_size` / `radius` (which configure the default ascender built "
-                "from each Perturbation), but got both; the ascender would ignore them."
-            )
+        if ascender is not None:
+            refuse_together("VILLA", overrides, ("step_size", "radius"), "ascender",
+                            "which configure the default ascender built from each Perturbation; the ascender would "
+                            "ignore them")
         if regularizer is not None:
-            both = [k for k, v in {"kl_reduction": kl_reduction, "distribution": distribution}.items() if v is not None]
-            if both:
-                raise AdvlabValueError(
-                    f"Expected either `regularizer` or {' / '.join(f'`{k}`' for k in both)} (which configure the "
-                    "default symmetric KL), but got both."
-                )
+            refuse_together("VILLA", overrides, ("kl_reduction", "distribution"), "regularizer",
+                            "which configure the default symmetric KL")
             check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
-        given = {
-            "steps": steps, "kl_weight": kl_weight, "mode": mode, "step_size": step_size, "radius": radius,
-            "norm": norm, "init": init, "kl_reduction": kl_reduction, "distribution": distribution,
-            "clean_loss": clean_loss,
-        }
-        self.overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
         if perturbations is not None:
             self.overrides["perturbations"] = dict(perturbations)
-        self.model = model
-        self.preset = p
-        self.flavour = p.flavour
-        if clean_loss is not None and not isinstance(clean_loss, bool):
-            raise AdvlabTypeError(f"Expected `clean_loss` to be a bool or None, but got {clean_loss!r}.")
-        self.clean_loss: bool = self.flavour == "paper" if clean_loss is None else clean_loss
-        self.steps = check_count(p.steps if steps is None else steps, "steps")
-        self.kl_weight = check_nonnegative(p.kl_weight if kl_weight is None else kl_weight, "kl_weight")
-        self.mode = p.mode if mode is None else mode
-        self.kl_reduction = check_choice(p.kl_reduction if kl_reduction is None else kl_reduction, REDUCTIONS[:3],
-                                         "kl_reduction")
-        self.distribution = check_choice(p.distribution if distribution is None else distribution, DISTRIBUTIONS,
-                                         "distribution")
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.perturbations = self._build_perturbations(perturbations, p.step_size, step_size, radius, norm, init)
+        self.preset = c
+        self.flavour = c.flavour
+        self.clean_loss: bool = self.flavour == "paper" if c.clean_loss is None else c.clean_loss
+        self.steps, self.kl_weight, self.mode = c.steps, c.kl_weight, c.mode
+        self.kl_reduction, self.distribution = c.kl_reduction, c.distribution
+        self.perturbations = self._build_perturbations(perturbations)
         self.groups = forward_groups(self.mode, list(self.perturbations))  # validates the mode now
         self.logits = logits or default_logits
         self.regularizer: Regularizer = regularizer if regularizer is not None else self._symmetric_kl
         self.ascender = ascender
         self.schedule: Schedule = schedule
-        self.on_nonfinite = on_nonfinite
-        self.generator = generator
         self._context()  # checks perturbations against sites, schedule, policy, ascender, no compile: now
         if self.flavour == "paper" and any(q.radius is None for q in self.perturbations.values()):
             raise AdvlabValueError("Expected every perturbation to have a `radius` (ε) with preset='paper', but got None.")
@@ -199,12 +245,9 @@ class VILLA:
         return symmetric_kl(perturbed, clean, distribution=self.distribution,  # type: ignore[arg-type]
                             reduction=self.kl_reduction)  # type: ignore[arg-type]
 
-    def _context(self, masks: Mapping[str, MaskLike] | None = None, scaler: Any | None = None) -> FreeTraining:
-        return free_training(
-            self.model, self.sites, self.perturbations, steps=self.steps, mode=self.mode, masks=masks,
-            schedule=self.schedule, logits=self.logits, scaler=scaler, on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
-            generator=self.generator, ascender=self.ascender,
-        )
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mode": self.mode, "schedule": self.schedule, "logits": self.logits,
+                "ascender": self.ascender}
 
     @classmethod
     def from_preset(
@@ -240,37 +283,25 @@ class VILLA:
             )
         return cls(model, sites, perturbations, preset=name, **overrides)
 
-    def _build_perturbations(
-        self,
-        perturbations: Mapping[str, Perturbation] | None,
-        preset_step: float,
-        step_size: float | None,
-        radius: float | None,
-        norm: Norm | None,
-        init: Sampler | None,
-    ) -> dict[str, Perturbation]:
-        changes: dict[str, Any] = {}
-        if radius is not None:
-            changes["radius"] = radius
-        if norm is not None:
-            changes["norm"] = norm
-        if init is not None:
-            changes["init"] = init
-        if perturbations is None:
-            if self.flavour == "paper" and radius is None:
-                raise AdvlabValueError(
-                    "Expected `radius` (the ε of Algorithm 1) with preset='paper', but got None: the paper's values "
-                    "are not available, so ε must be given."
+    def _build_perturbations(self, perturbations: Mapping[str, Perturbation] | None) -> dict[str, Perturbation]:
+        c = self.config
+        if perturbations is not None:
+            if not isinstance(perturbations, Mapping):
+                raise AdvlabTypeError(
+                    f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
                 )
-            if self.flavour == "paper" and init is None:
-                changes["init"] = ScaledUniformSampler(radius)  # δ_0 = U(-ε, ε) / sqrt(N)
-            eta = preset_step if step_size is None else step_size
-            return {m: Perturbation(step_size=eta, **changes) for m in self.sites}
-        if not isinstance(perturbations, Mapping):
-            raise AdvlabTypeError(
-                f"Expected `perturbations` to map modality -> Perturbation, but got {type(perturbations).__name__}."
+            return dict(perturbations)  # checked against the sites by `_context`
+        if self.flavour == "paper" and c.radius is None:
+            raise AdvlabValueError(
+                "Expected `radius` (the ε of Algorithm 1) with preset='paper', but got None: the paper's values "
+                "are not available, so ε must be given."
             )
-        return dict(perturbations)  # checked against the sites by `_context`
+        changes: dict[str, Any] = {"radius": c.radius, "norm": c.norm}
+        if c.init is not None:
+            changes["init"] = c.init
+        elif self.flavour == "paper":
+            changes["init"] = ScaledUniformSampler(c.radius)  # δ_0 = U(-ε, ε) / sqrt(N)
+        return {m: Perturbation(step_size=c.step_size, **changes) for m in self.sites}
 
     def __repr__(self) -> str:
         extra = f", overrides={self.overrides}" if self.overrides else ""
@@ -279,57 +310,34 @@ class VILLA:
             f"perturbations={self.perturbations}{extra})"
         )
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One VILLA step on a batch: accumulates parameter gradients (no optimizer step).
-
-        Args:
-            forward: Runs the model once on the batch and returns its output; every call
-                must see the same inputs.
-            task_loss: Output -> scalar task loss, weighted as wanted (e.g. VQA's BCE mean × 3129).
-            masks: Modality to bool mask, True at real elements ([b, n] for a [b, n, d] site).
-            scale: Multiplies every loss (e.g. 1 / accumulation steps).
-            scaler: A `torch.amp.GradScaler` (losses scaled, δ gradients unscaled).
-
-        Returns:
-            `StepStats` for the step.
-        """
-        scale = check_nonnegative(scale, "scale")
-        check_callable(task_loss, "task_loss", ("output",))
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """The clean forward, then K steps of task loss + w · regulariser, each forward's loss / (M·K)."""
         task_values: list[Tensor] = []
         kl_values: list[Tensor] = []
-        with self._context(masks, scaler) as ft:
-            ft.clean(forward)
-            if self.clean_loss:
-                ft.clean_loss(lambda out: task_loss(out) * scale)
-            per_forward = len(self.groups) if self.flavour == "official" else 1
-            weight = scale / (self.steps * per_forward)
-            # one backward per forward frees each graph at once ("alter": two graphs never coexist);
-            # the official structure and DDP keep one backward per step
-            split = self.schedule != "retain" and not ft.distributed
-            for step in ft:
-                total: Tensor | float = 0.0
-                step_task, step_kl = [], []
-                for i, group in enumerate(step.groups):
-                    output = ft.forward(forward, group)
-                    task = check_scalar(task_loss(output), "`task_loss` output")
-                    kl = check_scalar(self.regularizer(step.clean_logits, self.logits(output)), "`regularizer` output")
-                    part = task + self.kl_weight * kl
-                    step_task.append(task.detach())
-                    step_kl.append(kl.detach())
-                    if split and i < len(step.groups) - 1:
-                        ft.accumulate(part * weight)
-                    else:
-                        total = total + part
-                ft.backward(total * weight)  # type: ignore[operator]
-                task_values.append(torch.stack(step_task).mean())
-                kl_values.append(torch.stack(step_kl).mean())
-            norms = ft.delta_norms()
-        return collect_stats(task_values, kl_values, norms, ft.skipped_steps, self.overrides, skip_reason=ft.skip_reason)
+        ft.clean(forward)
+        if self.clean_loss:
+            ft.clean_loss(lambda out: task_loss(out) * scale)
+        per_forward = len(self.groups) if self.flavour == "official" else 1
+        weight = scale / (self.steps * per_forward)
+        # one backward per forward frees each graph at once ("alter": two graphs never coexist);
+        # the official structure and DDP keep one backward per step
+        split = self.schedule != "retain" and not ft.distributed
+        for step in ft:
+            total: Tensor | float = 0.0
+            step_task, step_kl = [], []
+            for i, group in enumerate(step.groups):
+                output = ft.forward(forward, group)
+                task = check_scalar(task_loss(output), "`task_loss` output")
+                kl = check_scalar(self.regularizer(step.clean_logits, self.logits(output)), "`regularizer` output")
+                part = task + self.kl_weight * kl
+                step_task.append(task.detach())
+                step_kl.append(kl.detach())
+                if split and i < len(step.groups) - 1:
+                    ft.accumulate(part * weight)
+                else:
+                    total = total + part
+            ft.backward(total * weight)  # type: ignore[operator]
+            task_values.append(torch.stack(step_task).mean())
+            kl_values.append(torch.stack(step_kl).mean())
+        return task_values, kl_values
