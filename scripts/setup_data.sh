@@ -40,3 +40,32 @@ except FileNotFoundError as err:
 n_png = sum(1 for _ in folder.rglob("*.png"))
 print(f"  {folder} ({n_png} PNG files)")
 PYCODE
+
+# WordNet 3.0 for advlab.data.paraphrase (Debian wordnet-base + wordnet-sense-index; Princeton's
+# WordNet 3.0 licence, permissive): installed packages in /usr/share/wordnet are used as the
+# source; otherwise `apt-get download` (no root) into $CACHE/debs and unpack with dpkg-deb. The
+# library copies the dictionary into $CACHE/wordnet/corpora/wordnet/ and writes the `lexnames`
+# file nltk needs from the lexnames(5WN) man page (advlab.data.paraphrase.install_wordnet).
+CACHE="${ADVLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/advlab}"
+echo "[WordNet] WordNet 3.0 for caption paraphrases"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if "$PY" -c "from advlab.data.paraphrase import wordnet_dir; print('  already set up:', wordnet_dir())" 2>/dev/null; then
+    :
+else
+    if [[ -f /usr/share/wordnet/data.noun && -f /usr/share/wordnet/cntlist.rev ]]; then
+        wn_src=/
+    else
+        mkdir -p "$CACHE/debs"
+        (cd "$CACHE/debs" && ls wordnet-base_*.deb >/dev/null 2>&1 || apt-get download wordnet-base)
+        (cd "$CACHE/debs" && ls wordnet-sense-index_*.deb >/dev/null 2>&1 || apt-get download wordnet-sense-index)
+        wn_src="$(mktemp -d)"
+        trap 'rm -rf "$wn_src"' EXIT
+        for deb in "$CACHE"/debs/wordnet-base_*.deb "$CACHE"/debs/wordnet-sense-index_*.deb; do
+            dpkg-deb -x "$deb" "$wn_src"
+        done
+    fi
+    WN_SRC="$wn_src" "$PY" -c "import os; from advlab.data.paraphrase import install_wordnet, WordNetParaphraser
+root = install_wordnet(os.environ['WN_SRC'])
+print('  installed:', root, '|', WordNetParaphraser(root)('A brown potato.').text)"
+    [[ "$wn_src" == / ]] || { rm -rf "$wn_src"; trap - EXIT; }
+fi
