@@ -1,0 +1,5 @@
+"""`python -m advlab.experiments.classification`: see `cli.main`."""
+
+from advlab.experiments.classification.cli import main
+
+raise SystemExit(main())

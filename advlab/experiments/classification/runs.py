@@ -1,0 +1,297 @@
+"""Runs of the classification experiment: every (arm, seed), resumable records keyed by settings, tuning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from advlab._errors import AdvlabValueError, NonFiniteError
+from advlab.experiments.classification.config import (
+    ARM_UNITS,
+    ARMS_FULL,
+    ARMS_QUICK,
+    TUNE_GRIDS,
+    ClassificationConfig,
+)
+from advlab.experiments.classification.data import ClassificationData
+
+# Bumped when a run's results change for the same settings, so that records of older code are recomputed.
+RECORD_FORMAT = 1
+
+
+def run_key(arm: str, seed: int, config: ClassificationConfig, data: ClassificationData,
+            splits: Sequence[str]) -> str:
+    """The settings key of a run: a hash of everything that changes its record.
+
+    Other arms' sizes are left out, so tuning one arm never invalidates another's records.
+
+    Args:
+        arm: The arm.
+        seed: The seed.
+        config: The run's settings.
+        data: The splits (their signature: class names, sizes, a hash of captions and labels).
+        splits: The evaluated splits.
+
+    Returns:
+        16 hex digits.
+    """
+    cfg = asdict(config)
+    cfg["sizes"] = {} if arm == "baseline" else {"size": config.size(arm)}
+    payload = {"format": RECORD_FORMAT, "arm": arm, "seed": seed, "config": cfg, "data": data.signature(),
+               "splits": list(splits)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finite(rec: Mapping[str, Any]) -> bool:
+    values = list(rec.get("losses", []))
+    for part in ("val", "test", "robust"):
+        values += list((rec.get(part) or {}).values())
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def cached_run(
+    data: ClassificationData,
+    arm: str,
+    config: ClassificationConfig,
+    seed: int,
+    *,
+    path: Path,
+    splits: Sequence[str] = ("val", "test"),
+    tokenizer: Any | None = None,
+    model_factory: Callable[[int, int], Any] | None = None,
+    progress: bool = False,
+    dataset: str = "",
+) -> dict[str, Any]:
+    """One run, loaded from `path` if a record with the same settings key is there, else trained and written.
+
+    Args:
+        data: The splits.
+        arm: The arm.
+        config: The run's settings.
+        seed: The seed.
+        path: The record's JSON file (written atomically).
+        splits: Splits evaluated (`("val",)` while tuning: test is never looked at).
+        tokenizer: For the paraphrase column.
+        model_factory: `(num_labels, seed) -> model`; default `build_model` with the MiniLM weights.
+        progress: The Trainer's progress bar.
+        dataset: Name of the data set, stored in the record.
+
+    Returns:
+        The record.
+    """
+    from advlab.experiments.classification.metrics import evaluate_all, evaluate_split
+    from advlab.experiments.classification.model import build_model, embedding_scales
+    from advlab.experiments.classification.training import absolute_size, train_run
+
+    key = run_key(arm, seed, config, data, splits)
+    if path.is_file():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rec = {}
+        if rec.get("key") == key and rec.get("format") == RECORD_FORMAT and _finite(rec):
+            rec["resumed"] = True
+            return rec
+    t0 = time.perf_counter()
+    if model_factory is None:
+        model = build_model(len(data.classes), attention=config.attention, seed=seed)
+    else:
+        model = model_factory(len(data.classes), seed)
+    scales = embedding_scales(model, data.train.input_ids, data.train.attention_mask)
+    curve: list[dict[str, float]] = []
+
+    def after_epoch(epoch: int, loss: float) -> None:
+        curve.append({"epoch": epoch, "loss": loss, "val_acc": evaluate_split(model, data.val, config)["acc"]})
+
+    try:
+        losses = train_run(model, data, arm, config, seed=seed, scales=scales, progress=progress,
+                           on_epoch=after_epoch)
+        metrics = evaluate_all(model, data, config, tokenizer=tokenizer, seed=seed, splits=splits)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"{arm} seed {seed}: {err} No record is written.") from err
+    rec: dict[str, Any] = {
+        "arm": arm, "seed": seed, "key": key, "format": RECORD_FORMAT, "dataset": dataset,
+        "config": asdict(config), "size": None if arm == "baseline" else config.size(arm),
+        "unit": ARM_UNITS.get(arm), "absolute_size": None if arm == "baseline" else absolute_size(arm, config, scales),
+        "scales": scales, "data": data.signature(), "splits": list(splits), "losses": losses, "curve": curve,
+        **metrics, "seconds": time.perf_counter() - t0,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written record
+    rec["resumed"] = False
+    return rec
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) < len(
+        seeds
+    ):
+        raise AdvlabValueError(f"Expected `seeds` to be distinct integers >= 0 (at least one), but got {seeds}.")
+    return seeds
+
+
+def run_experiment(
+    data: ClassificationData,
+    *,
+    arms: Sequence[str] = ARMS_QUICK,
+    seeds: Sequence[int] = (0, 1),
+    config: ClassificationConfig | None = None,
+    out_dir: str | os.PathLike[str] = "runs/classification",
+    tokenizer: Any | None = None,
+    model_factory: Callable[[int, int], Any] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    dataset: str = "",
+) -> list[dict[str, Any]]:
+    """Train and evaluate every (arm, seed), resumably, seed by seed (an interrupted run leaves paired seeds).
+
+    Each finished run is written at once to `out_dir/{arm}-seed{seed}.json`; a file whose
+    settings key matches is loaded instead of recomputed.
+
+    Args:
+        data: The splits.
+        arms: Arms to run (`"baseline"` must be among them: the differences are paired with it).
+        seeds: Seeds; every arm uses the same ones.
+        config: The settings (default `ClassificationConfig()`).
+        out_dir: Folder of the per-run JSON files.
+        tokenizer: For the paraphrase column (None: no column).
+        model_factory: `(num_labels, seed) -> model` (tests: a tiny BERT).
+        progress: The Trainer's progress bar.
+        log: Where one line per run goes.
+        dataset: Name stored in the records.
+
+    Returns:
+        One record per run.
+
+    Raises:
+        AdvlabValueError: An unknown arm, no baseline, or bad seeds.
+        NonFiniteError: A run diverged; the message names it and no record is written for it.
+    """
+    arms = list(dict.fromkeys(arms))
+    unknown = [a for a in arms if a not in ARMS_FULL]
+    if unknown:
+        raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL)}, but got {unknown}.")
+    if "baseline" not in arms:
+        raise AdvlabValueError(f"Expected 'baseline' among the arms (differences are paired with it), but got {arms}.")
+    seeds = _check_seeds(seeds)
+    config = config or ClassificationConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in seeds:
+        for arm in ["baseline", *[a for a in arms if a != "baseline"]]:
+            path = out / f"{arm}-seed{seed}.json"
+            rec = cached_run(data, arm, config, seed, path=path, tokenizer=tokenizer, model_factory=model_factory,
+                             progress=progress, dataset=dataset)
+            records.append(rec)
+            if rec["resumed"]:
+                log(f"{arm} seed {seed}: loaded from {path}")
+            else:
+                robust = ", ".join(f"{r}: {v:.3f}" for r, v in rec["robust"].items())
+                log(f"{arm} seed {seed}: val acc {rec['val']['acc']:.3f}, test acc {rec['test']['acc']:.3f} "
+                    f"macro-F1 {rec['test']['f1']:.3f}, robust [{robust}] ({rec['seconds']:.0f} s)")
+    return records
+
+
+def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every finished run record in `out_dir`, sorted by seed and arm (unreadable files are skipped).
+
+    Args:
+        out_dir: The experiment's output folder.
+
+    Returns:
+        The records.
+    """
+    records = []
+    for path in sorted(Path(out_dir).glob("*-seed*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and {"arm", "seed", "test", "format"} <= set(rec) and rec["format"] == RECORD_FORMAT:
+            records.append(rec)
+    order = {a: i for i, a in enumerate(ARMS_FULL)}
+    return sorted(records, key=lambda r: (r["seed"], order.get(r["arm"], 99)))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def tune(
+    data: ClassificationData,
+    *,
+    arms: Sequence[str],
+    base: ClassificationConfig,
+    seeds: Sequence[int] = (0, 1),
+    grids: Mapping[str, Sequence[float]] = TUNE_GRIDS,
+    out_dir: str | os.PathLike[str] = "runs/classification/tune",
+    model_factory: Callable[[int, int], Any] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Pick each arm's main size on the validation split only (the test split is never evaluated).
+
+    For each arm (the noise control is left out: it takes FreeLB's size) every size of its grid
+    runs over `seeds`; the size with the highest mean validation accuracy (last epoch) is chosen,
+    and on a tie the smaller size. The baseline runs too, for reference. Every run is a record
+    in `out_dir` (resumable).
+
+    Args:
+        data: The splits.
+        arms: Arms to tune (the baseline and the noise control are skipped).
+        base: Settings of the runs.
+        seeds: Seeds of every point.
+        grids: Arm -> sizes in the arm's relative unit.
+        out_dir: Folder of the tuning records.
+        model_factory: `(num_labels, seed) -> model` (tests).
+        progress: The Trainer's progress bar.
+        log: Where one line per point goes.
+
+    Returns:
+        `{"sizes": {arm: chosen}, "points": [{"arm", "size", "val_acc": [per seed], "mean", "std"}],
+        "baseline": point, "seeds", "epochs"}`.
+    """
+    seeds = _check_seeds(seeds)
+    unknown = [a for a in arms if a not in ARMS_FULL]
+    if unknown:
+        raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL)}, but got {unknown}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def point(arm: str, size: float | None) -> dict[str, Any]:
+        cfg = base if size is None else base.with_size(arm, size)
+        vals = []
+        for seed in seeds:
+            name = f"{arm}-seed{seed}.json" if size is None else f"{arm}-size{size:g}-seed{seed}.json"
+            rec = cached_run(data, arm, cfg, seed, path=out / name, splits=("val",), model_factory=model_factory,
+                             progress=progress)
+            vals.append(rec["val"]["acc"])
+        mean, std = _mean_std(vals)
+        log(f"tune: {arm:8} size {'-' if size is None else f'{size:g}':<8} -> val acc {100 * mean:5.1f} ± "
+            f"{100 * std:4.1f} ({len(vals)} seeds)")
+        return {"arm": arm, "size": size, "val_acc": vals, "mean": mean, "std": std}
+
+    baseline = point("baseline", None)
+    points, chosen = [], {}
+    for arm in arms:
+        if arm in ("baseline", "noise"):
+            continue
+        grid = sorted(float(x) for x in grids[arm])
+        if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
+            raise AdvlabValueError(f"Expected the grid of {arm!r} to hold positive sizes, but got {grid}.")
+        arm_points = [point(arm, size) for size in grid]
+        points += arm_points
+        chosen[arm] = max(arm_points, key=lambda p: (p["mean"], -p["size"]))["size"]
+    return {"sizes": chosen, "points": points, "baseline": baseline, "seeds": seeds, "epochs": base.epochs}

