@@ -201,6 +201,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> str:
             "Verdict (last epoch; a difference counts when |mean| > std over seeds, i.e. beyond the spread):",
             *verdicts,
         ]
+    lines += robustness_lines(records)
     return "\n".join(lines)
 
 
@@ -243,9 +244,243 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
     if verdicts:
         md += ["", "Verdict (last epoch; a difference counts when |mean| > std over seeds):", ""]
         md += [f"- {line}" for line in verdicts]
+    md += robustness_markdown(records)
     if wall_seconds is not None:
         md += ["", f"Total wall time: {wall_seconds / 60:.1f} min."]
     return "\n".join(md) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Robustness: paraphrased captions and PGD at several radii (records' `robustness` block)
+# ----------------------------------------------------------------------------------------------------------
+
+_PARA_COLS = (("original", "original"), ("paraphrased", "paraphrased"), ("drop", "drop"),
+              ("original_changed", "changed: orig."), ("paraphrased_changed", "changed: para."),
+              ("drop_changed", "changed: drop"))
+
+
+def _rob_entry(record: Mapping[str, Any], measure: Measure) -> Mapping[str, Any] | None:
+    block = record.get("robustness")
+    return block.get(measure) if isinstance(block, Mapping) else None
+
+
+def _rob_values(record: Mapping[str, Any], measure: Measure) -> dict[str, float]:
+    """A record's robustness numbers by column name, fractions (empty when it has none at `measure`)."""
+    entry = _rob_entry(record, measure)
+    if entry is None:
+        return {}
+    out: dict[str, float] = {}
+    para = entry.get("paraphrase", {})
+    if "missing" not in para:
+        out["original"], out["paraphrased"] = para["original"]["r1"], para["paraphrased"]["r1"]
+        out["drop"] = out["original"] - out["paraphrased"]
+        if para.get("original_changed") is not None:
+            out["original_changed"] = para["original_changed"]["r1"]
+            out["paraphrased_changed"] = para["paraphrased_changed"]["r1"]
+            out["drop_changed"] = out["original_changed"] - out["paraphrased_changed"]
+    for modality in ("txt", "img"):
+        side = entry["attack"][modality]
+        out[f"{modality}@0"] = side["clean_r1"]
+        for radius, value in zip(side["radii"], side["r1"]):
+            out[f"{modality}@{radius:g}"] = value
+    return out
+
+
+def _attack_cols(records: Sequence[Mapping[str, Any]], measure: Measure) -> list[tuple[str, str]]:
+    """Attack columns present in any record, text then image, by radius: (key, header)."""
+    keys = {k for r in records for k in _rob_values(r, measure) if "@" in k}
+    cols = []
+    for modality, name in (("txt", "text"), ("img", "image")):
+        radii = sorted(float(k.split("@")[1]) for k in keys if k.startswith(modality + "@"))
+        cols += [(f"{modality}@{x:g}", f"{name} {'clean' if x == 0 else f'ε {x:g}'}") for x in radii]
+    return cols
+
+
+def _rob_cell(values: Sequence[float], paired: bool) -> str:
+    if not values:
+        return "-"
+    m, s = _mean_std(values)
+    if paired:
+        return f"{m:+.1f} ± {s:.1f}" + ("*" if _beyond(values) else "")
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def _rob_rows(
+    records: Sequence[Mapping[str, Any]], cols: Sequence[tuple[str, str]], measure: Measure, paired: bool
+) -> list[tuple[str, str, int, list[str]]]:
+    """(backbone, arm label, seeds, cells) per arm: mean ± std in points, or paired differences against the baseline."""
+    rows = []
+    for backbone in _backbones(records):
+        by = {(r["arm"], r["seed"]): _rob_values(r, measure) for r in records if r["backbone"] == backbone}
+        for arm in _arms(records, backbone):
+            if paired and arm == "baseline":
+                continue
+            seeds = sorted(s for (a, s), v in by.items() if a == arm and v)
+            if not seeds:
+                continue
+            cells = []
+            for key, _ in cols:
+                if paired:
+                    vals = [100 * (by[(arm, s)][key] - by[("baseline", s)][key]) for s in seeds
+                            if key in by[(arm, s)] and key in by.get(("baseline", s), {})]
+                else:
+                    vals = [100 * by[(arm, s)][key] for s in seeds if key in by[(arm, s)]]
+                cells.append(_rob_cell(vals, paired))
+            rows.append((backbone, ARM_LABELS[arm], len(seeds), cells))
+    return rows
+
+
+def _missing_reasons(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    reasons = []
+    for r in records:
+        entry = _rob_entry(r, "last")
+        if entry is not None and "missing" in entry.get("paraphrase", {}):
+            reasons.append(entry["paraphrase"]["missing"])
+    return list(dict.fromkeys(reasons))
+
+
+def _rob_sections(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[tuple[str, str]], Measure, bool]]:
+    """The robustness tables to show: (title, columns, measure, paired)."""
+    sections: list[tuple[str, list[tuple[str, str]], Measure, bool]] = []
+    for measure in ("last", "best"):
+        if not any(_rob_values(r, measure) for r in records):  # type: ignore[arg-type]
+            continue
+        where = _MEASURE_TEXT[measure]  # type: ignore[index]
+        para = [c for c in _PARA_COLS if any(c[0] in _rob_values(r, measure) for r in records)]  # type: ignore[arg-type]
+        att = _attack_cols(records, measure)  # type: ignore[arg-type]
+        for paired in (False, True):
+            what = ("paired per-seed differences against the baseline, points (* beyond the spread: |mean| > std)"
+                    if paired else "points, mean ± std over seeds")
+            if para:
+                sections.append((f"Paraphrase robustness, test R@1 (mean of IR and TR), {where}: {what}", para,
+                                 measure, paired))  # type: ignore[arg-type]
+            title = (f"Attack robustness, robust test R@1 under PGD (text attack: IR, image attack: TR; "
+                     f"ε relative to the clean row norm), {where}: {what}")
+            sections.append((title, att, measure, paired))  # type: ignore[arg-type]
+    return sections
+
+
+def _rob_footer(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = []
+    shares = [(e["paraphrase"]["n_changed"], e["paraphrase"]["n"]) for r in records
+              if (e := _rob_entry(r, "last")) is not None and "missing" not in e.get("paraphrase", {})]
+    if shares:
+        lines.append(f"Paraphrased captions: {shares[0][0]} of {shares[0][1]} test captions changed "
+                     f"({100 * shares[0][0] / shares[0][1]:.0f} %); the others are scored as they are.")
+    lines += [f"No paraphrase column: {why}" for why in _missing_reasons(records)]
+    notes = {r["robustness"]["note"] for r in records if isinstance(r.get("robustness"), Mapping)}
+    if any("not kept" in n for n in notes):
+        lines.append("Some runs kept no best-validation weights: their robustness is at the last epoch only.")
+    att = next((e["attack"] for r in records if (e := _rob_entry(r, "last")) is not None), None)
+    if att is not None:
+        lines.append(f"PGD: l2 ball of radius ε × the clean row norm at the site, {att['steps']} steps of "
+                     f"{att['step_factor']:g} ε / {att['steps']} from δ = 0; a query counts as lost at ε when any "
+                     "radius up to ε ranks its true item below first. Ranks by ITC.")
+    return lines
+
+
+def robustness_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Plain-text robustness tables: values per arm and paired differences against the baseline, in points.
+
+    Args:
+        records: Run records; those without a `robustness` block are left out.
+
+    Returns:
+        The lines (empty when no record has robustness numbers).
+
+    Examples:
+        >>> att = lambda c, v: {"steps": 10, "step_factor": 2.5, "txt": {"radii": [0.1], "clean_r1": c, "r1": [v]},
+        ...                     "img": {"radii": [0.1], "clean_r1": c, "r1": [v]}}
+        >>> para = {"missing": "WordNet not found"}
+        >>> rec = lambda arm, s, v: {"backbone": "uniter", "arm": arm, "seed": s, "robustness": {"note": "",
+        ...     "last": {"attack": att(0.2, v), "paraphrase": para}}}
+        >>> lines = robustness_lines([rec("baseline", 0, 0.05), rec("villa", 0, 0.08)])
+        >>> print(lines[-4])
+        uniter   VILLA joint           1 |  +0.0 ± 0.0 |  +3.0 ± 0.0 |  +0.0 ± 0.0 |  +3.0 ± 0.0
+        >>> lines[-2]
+        'No paraphrase column: WordNet not found'
+    """
+    lines: list[str] = []
+    for title, cols, measure, paired in _rob_sections(records):
+        head = f"{'backbone':8} {'arm':17} {'seeds':>5} | " + " | ".join(f"{h:>11}" for _, h in cols)
+        lines += ["", title, head, "-" * len(head)]
+        for backbone, arm, n, cells in _rob_rows(records, cols, measure, paired):
+            lines.append(f"{backbone:8} {arm:17} {n:>5} | " + " | ".join(f"{c:>11}" for c in cells))
+    if lines:
+        lines += ["", *_rob_footer(records)]
+    return lines
+
+
+def robustness_markdown(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The robustness tables of `robustness_lines` as Markdown lines.
+
+    Args:
+        records: Run records.
+
+    Returns:
+        Markdown lines (empty when no record has robustness numbers).
+    """
+    md: list[str] = []
+    for title, cols, measure, paired in _rob_sections(records):
+        md += ["", f"{title}:", "", "| backbone | arm | seeds | " + " | ".join(h for _, h in cols) + " |",
+               "|---|---|---|" + "---|" * len(cols)]
+        for backbone, arm, n, cells in _rob_rows(records, cols, measure, paired):
+            md.append(f"| {backbone} | {arm} | {n} | " + " | ".join(cells) + " |")
+    if md:
+        md += [""] + [f"- {line}" for line in _rob_footer(records)]
+    return md
+
+
+def draw_robustness(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """A PNG of robust test R@1 against the relative radius: one line per arm (mean), one dot per seed.
+
+    One panel per row: the text attack (image retrieval) and the image attack (text retrieval),
+    per backbone; radius 0 is clean ITC R@1; last epoch. 7 in wide at 150 dpi.
+
+    Args:
+        records: Run records with a `robustness` block.
+        path: Output PNG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        AdvlabError: No record has robustness numbers, or matplotlib is missing.
+    """
+    with_rob = [r for r in records if _rob_values(r, "last")]
+    if not with_rob:
+        raise AdvlabError("No run record has robustness numbers to plot.")
+    backbones = _backbones(with_rob)
+    panels = [(b, m) for b in backbones for m in ("txt", "img")]
+    fig = _figure(7.0, 3.0 * len(panels))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (backbone, modality) in zip(axes, panels):
+        arms = _arms(with_rob, backbone)
+        for k, arm in enumerate(arms):
+            rs = _runs(with_rob, backbone, arm)
+            color = _COLORS.get(arm, "black")
+            curves = []
+            for r in rs:
+                side = _rob_entry(r, "last")["attack"][modality]  # type: ignore[index]
+                xs, ys = [0.0, *side["radii"]], [100 * side["clean_r1"], *(100 * v for v in side["r1"])]
+                curves.append((xs, ys))
+                jitter = (k - (len(arms) - 1) / 2) * 0.004
+                ax.scatter([x + jitter for x in xs], ys, s=12, color=color, alpha=0.6, zorder=3)
+            xs = curves[0][0]
+            same = [c for c in curves if c[0] == xs]
+            mean = [statistics.fmean(v) for v in zip(*(c[1] for c in same))]
+            ax.plot(xs, mean, color=color, linewidth=2, marker="o", markersize=3,
+                    label=f"{ARM_LABELS[arm]} ({len(rs)} seed{'s' if len(rs) != 1 else ''})")
+        task = ("text attack on the captions: image retrieval" if modality == "txt"
+                else "image attack on the region features: text retrieval")
+        ax.set_title(f"{backbone}-mini, {task}, last epoch", fontsize=10)
+        ax.set_xlabel("radius ε (fraction of the clean row norm at the site)", fontsize=10)
+        ax.set_ylabel("robust test R@1, points", fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9)
+        ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
 
 
 def _figure(width: float, height: float) -> Any:

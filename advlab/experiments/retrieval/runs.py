@@ -17,8 +17,8 @@ import torch
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData
-from advlab.experiments.retrieval.metrics import check_gate, evaluate
-from advlab.experiments.retrieval.model import build_model
+from advlab.experiments.retrieval.metrics import RobustnessSpec, check_gate, evaluate, evaluate_robustness
+from advlab.experiments.retrieval.model import RetrievalModel, build_model
 from advlab.experiments.retrieval.training import train_run
 
 
@@ -53,6 +53,59 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _best_weights_path(path: Path) -> Path:
+    return path.with_suffix(".best.pt")
+
+
+def _robustness_complete(rec: Mapping[str, Any], spec: RobustnessSpec) -> bool:
+    """The record's robustness block measures everything `spec` asks, at the last epoch (and best, if it has one)."""
+    block = rec.get("robustness")
+    if not isinstance(block, dict) or not spec.complete(block.get("last")):
+        return False
+    return block.get("best") is None or spec.complete(block["best"])
+
+
+def _robustness(
+    model: RetrievalModel,
+    data: RetrievalData,
+    config: RetrievalConfig,
+    spec: RobustnessSpec,
+    *,
+    last_epoch: int,
+    best_epoch_no: int,
+    best_state: Mapping[str, torch.Tensor] | None,
+    computed: str,
+) -> dict[str, Any]:
+    """Robustness on the test split at the last epoch (the model as it is) and at the best-validation epoch.
+
+    `best_state` holds the best epoch's parameters that differ from the last (None: not kept);
+    the model is left holding them when they are loaded.
+    """
+    t0 = time.perf_counter()
+    last = evaluate_robustness(model, data.test, config, spec)
+    if best_epoch_no == last_epoch:
+        best, note = last, "the best validation epoch is the last"
+    elif best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+        best, note = evaluate_robustness(model, data.test, config, spec), "best validation epoch's weights"
+    else:
+        best, note = None, "the best validation epoch's weights were not kept: last epoch only"
+    return {"last": last, "best": best, "best_epoch": best_epoch_no, "note": note, "computed": computed,
+            "seconds": time.perf_counter() - t0}
+
+
+def _write_record(rec: Mapping[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written record
+
+
+def _save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(dict(state), tmp)
+    tmp.replace(path)
+
+
 def _cached_run(
     data: RetrievalData,
     backbone: str,
@@ -65,11 +118,15 @@ def _cached_run(
     save_weights: bool = False,
     text_size: Mapping[str, int] | None = None,
     progress: bool = True,
+    robustness: RobustnessSpec | None = None,
 ) -> dict[str, Any]:
     """Load the run's record from `path` if its key, format and numbers are valid, else train, evaluate and write it.
 
     `splits` are evaluated after every epoch (`("val",)` for tuning: the test split is never
-    touched). The record is written atomically, so a killed run never leaves half a file.
+    touched). With `robustness`, the record gets a `robustness` block (test split, last epoch
+    and best-validation epoch); a valid record without a complete block gets it from the saved
+    weights (`.pt`, `.best.pt`) if they exist, else the run is recomputed. The record is
+    written atomically, so a killed run never leaves half a file.
     """
     key = _config_key(backbone, arm, config, data)
     if path.is_file():
@@ -77,14 +134,31 @@ def _cached_run(
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             rec = {}
-        weights_ok = not save_weights or path.with_suffix(".pt").is_file()
+        weights = path.with_suffix(".pt")
+        weights_ok = not save_weights or weights.is_file()
         current = rec.get("format") == RECORD_FORMAT and tuple(rec.get("splits", ("val", "test"))) == splits
         if rec.get("key") == key and current and _finite_record(rec) and weights_ok:
-            rec["resumed"] = True
-            return rec  # type: ignore[no-any-return]
+            if robustness is None or _robustness_complete(rec, robustness):
+                rec["resumed"] = True
+                return rec  # type: ignore[no-any-return]
+            if weights.is_file():
+                model = build_model(backbone, config, data, seed=seed, text_size=text_size)
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                best_path = _best_weights_path(path)
+                best_state = torch.load(best_path, map_location="cpu", weights_only=True) if best_path.is_file() else None
+                rec["robustness"] = _robustness(
+                    model, data, config, robustness, last_epoch=rec["epochs"][-1]["epoch"],
+                    best_epoch_no=rec["best_epoch"], best_state=best_state, computed="from the saved weights",
+                )
+                rec["resumed"] = True
+                _write_record(rec, path)
+                return rec  # type: ignore[no-any-return]
     t0 = time.perf_counter()
     model = build_model(backbone, config, data, seed=seed, text_size=text_size)
     epochs: list[dict[str, Any]] = []
+    # the best validation epoch's trainable parameters (frozen ones never change), for its robustness
+    best_kept: dict[str, Any] = {"r1": -math.inf, "state": None}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
 
     def after_epoch(epoch: int, loss: float) -> None:
         entry: dict[str, Any] = {"epoch": epoch, "loss": loss}
@@ -96,6 +170,9 @@ def _cached_run(
                     f"{backbone} {arm} seed {seed}, evaluation after epoch {epoch}: {err} No record is written."
                 ) from err
         epochs.append(entry)
+        if robustness is not None and "val" in entry and entry["val"]["r1"] > best_kept["r1"]:  # earliest on a tie
+            best_kept["r1"] = entry["val"]["r1"]
+            best_kept["state"] = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
 
     losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
                        on_epoch=after_epoch)
@@ -110,13 +187,45 @@ def _cached_run(
     rec["seconds"] = time.perf_counter() - t0
     rec["resumed"] = False
     if save_weights:
-        tmp_pt = path.with_suffix(".pt.tmp")
-        torch.save(model.state_dict(), tmp_pt)
-        tmp_pt.replace(path.with_suffix(".pt"))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written record
+        _save_state(model.state_dict(), path.with_suffix(".pt"))
+        _best_weights_path(path).unlink(missing_ok=True)  # an older run's
+    if robustness is not None and "test" in splits:
+        if save_weights and best["epoch"] != epochs[-1]["epoch"] and best_kept["state"] is not None:
+            _save_state(best_kept["state"], _best_weights_path(path))
+        rec["robustness"] = _robustness(
+            model, data, config, robustness, last_epoch=epochs[-1]["epoch"], best_epoch_no=best["epoch"],
+            best_state=best_kept["state"], computed="after training",
+        )
+    _write_record(rec, path)
     return rec
+
+
+def robustness_line(block: Mapping[str, Any]) -> str:
+    """One line of a robustness entry: robust R@1 per radius of each attack, and the paraphrase R@1.
+
+    Args:
+        block: A record's `robustness["last"]` (or `["best"]`).
+
+    Returns:
+        The line, fractions of queries as points.
+
+    Examples:
+        >>> att = {"txt": {"radii": [0.1], "clean_r1": 0.2, "r1": [0.05]}, "img": {"radii": [0.1], "clean_r1": 0.1, "r1": [0.0]}}
+        >>> robustness_line({"attack": att, "paraphrase": {"missing": "WordNet not found"}})
+        'text attack IR R@1 20.0 -> 5.0 (ε 0.1); image attack TR R@1 10.0 -> 0.0 (ε 0.1); paraphrases: none (WordNet not found)'
+    """
+    parts = []
+    for modality, name in (("txt", "text attack IR"), ("img", "image attack TR")):
+        side = block["attack"][modality]
+        parts.append(f"{name} R@1 {100 * side['clean_r1']:.1f} -> " + "/".join(f"{100 * v:.1f}" for v in side["r1"])
+                     + " (ε " + "/".join(f"{r:g}" for r in side["radii"]) + ")")
+    para = block.get("paraphrase", {})
+    if "missing" in para:
+        parts.append(f"paraphrases: none ({para['missing']})")
+    else:
+        parts.append(f"paraphrased R@1 {100 * para['paraphrased']['r1']:.1f} vs original {100 * para['original']['r1']:.1f} "
+                     f"({para['n_changed']} of {para['n']} captions changed)")
+    return "; ".join(parts)
 
 
 def best_epoch(epochs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -162,6 +271,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
     save_weights: bool = False,
     gate_factor: float = 3.0,
+    robustness: RobustnessSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (backbone, arm, seed), resumably; baseline seeds first, then the gate.
 
@@ -182,8 +292,13 @@ def run_experiment(
         log: Where progress lines go.
         save_weights: Also write each trained model's state dict beside its record
             (`{backbone}-{arm}-seed{seed}.pt`); a finished run without that file is then
-            recomputed rather than resumed.
+            recomputed rather than resumed. With `robustness`, the best-validation epoch's
+            trainable parameters also go to `{...}-seed{seed}.best.pt` when it is not the last.
         gate_factor: The gate's multiple of chance (see `check_gate`); 0 lets any baseline pass.
+        robustness: Also measure each run's robustness on the test split (paraphrased captions,
+            PGD at several radii; `metrics.evaluate_robustness`), at the last epoch and at the
+            best-validation epoch, into the record's `robustness` block. A finished record
+            without it gets it from the saved weights if there are any, else is recomputed.
 
     Returns:
         One record per run (backbone, arm, seed, val, test, losses, seconds, resumed).
@@ -215,17 +330,25 @@ def run_experiment(
     records: list[dict[str, Any]] = []
     configs = {b: (configs or {}).get(b, RetrievalConfig()) for b in backbones}
 
+    if robustness is not None and robustness.paraphrased is None:
+        log(f"robustness: no paraphrase column: {robustness.paraphrase_missing or 'no paraphraser was given'}")
+
     def one(backbone: str, arm: str, seed: int) -> None:
         rec = _cached_run(data, backbone, arm, configs[backbone], seed, path=_run_path(out, backbone, arm, seed),
-                          splits=("val", "test"), save_weights=save_weights, text_size=text_size, progress=progress)
+                          splits=("val", "test"), save_weights=save_weights, text_size=text_size, progress=progress,
+                          robustness=robustness)
         records.append(rec)
+        rob = rec.get("robustness") if robustness is not None else None
         if rec["resumed"]:
-            log(f"[{backbone}] {arm} seed {seed}: loaded from {_run_path(out, backbone, arm, seed)}")
+            how = f" (robustness {rob['computed']}, {rob['seconds']:.1f} s)" if rob and "saved" in rob["computed"] else ""
+            log(f"[{backbone}] {arm} seed {seed}: loaded from {_run_path(out, backbone, arm, seed)}{how}")
             return
         val, test, best = rec["val"], rec["test"], rec["test_at_best"]
         log(f"[{backbone}] {arm} seed {seed}: val R@1 {val['r1']:.3f}, test IR R@1 {test['ir_r1']:.3f} "
             f"TR R@1 {test['tr_r1']:.3f} (best validation epoch {rec['best_epoch']}: test R@1 {best['r1']:.3f}; "
             f"{rec['seconds']:.0f} s)")
+        if rob:
+            log(f"[{backbone}] {arm} seed {seed}: {robustness_line(rob['last'])} ({rob['seconds']:.1f} s)")
 
     # every baseline first: the gate must pass before any arm is run or compared
     for backbone in backbones:
