@@ -94,6 +94,10 @@ def _plots(records: Sequence[Mapping[str, Any]], out: Path) -> str:
         plot, curves = draw_plot(records, out / "r1.png"), draw_curves(records, out / "curves.png")
     except AdvlabError as err:
         return f" (no plots: {err})"
+    if any("robustness" in r for r in records):  # robust R@1 against the radius, per arm
+        from advlab.experiments.retrieval.report import draw_robustness
+
+        curves = f"{curves}, {draw_robustness(records, out / 'robustness.png')}"
     return f", {plot} and {curves}"
 
 
@@ -198,9 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = args.arms or (list(ARMS_FULL) if args.full else list(ARMS_QUICK))
     n_seeds = args.seeds or (5 if args.full else 2)
     configs = configs_from_settings(settings, base)
+    from advlab.experiments.retrieval.metrics import folder_robustness_spec  # test-split robustness columns
+
+    robustness = folder_robustness_spec(data.test, folder)  # no WordNet: no paraphrase column, the reason printed
     try:
         records = run_experiment(data, backbones=backbones, arms=arms, seeds=range(n_seeds), configs=configs,
-                                 out_dir=args.out, progress=progress)
+                                 out_dir=args.out, progress=progress, robustness=robustness)
     except GateError as err:
         print(f"REFUSED: {err}", file=sys.stderr)
         return 3
