@@ -50,7 +50,7 @@ from advlab._checks import apply_mask, as_bool_mask, broadcast_mask, check_tenso
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.perturbation import Perturbation, embedding_scale
 from advlab.samplers import ZeroSampler
-from advlab.sites import Site, SiteLike, resolve_sites
+from advlab.sites import Site, SiteLike, _add_fixed, _from_positions, _positions_shape, _to_positions, resolve_sites
 
 __all__ = ["SiteHooks", "perturb_sites", "check_not_compiled"]
 
@@ -73,51 +73,42 @@ def _mean_norm(x: Tensor, norm: str) -> Tensor:
     return x.abs().amax(dim=dims).mean()
 
 
-def _to_positions(x: Tensor, layout: str | None) -> Tensor:
-    """View a site tensor as [b, n, d] (or [b, d]): features last, positions flattened."""
-    if layout == "channels_first" and x.dim() >= 3:
-        return x.flatten(2).transpose(1, 2)  # [b, c, *pos] -> [b, prod(pos), c]
-    if layout == "channels_last" and x.dim() > 3:
-        return x.flatten(1, -2)  # [b, *pos, d] -> [b, prod(pos), d]
-    return x
-
-
-def _from_positions(d: Tensor, shape: torch.Size, layout: str | None) -> Tensor:
-    """Inverse of `_to_positions` for a tensor shaped like its output."""
-    if layout == "channels_first" and len(shape) >= 3:
-        return d.transpose(1, 2).reshape(shape)  # [b, prod(pos), c] -> [b, c, *pos]
-    if layout == "channels_last" and len(shape) > 3:
-        return d.reshape(shape)
-    return d
-
-
-def _positions_shape(shape: torch.Size, layout: str | None) -> tuple[int, ...]:
-    """The site tensor's positions, unflattened: (h, w) for a channels-first [b, c, h, w]."""
-    if layout == "channels_first":
-        return tuple(shape[2:])
-    return tuple(shape[1:-1])
-
-
 def check_not_compiled(model: nn.Module) -> None:
-    """Raise if `model` or any submodule is compiled: hooks added after compilation are ignored.
+    """Raise if `model` or a submodule is compiled without `prepare_for_compile` first.
+
+    Hooks added after compilation are ignored by the compiled graph, so a compiled model
+    trains adversarially only when its site hooks were installed before compiling
+    (`advlab.compiled.prepare_for_compile`). A prepared model passes; which of its sites are
+    prepared is checked when the sites are known (`SiteHooks`). DistributedDataParallel
+    around a compiled model is refused.
+
+    Args:
+        model: The model a recipe, `free_training` or an attack was given.
 
     Examples:
         >>> check_not_compiled(nn.Linear(2, 2))
     """
-    import sys
+    from advlab.compiled import compiled_modules, is_prepared
 
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    if dynamo is None:
-        return  # torch.compile and Module.compile import dynamo: never imported => nothing is compiled
-    optimized = getattr(dynamo, "OptimizedModule", ())
-    for name, module in [("", model), *model.named_modules()]:
-        if (optimized and isinstance(module, optimized)) or getattr(module, "_compiled_call_impl", None) is not None:
-            where = f"submodule {name!r}" if name else "the model"
-            raise AdvlabValueError(
-                f"Expected an uncompiled model, but {where} is compiled with torch.compile: compiled graphs "
-                "silently ignore or freeze hooks added after compilation, so the perturbation would not be "
-                "applied. Run adversarial training on the uncompiled module."
-            )
+    names = compiled_modules(model)
+    if not names:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise AdvlabValueError(
+            "Expected an uncompiled model under DistributedDataParallel, but it wraps a compiled module: adversarial "
+            "training of a compiled model under DDP is not supported. Train the uncompiled module under DDP."
+        )
+    if is_prepared(model):
+        return
+    where = "the model" if "" in names else f"submodule {names[0]!r}"
+    raise AdvlabValueError(
+        f"Expected an uncompiled model, but {where} is compiled with torch.compile: compiled graphs "
+        "silently ignore or freeze hooks added after compilation, so the perturbation would not be "
+        "applied. Run adversarial training on the uncompiled module, or prepare the model before compiling it: "
+        "`model = advlab.compiled.prepare_for_compile(model, sites)`, then `torch.compile(model)`."
+    )
 
 
 @dataclass
@@ -137,6 +128,7 @@ class _SiteState:
     scales: list[Tensor | None] = field(default_factory=list)  # relative sizes: clean norm per row
     sent: list[Tensor | None] = field(default_factory=list)  # δ added at the last perturbed forward
     reached: list[Tensor | None] = field(default_factory=list)  # mean norm of (x + δ) - x, site dtype
+    reach_inputs: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)  # (x, δ): reached, measured lazily
     dtype: torch.dtype | None = None
 
 
@@ -191,7 +183,7 @@ class SiteHooks:
             self._states[modality] = _SiteState(
                 modality, site, module, label, perturbations[modality], masks.get(modality),
                 shapes=[None] * n, kinds=[None] * n, masks=[None] * n, deltas=[None] * n, scales=[None] * n,
-                sent=[None] * n, reached=[None] * n,
+                sent=[None] * n, reached=[None] * n, reach_inputs=[None] * n,
             )
         self._generator = generator
         self._handles: list[RemovableHandle] = []
@@ -199,11 +191,13 @@ class SiteHooks:
         self._requires_grad: set[str] = set()
         self._running = False
         self._visits: list[tuple[str, int]] = []  # (modality, call) in the order the model first ran them
+        self._slots = _prepared_slots(model, {m: (st.site, st.module, st.name) for m, st in self._states.items()})  # modality -> slot of a model prepared for compiling
+        self._gates: dict[tuple[str, torch.dtype, torch.device, bool], Tensor] = {}
 
     # ------------------------------------------------------------------ lifetime
     def install(self) -> None:
-        """Register one hook per perturbed site."""
-        if self._handles:
+        """Register one hook per perturbed site (a prepared model's permanent hooks serve instead)."""
+        if self._handles or self._slots:
             return
         try:
             for state in self._states.values():
@@ -251,6 +245,12 @@ class SiteHooks:
         """
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for m, st in self._states.items():
+            for i, pending in enumerate(st.reach_inputs):
+                if pending is not None:  # a prepared model's forward: measured now, outside the compiled graph
+                    x, delta = pending
+                    added = x + _from_positions(delta.to(x.dtype), x.shape, st.site.layout)
+                    st.reached[i] = _reached_norm(st, i, x, added)
+                    st.reach_inputs[i] = None
             pairs = [(a, b) for a, b in zip(st.sent, st.reached) if a is not None and b is not None]
             if pairs:
                 sent = torch.stack([_mean_norm(a, st.perturbation.norm) for a, _ in pairs]).mean()
@@ -311,6 +311,8 @@ class SiteHooks:
             )
         for state in self._states.values():
             state.calls_this_forward = 0
+        if self._slots:
+            return self._run_prepared(forward, frozenset(active))
         self._active = frozenset(active)
         self._draw_ahead()
         self._running = True
@@ -323,6 +325,124 @@ class SiteHooks:
             self._active = frozenset()
         self._check_after_forward()
         return output
+
+    # ------------------------------------------------------------------ prepared (compiled) models
+    def _run_prepared(self, forward: Callable[[], Any], active: frozenset[str]) -> Any:
+        """`run` on a model prepared for compiling: δ goes to the permanent hooks' slots as graph inputs."""
+        for m, slot in self._slots.items():
+            if slot.fixed or slot.in_use:
+                raise AdvlabValueError(
+                    f"Expected one perturbation at a time at the prepared site {slot.label!r} (modality {m!r}), but "
+                    "a perturb_sites block or another adversarial forward holds it; run them one after the other."
+                )
+        self._active = active
+        try:
+            if active:
+                self._draw_before_forward()
+            for m, state in self._states.items():
+                slot = self._slots[m]
+                slot.deltas, slot.gate = self._slot_inputs(state) if active else (None, None)
+                slot.seen = []
+                slot.in_use = True
+            self._running = True
+            _running.hooks = self
+            try:
+                output = forward()
+            finally:
+                _running.hooks = None
+                self._running = False
+                for slot in self._slots.values():
+                    slot.deltas, slot.gate, slot.in_use = None, None, False
+            for m, state in self._states.items():
+                self._read_slot(state, self._slots[m])
+        finally:
+            self._active = frozenset()
+        self._check_after_forward()
+        return output
+
+    def _draw_before_forward(self) -> None:
+        """Draw, in the sites' order, every δ₀ a perturbed forward needs (the hooks in a graph cannot draw)."""
+        pending = self._pending()
+        needed = [k for k, (st, _) in enumerate(pending) if st.modality in self._active]
+        if not needed:
+            return
+        for st, i in pending[: needed[-1] + 1]:
+            perturbed = st.modality in self._active
+            if st.shapes[i] is None and not self._remember_shape(st, i):
+                if perturbed:
+                    raise AdvlabValueError(
+                        f"Expected the shape of site {st.name!r} (modality {st.modality!r}) to be known before its "
+                        "first perturbed forward, but the model prepared for compiling has not run yet: δ₀ is drawn "
+                        "before the forward. Run one forward of the model first (`ft.clean(...)`, or a plain call "
+                        "on a batch of the training shape)."
+                    )
+                continue  # drawn when its shape is known
+            if st.perturbation.relative and st.scales[i] is None:
+                if perturbed:
+                    raise AdvlabValueError(
+                        f"Expected the clean embedding norm of site {st.name!r} (modality {st.modality!r}) before "
+                        "its first perturbed forward, for Perturbation(relative=True): with a model prepared for "
+                        "compiling δ₀ is drawn before the forward, so run `ft.clean(...)` first (VILLA and SMART "
+                        "do; FreeLB and FastAT need absolute sizes on a compiled model)."
+                    )
+                continue
+            st.deltas[i] = self._initial_delta(st, i)
+
+    def _remember_shape(self, state: _SiteState, call: int) -> bool:
+        """Take the shape of `call` from the model's last forward (FreeLB's first forward of a step)."""
+        seen = self._slots[state.modality].seen
+        x = seen[call] if call < len(seen) else None
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+            return False
+        self._check_and_record(state, call, x, scale=False)  # the next forward's site tensor is checked against it
+        return True
+
+    def _slot_inputs(self, state: _SiteState) -> tuple[list[Tensor | None] | None, Tensor | None]:
+        """δ of every call (zeros where not drawn yet) and the gate, as the compiled graph takes them."""
+        grad = state.modality in self._requires_grad
+        deltas: list[Tensor | None] = []
+        for i, d in enumerate(state.deltas):
+            shape, kind = state.shapes[i], state.kinds[i]
+            if d is None and shape is not None and kind is not None:  # not perturbed in this forward: gate 0
+                positions = _to_positions(torch.empty(shape, device="meta"), state.site.layout).shape
+                dtype = torch.float64 if kind[0] == torch.float64 else torch.float32
+                d = torch.zeros(positions, dtype=dtype, device=kind[1]).requires_grad_(grad)
+            deltas.append(d)
+        present = [d for d in deltas if d is not None]
+        if not present:
+            return None, None
+        # one gate tensor per modality and value: two modalities never share one (dynamo would guard the alias)
+        key = (state.modality, present[0].dtype, present[0].device, state.modality in self._active)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = torch.full((), float(key[3]), dtype=key[1], device=key[2])
+        return deltas, gate
+
+    def _read_slot(self, state: _SiteState, slot: Any) -> None:
+        """After a prepared forward: count the calls, check and record each site tensor, keep what reached."""
+        seen = slot.seen
+        calls = len(seen)
+        state.calls_this_forward = calls
+        state.total_calls += calls
+        if calls > state.site.calls:
+            raise AdvlabValueError(
+                f"Expected site {state.name!r} (modality {state.modality!r}) to run {state.site.calls} time(s) in one "
+                f"forward, but it was called {calls} times; use Site(..., calls={calls}) for one independent "
+                "perturbation per call."
+            )
+        for i, x in enumerate(seen):
+            if x is None:
+                raise AdvlabValueError(
+                    f"Expected site {state.name!r} (modality {state.modality!r}) to receive argument "
+                    f"{state.site.arg!r}, but the module was called without it."
+                )
+            self._check_and_record(state, i, x)
+            delta = state.deltas[i]
+            if state.modality in self._active and delta is not None:
+                state.sent[i] = delta.detach()
+                state.reached[i] = None
+                state.reach_inputs[i] = (x.detach(), delta.detach())
+        slot.seen = [x.detach() if isinstance(x, Tensor) else x for x in seen]  # shapes for the next step only
 
     def _pending(self) -> list[tuple[_SiteState, int]]:
         """(state, call) whose δ₀ is not drawn yet, in the sites' order (the draw order)."""
@@ -392,9 +512,14 @@ class SiteHooks:
         for state in self._states.values():
             if state.calls_this_forward != state.site.calls:
                 if state.calls_this_forward == 0:
+                    hint = (
+                        " A model prepared for compiling runs the hooks only if it was compiled after "
+                        "prepare_for_compile: compile the prepared model, not one compiled before."
+                        if self._slots else ""
+                    )
                     raise AdvlabValueError(
                         f"Expected site {state.name!r} (modality {state.modality!r}) to run during the forward, "
-                        "but it was not called; check the site name and that the forward closure runs the model."
+                        f"but it was not called; check the site name and that the forward closure runs the model.{hint}"
                     )
                 raise AdvlabValueError(
                     f"Expected site {state.name!r} (modality {state.modality!r}) to run {state.site.calls} time(s) "
@@ -424,6 +549,30 @@ class SiteHooks:
                 f"forward, but it was called {i + 1} times; use Site(..., calls={i + 1}) for one independent "
                 "perturbation per call."
             )
+        self._check_and_record(state, i, x)
+        assert isinstance(x, Tensor)
+        layout = state.site.layout
+        if state.modality not in self._active:
+            return None
+        delta = state.deltas[i]
+        if delta is None:
+            delta = self._draw_at_call(state, i)
+            state.deltas[i] = delta
+        if delta.device != x.device:
+            raise AdvlabValueError(
+                f"Expected δ of modality {state.modality!r} on {x.device}, but it is on {delta.device}."
+            )
+        out = x + _from_positions(delta.to(x.dtype), x.shape, layout)
+        state.reached[i] = _reached_norm(state, i, x.detach(), out.detach())
+        state.reach_inputs[i] = None
+        state.sent[i] = delta.detach()  # its norm is taken once per step, in `reached_norms`
+        return out
+
+    def _check_and_record(self, state: _SiteState, i: int, x: object, *, scale: bool = True) -> None:
+        """Check the site tensor of call `i`; record its shape, mask and scale at the first call of the step.
+
+        `scale=False` records the shape only (x is another batch's tensor): no clean norm is measured.
+        """
         layout = state.site.layout
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
             got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -447,7 +596,7 @@ class SiteHooks:
             self._visits.append((state.modality, i))
             mask = broadcast_mask(self._mask_for(state, i, x), xv, f"masks[{state.modality!r}]")
             state.masks[i] = mask
-            if state.perturbation.relative:
+            if state.perturbation.relative and scale:
                 state.scales[i] = embedding_scale(
                     xv, state.perturbation.norm, mask=None if mask is None else mask.squeeze(-1)
                 )
@@ -457,22 +606,6 @@ class SiteHooks:
                 f"of one step (the forward closure must be repeatable), but got {tuple(x.shape)} after "
                 f"{tuple(recorded)}."
             )
-        if state.modality not in self._active:
-            return None
-        delta = state.deltas[i]
-        if delta is None:
-            delta = self._draw_at_call(state, i)
-            state.deltas[i] = delta
-        if delta.device != x.device:
-            raise AdvlabValueError(
-                f"Expected δ of modality {state.modality!r} on {x.device}, but it is on {delta.device}."
-            )
-        out = x + _from_positions(delta.to(x.dtype), x.shape, layout)
-        with torch.no_grad():  # what reached the model, in the site's dtype; padding may hold inf or NaN
-            reached = apply_mask(_to_positions(out.detach() - x.detach(), layout), state.masks[i])
-            state.reached[i] = _mean_norm(reached, state.perturbation.norm)
-        state.sent[i] = delta.detach()  # its norm is taken once per step, in `reached_norms`
-        return out
 
     def _mask_for(self, state: _SiteState, call: int, x: Tensor) -> Tensor | None:
         mask = state.mask_arg  # its type, values and per-call count were checked in __init__
@@ -585,6 +718,7 @@ def perturb_sites(
     if not isinstance(deltas, Mapping):
         raise AdvlabTypeError(f"Expected `deltas` to map modality -> δ tensor, but got {type(deltas).__name__}.")
     handles: list[RemovableHandle] = []
+    held: list[Any] = []  # slots of a model prepared for compiling, given back in `finally`
     try:
         for modality, delta in deltas.items():
             if modality not in resolved:
@@ -594,6 +728,16 @@ def perturb_sites(
                 raise AdvlabTypeError(f"Expected `deltas[{modality!r}]` to be a floating tensor, but got {got}.")
             site, module = resolved[modality]
             label = resolved.labels.get(modality) or type(module).__name__
+            slot = _prepared_slots(model, {modality: (site, module, label)}).get(modality)
+            if slot is not None:  # the permanent hook adds δ (broadcast as below) inside the compiled graph
+                if slot.fixed or slot.in_use:
+                    raise AdvlabValueError(
+                        f"Expected one perturbation at a time at the prepared site {label!r} (modality {modality!r}), "
+                        "but another perturb_sites block or an adversarial forward holds it."
+                    )
+                slot.fixed, slot.deltas, slot.modality = True, [delta], modality
+                held.append(slot)
+                continue
 
             def add(x: Tensor, delta: Tensor = delta, modality: str = modality, site: Site = site,
                     label: str = label) -> Tensor:
@@ -614,30 +758,32 @@ def perturb_sites(
     finally:
         for handle in handles:
             handle.remove()
+        for slot in held:
+            slot.fixed, slot.deltas = False, None
 
 
-def _add_fixed(x: object, delta: Tensor, modality: str, site: Site, label: str) -> Tensor:
-    """`x + delta` for `perturb_sites`, after checking that δ broadcasts against the site tensor."""
-    where = f"the {site.where} of site {label!r} (modality {modality!r})"
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise AdvlabValueError(f"Expected {where} to be a floating tensor, but got {got}.")
-    positions = site.layout is not None and delta.dim() < x.dim()
-    target = _to_positions(x, site.layout) if positions else x
-    try:
-        fits = torch.broadcast_shapes(delta.shape, target.shape) == target.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        form = " in the features-last form" if positions else ""
+def _reached_norm(state: _SiteState, call: int, x: Tensor, out: Tensor) -> Tensor:
+    """Mean norm of what reached the model, `out - x` in the site's dtype (padding may hold inf or NaN)."""
+    with torch.no_grad():
+        reached = apply_mask(_to_positions(out - x, state.site.layout), state.masks[call])
+        return _mean_norm(reached, state.perturbation.norm)
+
+
+def _prepared_slots(model: nn.Module, sites: Mapping[str, tuple[Site, nn.Module, str]]) -> dict[str, Any]:
+    """Modality -> slot when the model was prepared for compiling (every site must be), else empty."""
+    from advlab.compiled import _find_slot, compiled_modules, is_prepared
+
+    slots = {m: _find_slot(module, site) for m, (site, module, _) in sites.items()}
+    if not any(s is not None for s in slots.values()) and not is_prepared(model) and not compiled_modules(model):
+        return {}
+    missing = [f"{m!r} (site {name!r})" for m, (_, _, name) in sites.items() if slots[m] is None]
+    if missing:
         raise AdvlabValueError(
-            f"Expected `deltas[{modality!r}]` to broadcast against {where}{form}, shape {tuple(target.shape)}, "
-            f"but got shape {tuple(delta.shape)}."
+            "Expected every perturbed site of a model prepared for compiling (or compiled) to be prepared, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: hooks added after compilation are "
+            "ignored. Call `advlab.compiled.prepare_for_compile(model, sites)` with every site before compiling."
         )
-    d = delta.to(device=x.device, dtype=x.dtype)
-    if positions:
-        d = _from_positions(d.expand(target.shape), x.shape, site.layout)
-    return x + d
+    return slots
 
 
 def _check_perturbations(perturbations: Mapping[str, object], sites: Mapping[str, object]) -> None:

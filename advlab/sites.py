@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, Union, runtime_checkable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from advlab._checks import check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError
@@ -108,18 +109,29 @@ class HasPerturbationSites(Protocol):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the wrapped module of a `DistributedDataParallel` or `DataParallel` wrapper.
+    """Return the module that a DDP / DataParallel wrapper or a `torch.compile` wrapper wraps.
+
+    Sites resolve against the original module: a compiled model's module names are those
+    of the module it compiles.
 
     Examples:
         >>> inner = nn.Linear(2, 2)
         >>> unwrap_model(nn.DataParallel(inner)) is inner
         True
     """
+    import sys
+
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # never imported => nothing is compiled
+    optimized = getattr(dynamo, "OptimizedModule", ()) if dynamo is not None else ()
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif optimized and isinstance(model, optimized):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _as_site(modality: str, site: SiteLike) -> Site:
@@ -212,3 +224,53 @@ def resolve_sites(model: nn.Module, sites: Mapping[str, SiteLike] | None = None)
             )
         seen[key] = modality
     return ResolvedSites(resolved, labels)
+
+
+# ---------------------------------------------------------------- site tensors (used by hooks and compiled)
+def _to_positions(x: Tensor, layout: str | None) -> Tensor:
+    """View a site tensor as [b, n, d] (or [b, d]): features last, positions flattened."""
+    if layout == "channels_first" and x.dim() >= 3:
+        return x.flatten(2).transpose(1, 2)  # [b, c, *pos] -> [b, prod(pos), c]
+    if layout == "channels_last" and x.dim() > 3:
+        return x.flatten(1, -2)  # [b, *pos, d] -> [b, prod(pos), d]
+    return x
+
+
+def _from_positions(d: Tensor, shape: torch.Size, layout: str | None) -> Tensor:
+    """Inverse of `_to_positions` for a tensor shaped like its output."""
+    if layout == "channels_first" and len(shape) >= 3:
+        return d.transpose(1, 2).reshape(shape)  # [b, prod(pos), c] -> [b, c, *pos]
+    if layout == "channels_last" and len(shape) > 3:
+        return d.reshape(shape)
+    return d
+
+
+def _positions_shape(shape: torch.Size, layout: str | None) -> tuple[int, ...]:
+    """The site tensor's positions, unflattened: (h, w) for a channels-first [b, c, h, w]."""
+    if layout == "channels_first":
+        return tuple(shape[2:])
+    return tuple(shape[1:-1])
+
+
+def _add_fixed(x: object, delta: Tensor, modality: str, site: Site, label: str) -> Tensor:
+    """`x + delta` for `perturb_sites`, after checking that δ broadcasts against the site tensor."""
+    where = f"the {site.where} of site {label!r} (modality {modality!r})"
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise AdvlabValueError(f"Expected {where} to be a floating tensor, but got {got}.")
+    positions = site.layout is not None and delta.dim() < x.dim()
+    target = _to_positions(x, site.layout) if positions else x
+    try:
+        fits = torch.broadcast_shapes(delta.shape, target.shape) == target.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        form = " in the features-last form" if positions else ""
+        raise AdvlabValueError(
+            f"Expected `deltas[{modality!r}]` to broadcast against {where}{form}, shape {tuple(target.shape)}, "
+            f"but got shape {tuple(delta.shape)}."
+        )
+    d = delta.to(device=x.device, dtype=x.dtype)
+    if positions:
+        d = _from_positions(d.expand(target.shape), x.shape, site.layout)
+    return x + d
