@@ -15,8 +15,8 @@ Run `python -m advlab.experiments.retrieval` (quick default), `--tune`, or `--fu
 
 The package is split by job: `config` (arms, run settings, the settings file), `data` (folder →
 split tensors), `model` (the two-stage model), `losses` (ITC, mined ITM negatives, the KL),
-`metrics` (R@K, evaluation, the gate), `training` (one run), `runs` (every run, resumable records,
-tuning), `report` (tables and plots) and `cli` (the command line, run by `__main__`).
+`metrics` (R@K, evaluation, robustness to paraphrases and PGD, the gate), `training` (one run),
+`runs` (every run, resumable records, tuning), `report` (tables and plots) and `cli` (the command line, run by `__main__`).
 
 Shape notation:
     - b: batch size; L: text positions; r: regions; h: hidden width; n: captions in a split
@@ -37,8 +37,13 @@ from advlab.experiments.retrieval.data import RetrievalData as RetrievalData
 from advlab.experiments.retrieval.data import SplitTensors as SplitTensors
 from advlab.experiments.retrieval.data import prepare_data as prepare_data
 from advlab.experiments.retrieval.losses import itc_loss as itc_loss
+from advlab.experiments.retrieval.metrics import ParaphrasedCaptions as ParaphrasedCaptions
+from advlab.experiments.retrieval.metrics import RobustnessSpec as RobustnessSpec
 from advlab.experiments.retrieval.metrics import check_gate as check_gate
 from advlab.experiments.retrieval.metrics import evaluate as evaluate
+from advlab.experiments.retrieval.metrics import evaluate_robustness as evaluate_robustness
+from advlab.experiments.retrieval.metrics import folder_robustness_spec as folder_robustness_spec
+from advlab.experiments.retrieval.metrics import paraphrase_split as paraphrase_split
 from advlab.experiments.retrieval.metrics import recall_at_k as recall_at_k
 from advlab.experiments.retrieval.metrics import rerank_scores as rerank_scores
 from advlab.experiments.retrieval.model import RetrievalModel as RetrievalModel
@@ -46,9 +51,11 @@ from advlab.experiments.retrieval.model import build_model as build_model
 from advlab.experiments.retrieval.model import pool_grid as pool_grid
 from advlab.experiments.retrieval.report import draw_curves as draw_curves
 from advlab.experiments.retrieval.report import draw_plot as draw_plot
+from advlab.experiments.retrieval.report import draw_robustness as draw_robustness
 from advlab.experiments.retrieval.report import draw_tuning as draw_tuning
 from advlab.experiments.retrieval.report import paired_lines as paired_lines
 from advlab.experiments.retrieval.report import results_markdown as results_markdown
+from advlab.experiments.retrieval.report import robustness_lines as robustness_lines
 from advlab.experiments.retrieval.report import summarize as summarize
 from advlab.experiments.retrieval.report import tuning_table as tuning_table
 from advlab.experiments.retrieval.report import verdict_lines as verdict_lines
@@ -74,9 +81,11 @@ __all__ = [
     "Arm",
     "Backbone",
     "GateError",
+    "ParaphrasedCaptions",
     "RetrievalConfig",
     "RetrievalData",
     "RetrievalModel",
+    "RobustnessSpec",
     "SplitTensors",
     "best_epoch",
     "build_model",
@@ -84,18 +93,23 @@ __all__ = [
     "configs_from_settings",
     "draw_curves",
     "draw_plot",
+    "draw_robustness",
     "draw_tuning",
     "evaluate",
+    "evaluate_robustness",
+    "folder_robustness_spec",
     "itc_loss",
     "load_records",
     "load_settings",
     "main",
     "paired_lines",
+    "paraphrase_split",
     "pool_grid",
     "prepare_data",
     "recall_at_k",
     "rerank_scores",
     "results_markdown",
+    "robustness_lines",
     "run_experiment",
     "summarize",
     "train_run",
