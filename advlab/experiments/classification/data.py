@@ -105,7 +105,7 @@ def caption_tokenizer(max_length: int = 32, path: str | os.PathLike[str] | None 
         >>> tok = caption_tokenizer(6)
         >>> enc = tok.encode("A crow.")
         >>> enc.ids, enc.attention_mask
-        ([101, 1037, 18555, 1012, 102, 0], [1, 1, 1, 1, 1, 0])
+        ([101, 1037, 11465, 1012, 102, 0], [1, 1, 1, 1, 1, 0])
     """
     from tokenizers import Tokenizer
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advlab._errors import AdvlabValueError
+from advlab._errors import AdvlabError, AdvlabValueError
 from advlab.experiments.classification.config import SITE, ClassificationConfig
 from advlab.experiments.classification.data import ClassificationData, Split, _tokenize, collate
 
@@ -53,8 +53,8 @@ def macro_f1(predictions: Tensor, targets: Tensor) -> float:
         predictions, targets: [n].
 
     Examples:
-        >>> round(macro_f1(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1])), 4)  # F1 2/3, 2/3, 0
-        0.4444
+        >>> round(macro_f1(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1])), 4)  # F1 2/3, 1/2, 0
+        0.3889
     """
     _check_pair(predictions, targets)
     scores = []
@@ -113,7 +113,7 @@ def paraphrased(split: Split, tokenizer: Any) -> tuple[Split, int] | None:
         from advlab.data.paraphrase import WordNetParaphraser
 
         paraphraser = WordNetParaphraser()
-    except (ImportError, OSError, LookupError, ValueError):
+    except (ImportError, OSError, LookupError, AdvlabError):  # module, WordNet files or nltk missing
         return None
     results = paraphraser.paraphrase_all(split.texts)
     texts = [p.text for p in results]
