@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from advlab._checks import check_count, check_nonnegative
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab._progress import progress_bar
 from advlab.attacks.core import Method, attack
 from advlab.free import default_logits
 from advlab.hooks import MaskLike
@@ -303,7 +304,11 @@ def evaluate_robustness(
     get_targets = targets or _default_targets
     loss_fn = loss or _per_example_cross_entropy
     metric_fn = metric or accuracy
-    bar = _progress_bar(loader, len(modes) * len(radii), progress)
+    try:
+        total: int | None = len(loader) * len(modes) * len(radii)  # type: ignore[arg-type]
+    except TypeError:  # a loader without len
+        total = None
+    bar = progress_bar(total=total, enabled=progress, desc="attack", unit="attack", caller="evaluate_robustness")
     sums: dict[tuple[str, float], list[float]] = {(mode, r): [0.0, 0.0, 0.0, 0.0, 0] for mode in modes for r in radii}
     try:
         for batch in loader:
@@ -331,11 +336,9 @@ def evaluate_robustness(
                     acc[2] += float(result.loss.to(torch.float64).sum())
                     acc[3] += float(result.clean_loss.to(torch.float64).sum())
                     acc[4] += n
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     rows = []
     for (mode, r), (adv, clean, lsum, csum, n) in sums.items():
         adv, clean, lsum, csum = (v / n if n else math.nan for v in (adv, clean, lsum, csum))
@@ -347,18 +350,3 @@ def evaluate_robustness(
     return RobustnessTable(rows)
 
 
-def _progress_bar(loader: Iterable[Any], per_batch: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError(
-            "evaluate_robustness(progress=True) needs tqdm, which is not installed: pip install tqdm "
-            "(or pass progress=False)"
-        ) from None
-    try:
-        total = len(loader) * per_batch  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    return tqdm(total=total, desc="attack", unit="attack", leave=False)
