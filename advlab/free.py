@@ -173,15 +173,19 @@ class AscentStep:
     """One of the K ascent steps yielded by iterating a `FreeTraining` context.
 
     Attributes:
-        index: 0-based step number.
-        last: True for step K-1 (no δ update follows it).
+        index: 0-based step number (counted separately for δ-only and training steps).
+        last: True for training step K-1 (no δ update follows it).
         groups: Modalities perturbed by each forward of this step (mode-dependent).
+        delta_only: True for the δ-only ascent steps (`delta_steps`) that come before the
+            training steps: their `ft.backward(loss)` moves δ along the gradient of `loss`
+            and leaves every parameter gradient untouched.
     """
 
     index: int
     last: bool
     groups: tuple[tuple[str, ...], ...]
     _owner: FreeTraining
+    delta_only: bool = False
 
     @property
     def clean_logits(self) -> Any:
@@ -218,10 +222,13 @@ class FreeTraining:
         on_nonfinite: NonFinitePolicy | None = None,
         generator: torch.Generator | None = None,
         ascender: Ascender | Mapping[str, Ascender] | None = None,
+        delta_steps: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise AdvlabTypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
         check_count(steps, "steps")
+        if isinstance(delta_steps, bool) or not isinstance(delta_steps, int) or delta_steps < 0:
+            raise AdvlabValueError(f"Expected `delta_steps` to be an int >= 0, but got {delta_steps!r}.")
         if logits is not None:
             check_callable(logits, "logits", ("output",))
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -241,6 +248,7 @@ class FreeTraining:
         check_not_compiled(model)
         self.model = model
         self.steps = steps
+        self.delta_steps = delta_steps
         self.mode = mode
         self.schedule: Schedule = schedule
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
@@ -264,7 +272,8 @@ class FreeTraining:
         self._needs_grad = {m for m, p in active_perts.items() if p.direction != "random"}
         self._ascenders = self._make_ascenders(ascender)
         self._phase = "new"
-        self._k: int | None = None
+        self._k: int | None = None  # the training step running (None outside them and in δ-only steps)
+        self._delta_only = False
         self._stepped = False
         self._active_in_step: set[str] = set()
         self._clean_real: Any = None  # the clean logits (a Tensor, or a tuple / list / dict of tensors)
@@ -474,6 +483,15 @@ class FreeTraining:
     def __iter__(self) -> Iterator[AscentStep]:
         self._require_open()
         try:
+            for j in range(self.delta_steps):  # δ-only ascent steps: no parameter gradient, no DDP traffic
+                self._delta_only = True
+                self._stepped = False
+                self._active_in_step = set()
+                self._hooks.set_requires_grad(self._needs_grad)
+                yield AscentStep(j, False, self.groups, self, delta_only=True)
+                if not self._stepped:
+                    raise AdvlabValueError(f"Expected δ-only step {j} to end with `ft.backward(loss)`, but it did not.")
+            self._delta_only = False
             for k in range(self.steps):
                 self._k = k
                 self._stepped = False
@@ -488,6 +506,7 @@ class FreeTraining:
                     raise AdvlabValueError(f"Expected ascent step {k} to end with `ft.backward(loss)`, but it did not.")
         finally:
             self._k = None
+            self._delta_only = False
 
     def forward(self, forward: Callable[[], Any], modalities: Sequence[str] | None = None) -> Any:
         """Run `forward()` with δ added at `modalities` (default: every perturbed modality).
@@ -522,6 +541,11 @@ class FreeTraining:
         """
         self._require_open()
         self._check_loss(loss)
+        if self._delta_only:
+            raise AdvlabValueError(
+                "Expected `ft.backward(loss)` in a δ-only step (it moves δ only), but got `accumulate`, which adds "
+                "parameter gradients."
+            )
         if self._k is None:
             raise AdvlabValueError("Expected `accumulate` inside `for step in ft:`, but no ascent step is running.")
         if self._k == self.steps - 1 and _is_ddp(self.model):
@@ -537,14 +561,19 @@ class FreeTraining:
 
         Parameter gradients accumulate (".grad += ..."); δ takes one ascent step unless this
         is the last step. At the last step (or outside the iteration) the pending clean
-        backward runs too, in the same backward call. With a `scaler`, the loss is scaled
-        and δ's gradient unscaled.
+        backward runs too, in the same backward call. In a δ-only step (`step.delta_only`)
+        this is `ascend`: δ moves and no parameter gradient changes. With a `scaler`, the
+        loss is scaled and δ's gradient unscaled.
 
         Args:
             loss: Scalar loss of this step, already weighted as it should enter the
                 parameter gradient (e.g. divided by K).
         """
         self._require_open()
+        if self._delta_only:
+            self.ascend(loss)
+            self._stepped = True
+            return
         self._check_loss(loss)
         final = self._k is None or self._k == self.steps - 1
         self._stepped = True
@@ -570,7 +599,9 @@ class FreeTraining:
     def ascend(self, loss: Tensor) -> None:
         """δ-only ascent step: move δ along the gradient of `loss`; no parameter gradient.
 
-        Used by SMART-style regularisers, whose ascent steps are not "free".
+        What `backward` does in the δ-only steps that `delta_steps` adds to the iteration
+        (SMART, VAT, TRADES and FastAT, whose ascent steps are not "free"); callable on its
+        own as well, before the training steps.
         """
         self._require_open()
         self._check_loss(loss)
@@ -839,6 +870,7 @@ def free_training(
     on_nonfinite: NonFinitePolicy | None = None,
     generator: torch.Generator | None = None,
     ascender: Ascender | Mapping[str, Ascender] | None = None,
+    delta_steps: int = 0,
 ) -> FreeTraining:
     """Context manager for K free ascent steps whose parameter gradients accumulate.
 
@@ -882,6 +914,10 @@ def free_training(
         generator: Randomness for initial δ and random directions.
         ascender: Override of the δ update (one for all modalities or one per modality);
             default `PGDAscender` from each `Perturbation`.
+        delta_steps: δ-only ascent steps that iteration yields before the K training steps
+            (`step.delta_only` is True): each ends with `ft.backward(loss)`, which moves δ
+            along the gradient of `loss` and changes no parameter gradient (SMART, VAT,
+            TRADES, FastAT).
 
     Returns:
         A `FreeTraining` context.
@@ -904,5 +940,5 @@ def free_training(
     """
     return FreeTraining(
         model, sites, perturbations, steps=steps, mode=mode, masks=masks, schedule=schedule, logits=logits,
-        scaler=scaler, on_nonfinite=on_nonfinite, generator=generator, ascender=ascender,
+        scaler=scaler, on_nonfinite=on_nonfinite, generator=generator, ascender=ascender, delta_steps=delta_steps,
     )

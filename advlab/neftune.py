@@ -15,32 +15,55 @@ mode a step is plain training.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_nonnegative
-from advlab.free import free_training
-from advlab.hooks import MaskLike
+from advlab._checks import check_nonnegative, check_scalar
+from advlab.free import FreeTraining
 from advlab.perturbation import Perturbation
+from advlab.recipe import Recipe
 from advlab.samplers import ScaledUniformSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["NEFTune"]
+__all__ = ["NEFTune", "NEFTuneConfig"]
 
 
-class NEFTune:
+@dataclass(frozen=True)
+class NEFTuneConfig:
+    """The number of a `NEFTune` step.
+
+    Attributes:
+        alpha: Noise scale α (the paper uses 5, 10 and 15; Hugging Face's
+            `neftune_noise_alpha`).
+
+    Examples:
+        >>> NEFTuneConfig(alpha=10).alpha
+        10.0
+    """
+
+    alpha: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_nonnegative(self.alpha, "alpha"))
+
+
+class NEFTune(Recipe):
     """NEFTune: train on the task loss of embeddings plus scaled uniform noise.
+
+    `step` runs one noised forward (a clean one in eval mode) and its backward; it reports
+    the task loss and the noise norm (no KL; `delta_norm` is empty in eval mode), and the
+    masks' True positions are the L of the noise scale.
 
     Args:
         model: The model.
         sites: Modality to site (the token embedding output); None = `model.perturbation_sites()`.
-        alpha: Noise scale α (the paper uses 5, 10 and 15; Hugging Face's
-            `neftune_noise_alpha`).
+        config: A `NEFTuneConfig`; default α = 5.
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
         generator: Randomness for the noise.
+        **overrides: Fields of `NEFTuneConfig`: `alpha`.
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]
@@ -57,53 +80,34 @@ class NEFTune:
         (1, (), 1.93)
     """
 
+    config_class = NEFTuneConfig
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         *,
-        alpha: float = 5.0,
+        config: NEFTuneConfig | None = None,
         on_nonfinite: Literal["raise", "skip"] | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        self.model = model
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.alpha = check_nonnegative(alpha, "alpha")
+        c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
+        self.alpha = c.alpha
         # "random" direction: δ needs no gradient (NEFTune never ascends)
         self.perturbations = {
             k: Perturbation(step_size=0.0, direction="random", init=ScaledUniformSampler(self.alpha)) for k in self.sites
         }
-        self.on_nonfinite, self.generator = on_nonfinite, generator
+        self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One NEFTune step: one noised forward (clean in eval mode) and its backward.
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": 1}
 
-        Args:
-            forward: Runs the model on the batch and returns its output.
-            task_loss: Output -> scalar task loss.
-            masks: Modality to bool mask (True = real token); L counts the True positions.
-            scale: Multiplies the loss (e.g. 1 / gradient-accumulation steps).
-            scaler: A `torch.amp.GradScaler`.
-
-        Returns:
-            The task loss and the noise norm (no KL; `delta_norm` is empty in eval mode).
-        """
-        scale = check_nonnegative(scale, "scale")
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """One noised forward (clean in eval mode) and its backward."""
         noisy = () if not self.model.training else None  # None: every modality
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=1, masks=masks, scaler=scaler,
-            on_nonfinite=self.on_nonfinite, generator=self.generator,
-        ) as ft:
-            for _ in ft:
-                task = task_loss(ft.forward(forward, noisy))
-                ft.backward(task * scale)
-            norms = ft.delta_norms()
-        return collect_stats([task.detach()], [], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+        for _ in ft:
+            task = check_scalar(task_loss(ft.forward(forward, noisy)), "`task_loss` output")
+            ft.backward(task * scale)
+        return [task.detach()], []

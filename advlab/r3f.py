@@ -19,22 +19,22 @@ R4F adds a spectral-normalised classification head (`spectral_norm_head`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_nonnegative
+from advlab._checks import check_callable, check_choice, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.free import default_logits, free_training
-from advlab.hooks import MaskLike
+from advlab.free import FreeTraining, default_logits
 from advlab.perturbation import Perturbation
-from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, symmetric_kl
+from advlab.recipe import Recipe, refuse_together
+from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, Regularizer, symmetric_kl
 from advlab.samplers import NormalSampler, UniformSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["R3F", "Noise", "spectral_norm_head"]
+__all__ = ["R3F", "R3FConfig", "Noise", "spectral_norm_head"]
 
 Noise = Literal["uniform", "normal"]
 NOISES: tuple[str, ...] = ("uniform", "normal")
@@ -82,12 +82,11 @@ def spectral_norm_head(model: nn.Module, name: str) -> nn.Module:
     return torch.nn.utils.parametrizations.spectral_norm(module)
 
 
-class R3F:
-    """R3F: task loss on the clean input plus λ · symmetric KL to a noised forward.
+@dataclass(frozen=True)
+class R3FConfig:
+    """The numbers of an `R3F` step (fairseq's `sentence_prediction_r3f` defaults).
 
-    Args:
-        model: The model.
-        sites: Modality to site; None = `model.perturbation_sites()`.
+    Attributes:
         eps: Noise size ε: half-width of the uniform draw, or std of the normal draw
             (fairseq `--eps`, 1e-5).
         noise: `"uniform"` (fairseq default) or `"normal"`.
@@ -95,9 +94,40 @@ class R3F:
         distribution: `"softmax"` or `"sigmoid"` for the KL.
         reduction: KL reduction (`"batchmean"` as fairseq, which divides the summed KL by
             the batch size).
+
+    Examples:
+        >>> R3FConfig().noise
+        'uniform'
+    """
+
+    eps: float = 1e-5
+    noise: Noise = "uniform"
+    weight: float = 1.0
+    distribution: Distribution = "softmax"
+    reduction: Reduction = "batchmean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_nonnegative(self.eps, "eps"))
+        check_choice(self.noise, NOISES, "noise")
+        object.__setattr__(self, "weight", check_nonnegative(self.weight, "weight"))
+        check_choice(self.distribution, DISTRIBUTIONS, "distribution")
+        check_choice(self.reduction, REDUCTIONS[:3], "reduction")
+
+
+class R3F(Recipe):
+    """R3F: task loss on the clean input plus λ · symmetric KL to a noised forward.
+
+    Args:
+        model: The model.
+        sites: Modality to site; None = `model.perturbation_sites()`.
+        config: An `R3FConfig`; default `R3FConfig()` (fairseq's defaults).
         logits: Output -> logits; default `default_logits`.
+        regularizer: `(clean_logits, noised_logits) -> scalar`, replacing the symmetric KL
+            (refused together with `distribution` or `reduction`).
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
         generator: Randomness for the noise.
+        **overrides: Fields of `R3FConfig`: `eps`, `noise`, `weight`, `distribution`,
+            `reduction`.
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]
@@ -113,65 +143,49 @@ class R3F:
         (1, 1, True)
     """
 
+    config_class = R3FConfig
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         *,
-        eps: float = 1e-5,
-        noise: Noise = "uniform",
-        weight: float = 1.0,
-        distribution: Distribution = "softmax",
-        reduction: Reduction = "batchmean",
+        config: R3FConfig | None = None,
         logits: Callable[[Any], Tensor] | None = None,
+        regularizer: Regularizer | None = None,
         on_nonfinite: Literal["raise", "skip"] | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        self.model = model
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.eps = check_nonnegative(eps, "eps")
-        self.noise = check_choice(noise, NOISES, "noise")
-        init = UniformSampler(self.eps) if noise == "uniform" else NormalSampler(self.eps)
+        if regularizer is not None:
+            refuse_together("R3F", overrides, ("distribution", "reduction"), "regularizer",
+                            "which configure the default symmetric KL")
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
+        self.eps, self.noise, self.weight = c.eps, c.noise, c.weight
+        self.distribution, self.reduction = c.distribution, c.reduction
+        init = UniformSampler(self.eps) if self.noise == "uniform" else NormalSampler(self.eps)
         # "random" direction: δ needs no gradient (R3F never ascends)
         self.perturbations = {k: Perturbation(step_size=0.0, direction="random", init=init) for k in self.sites}
-        self.weight = check_nonnegative(weight, "weight")
-        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
-        self.reduction = check_choice(reduction, REDUCTIONS[:3], "reduction")
+        self.regularizer: Regularizer = regularizer if regularizer is not None else self._symmetric_kl
         self.logits = logits or default_logits
-        self.on_nonfinite, self.generator = on_nonfinite, generator
+        self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One R3F step: clean forward, one noised forward, one backward of L + λ·SymKL.
+    def _symmetric_kl(self, clean: Tensor, noised: Tensor) -> Tensor:
+        """KL(p(x) ‖ p(x + δ)) + KL(p(x + δ) ‖ p(x)), neither side detached."""
+        return symmetric_kl(clean, noised, distribution=self.distribution,  # type: ignore[arg-type]
+                            reduction=self.reduction)  # type: ignore[arg-type]
 
-        Args:
-            forward: Runs the model on the batch and returns its output.
-            task_loss: Output -> scalar task loss.
-            masks: Modality to bool mask (True = real element); masked noise is 0.
-            scale: Multiplies the whole loss (e.g. 1 / gradient-accumulation steps).
-            scaler: A `torch.amp.GradScaler`.
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": 1, "logits": self.logits}
 
-        Returns:
-            The clean task loss, the symmetric KL and the noise norm.
-        """
-        scale = check_nonnegative(scale, "scale")
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=1, masks=masks, logits=self.logits, scaler=scaler,
-            on_nonfinite=self.on_nonfinite, generator=self.generator,
-        ) as ft:
-            task = task_loss(ft.clean(forward))
-            ft.clean_loss(task * scale)
-            for _ in ft:
-                noised = self.logits(ft.forward(forward))
-                reg = symmetric_kl(ft.clean_logits, noised, distribution=self.distribution,  # type: ignore[arg-type]
-                                   reduction=self.reduction)  # type: ignore[arg-type]
-                ft.backward(reg * (self.weight * scale))
-            norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """Clean forward, one noised forward, one backward of L + λ·SymKL."""
+        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
+        ft.clean_loss(task * scale)
+        for _ in ft:
+            noised = self.logits(ft.forward(forward))
+            reg = check_scalar(self.regularizer(ft.clean_logits, noised), "`regularizer` output")
+            ft.backward(reg * (self.weight * scale))
+        return [task.detach()], [reg.detach()]

@@ -30,25 +30,19 @@ point (momentum teacher) update of the optimizer.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import (
-    check_callable,
-    check_choice,
-    check_count,
-    check_module,
-    check_nonnegative,
-    check_radius,
-    check_scalar,
-)
+from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabValueError
-from advlab.ascent import PGDAscender, SMARTAscender
-from advlab.free import Ascender, FreeTraining, default_logits, free_training
+from advlab.ascent import Ascender, PGDAscender, SMARTAscender
+from advlab.free import FreeTraining, default_logits
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
+from advlab.recipe import Recipe, refuse_together
 from advlab.regularizers import (
     DISTRIBUTIONS,
     REDUCTIONS,
@@ -59,42 +53,95 @@ from advlab.regularizers import (
     symmetric_kl,
 )
 from advlab.samplers import NormalSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["SMART", "SmartPreset"]
+__all__ = ["SMART", "SMARTConfig", "SMART_CONFIGS", "SmartPreset"]
 
 SmartPreset = Literal["mt-dnn", "paper"]
 SMART_PRESETS: tuple[str, ...] = ("mt-dnn", "paper")
-# (step size η, noise std σ, radius ε): mt-dnn `train.py` adv_step_size / adv_noise_var; the paper's settings
-_DEFAULTS: dict[str, tuple[float, float, float | None]] = {"mt-dnn": (1e-5, 1e-5, None), "paper": (1e-3, 1e-5, 1e-5)}
 
 
-class SMART:
+@dataclass(frozen=True)
+class SMARTConfig:
+    """The numbers of a `SMART` step; the two presets are instances (`SMART_CONFIGS`).
+
+    Attributes:
+        flavour: `"mt-dnn"` (mt-dnn's update: normalise the sum per position) or
+            `"paper"` (Algorithm 1: normalised gradient step, projection onto the ε-ball).
+        steps: Ascent steps K (mt-dnn `adv_k`, 1).
+        step_size: η (mt-dnn `adv_step_size` 1e-5; the paper's 1e-3).
+        noise_std: σ of the initial noise (mt-dnn `adv_noise_var`, which is a std; 1e-5).
+        eps: `"mt-dnn"` only: added to the per-position max-abs norm (`adv_epsilon`, 1e-6).
+        radius: `"paper"` only: the L-inf radius ε of the ball around the clean input (1e-5).
+        weight: w (`adv_alpha`, 1).
+        distribution: `"softmax"` or `"sigmoid"` for the default regulariser.
+        reduction: Reduction of the default regulariser (`"batchmean"`).
+
+    Examples:
+        >>> SMART_CONFIGS["paper"].radius, SMART_CONFIGS["mt-dnn"].eps
+        (1e-05, 1e-06)
+    """
+
+    flavour: SmartPreset = "mt-dnn"
+    steps: int = 1
+    step_size: float = 1e-5  # mt-dnn train.py adv_step_size
+    noise_std: float = 1e-5  # mt-dnn adv_noise_var
+    eps: float | None = 1e-6  # mt-dnn adv_epsilon
+    radius: float | None = None
+    weight: float = 1.0
+    distribution: Distribution = "softmax"
+    reduction: Reduction = "batchmean"
+
+    def __post_init__(self) -> None:
+        check_choice(self.flavour, SMART_PRESETS, "preset")
+        if self.flavour == "paper" and self.eps is not None:
+            raise AdvlabValueError(
+                "Expected no `eps` with preset='paper' (it is the mt-dnn normalisation's guard), but got "
+                f"{self.eps!r}; the paper's ball radius is `radius`."
+            )
+        if self.flavour == "mt-dnn" and self.radius is not None:
+            raise AdvlabValueError(
+                f"Expected no `radius` with preset='mt-dnn' (its update normalises δ instead of projecting it), but "
+                f"got {self.radius!r}; use preset='paper' for the ε-ball."
+            )
+        check_count(self.steps, "steps")
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        object.__setattr__(self, "noise_std", check_nonnegative(self.noise_std, "noise_std"))
+        if self.flavour == "mt-dnn":
+            object.__setattr__(self, "eps", check_nonnegative(1e-6 if self.eps is None else self.eps, "eps"))
+        object.__setattr__(self, "radius", check_radius(self.radius))
+        object.__setattr__(self, "weight", check_nonnegative(self.weight, "weight"))
+        check_choice(self.distribution, DISTRIBUTIONS, "distribution")
+        check_choice(self.reduction, REDUCTIONS[:3], "reduction")
+
+
+SMART_CONFIGS: dict[str, SMARTConfig] = {
+    "mt-dnn": SMARTConfig("mt-dnn"),
+    "paper": SMARTConfig("paper", step_size=1e-3, eps=None, radius=1e-5),  # the paper's reported settings
+}
+
+
+class SMART(Recipe):
     """SMART's adversarial smoothness regulariser added to the task loss.
 
     Args:
         model: The model.
         sites: Modality to site; None = `model.perturbation_sites()`.
-        preset: `"mt-dnn"` (mt-dnn's update: normalise the sum per position) or
-            `"paper"` (Algorithm 1: normalised gradient step, projection onto the ε-ball).
-        steps: Ascent steps K (mt-dnn `adv_k`, default 1).
-        step_size: η; default 1e-5 (mt-dnn `adv_step_size`) or 1e-3 (paper).
-        noise_std: σ of the initial noise (mt-dnn `adv_noise_var`, which is a std); default 1e-5.
-        eps: `"mt-dnn"` only: added to the per-position max-abs norm (`adv_epsilon`, 1e-6).
-        radius: `"paper"` only: the L-inf radius ε of the ball around the clean input
-            (default 1e-5).
-        weight: w (`adv_alpha`, 1).
-        distribution: `"softmax"` (default) or `"sigmoid"` for the default regulariser.
-        reduction: Reduction of the default regulariser (default `"batchmean"`).
+        preset: `"mt-dnn"` (default) or `"paper"` (see the module docstring).
+        config: A `SMARTConfig` instead of a preset.
         logits: Output -> logits; default: a Tensor or an object's `.logits`.
-        regularizer: `(clean_logits, perturbed_logits) -> scalar`, replacing the default
-            (see the presets above). The ascent maximises it with the clean side detached;
-            the final term uses it as is. Refused together with `distribution` or `reduction`.
+        regularizer: `(clean_logits, perturbed_logits) -> scalar`, the trained term,
+            replacing the preset's (see above). Refused together with `distribution` or
+            `reduction`.
+        ascent_regularizer: The term δ ascends, given the clean logits detached; default
+            `regularizer` when one is given, else the preset's.
         ascender: Replaces the preset's δ update (an `Ascender`, e.g. `PGDAscender`);
             refused together with `step_size`, `eps` or `radius`.
         on_nonfinite: `"raise"` or `"skip"` (see `free_training`).
         generator: Randomness for the initial noise.
+        **overrides: Fields of `SMARTConfig`: `steps`, `step_size`, `noise_std`, `eps`
+            (`"mt-dnn"` only), `radius` (`"paper"` only), `weight`, `distribution`,
+            `reduction`.
 
     Shape:
         - logits: [b, c] (any leading dimensions); δ has the shape of each site's tensor.
@@ -111,132 +158,96 @@ class SMART:
         (1, 0)
     """
 
+    config_class = SMARTConfig
+    presets = SMART_CONFIGS
+    default_preset = "mt-dnn"
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         *,
-        preset: SmartPreset = "mt-dnn",
-        steps: int = 1,
-        step_size: float | None = None,
-        noise_std: float | None = None,
-        eps: float | None = None,
-        radius: float | None = None,
-        weight: float = 1.0,
-        distribution: Distribution | None = None,
-        reduction: Reduction | None = None,
+        preset: SmartPreset | None = None,
+        config: SMARTConfig | None = None,
         logits: Callable[[Any], Tensor] | None = None,
         regularizer: Regularizer | None = None,
+        ascent_regularizer: Regularizer | None = None,
         ascender: Ascender | None = None,
         on_nonfinite: str | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        self.preset = check_choice(preset, SMART_PRESETS, "preset")
-        eta, sigma, eps_ball = _DEFAULTS[preset]
-        if preset == "paper" and eps is not None:
-            raise AdvlabValueError(
-                "Expected no `eps` with preset='paper' (it is the mt-dnn normalisation's guard), but got "
-                f"{eps!r}; the paper's ball radius is `radius`."
-            )
-        if preset == "mt-dnn" and radius is not None:
-            raise AdvlabValueError(
-                f"Expected no `radius` with preset='mt-dnn' (its update normalises δ instead of projecting it), but got "
-                f"{radius!r}; use preset='paper' for the ε-ball."
-            )
-        if ascender is not None and any(v is not None for v in (step_size, eps, radius)):
-            raise AdvlabValueError(
-                "Expected either `ascender` or `step_size` / `eps` / `radius` (which configure the preset's "
-                "ascender), but got both."
-            )
+        if ascender is not None:
+            refuse_together("SMART", overrides, ("step_size", "eps", "radius"), "ascender",
+                            "which configure the preset's ascender")
         if regularizer is not None:
-            if distribution is not None or reduction is not None:
-                raise AdvlabValueError(
-                    "Expected either `regularizer` or `distribution` / `reduction` (which configure the default "
-                    "regulariser), but got both."
-                )
+            refuse_together("SMART", overrides, ("distribution", "reduction"), "regularizer",
+                            "which configure the default regulariser")
             check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
-        self.model = check_module(model)
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.steps = check_count(steps, "steps")
-        step_size = check_nonnegative(eta if step_size is None else step_size, "step_size")
-        self.noise_std = check_nonnegative(sigma if noise_std is None else noise_std, "noise_std")
-        ball = check_radius(eps_ball if radius is None else radius) if preset == "paper" else None
+        if ascent_regularizer is not None:
+            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
+        self.preset: str = c.flavour
+        self.steps, self.noise_std, self.weight = c.steps, c.noise_std, c.weight
+        self.distribution, self.reduction = c.distribution, c.reduction
         if ascender is not None:
             self.ascender: Ascender = ascender
-        elif preset == "mt-dnn":
-            self.ascender = SMARTAscender(step_size, 1e-6 if eps is None else eps)
+        elif c.flavour == "mt-dnn":
+            self.ascender = SMARTAscender(c.step_size, c.eps)  # type: ignore[arg-type]
         else:
-            self.ascender = PGDAscender(step_size, "linf", ball)
+            self.ascender = PGDAscender(c.step_size, "linf", c.radius)
         # the paper's δ lives in an L-inf ball, so its size is reported in that norm (the init is not projected)
-        norm = "linf" if preset == "paper" else "l2"
+        norm = "linf" if c.flavour == "paper" else "l2"
         self.perturbations = {
-            k: Perturbation(step_size=step_size, radius=ball, norm=norm, init=NormalSampler(self.noise_std))
+            k: Perturbation(step_size=c.step_size, radius=c.radius, norm=norm, init=NormalSampler(c.noise_std))
             for k in self.sites
         }
-        self.weight = check_nonnegative(weight, "weight")
-        self.distribution = check_choice("softmax" if distribution is None else distribution, DISTRIBUTIONS,
-                                         "distribution")
-        self.reduction = check_choice("batchmean" if reduction is None else reduction, REDUCTIONS[:3], "reduction")
-        self.regularizer = regularizer
+        self.regularizer: Regularizer = regularizer if regularizer is not None else self._default_regularizer
+        self.ascent_regularizer: Regularizer = (
+            ascent_regularizer if ascent_regularizer is not None
+            else regularizer if regularizer is not None
+            else self._default_ascent_regularizer
+        )
         self.logits = logits or default_logits
-        self.on_nonfinite, self.generator = on_nonfinite, generator
         self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 
-    def _context(self, masks: Mapping[str, MaskLike] | None = None, scaler: Any | None = None) -> FreeTraining:
-        return free_training(
-            self.model, self.sites, self.perturbations, steps=1, masks=masks, logits=self.logits, scaler=scaler,
-            on_nonfinite=self.on_nonfinite, generator=self.generator, ascender=self.ascender,  # type: ignore[arg-type]
-        )
+    def _default_regularizer(self, clean: Tensor, adv: Tensor) -> Tensor:
+        """The preset's R: each term's target detached (mt-dnn), or nothing detached (paper)."""
+        detach = "target" if self.preset == "mt-dnn" else "none"
+        return symmetric_kl(adv, clean, detach=detach, distribution=self.distribution,  # type: ignore[arg-type]
+                            reduction=self.reduction)  # type: ignore[arg-type]
+
+    def _default_ascent_regularizer(self, clean: Tensor, adv: Tensor) -> Tensor:
+        """What δ ascends: KL(sg(p(x)) ‖ p(x + δ)) (mt-dnn) or the symmetric KL (paper)."""
+        kw = {"distribution": self.distribution, "reduction": self.reduction}
+        if self.preset == "mt-dnn":
+            return kl_divergence(clean, adv, **kw)  # type: ignore[arg-type]
+        return symmetric_kl(adv, clean, **kw)  # type: ignore[arg-type]
+
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": 1, "logits": self.logits, "ascender": self.ascender}
+
+    def _step_context(self, masks: Mapping[str, MaskLike] | None, scaler: Any | None) -> FreeTraining:
+        return self._context(masks, scaler, delta_steps=self.steps)
 
     def _ascent_loss(self, clean: Tensor, adv: Tensor) -> Tensor:
-        kw = {"distribution": self.distribution, "reduction": self.reduction}
-        if self.regularizer is not None:
-            return self.regularizer(clean.detach(), adv)
-        if self.preset == "mt-dnn":
-            return kl_divergence(clean.detach(), adv, **kw)  # type: ignore[arg-type]
-        return symmetric_kl(adv, clean.detach(), **kw)  # type: ignore[arg-type]
+        return self.ascent_regularizer(clean.detach(), adv)
 
     def _final_loss(self, clean: Tensor, adv: Tensor) -> Tensor:
-        kw = {"distribution": self.distribution, "reduction": self.reduction}
-        if self.regularizer is not None:
-            return self.regularizer(clean, adv)
-        detach = "target" if self.preset == "mt-dnn" else "none"
-        return symmetric_kl(adv, clean, detach=detach, **kw)  # type: ignore[arg-type]
+        return self.regularizer(clean, adv)
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One step: clean task loss + w · SMART regulariser, back-propagated once.
-
-        Args:
-            forward: Runs the model once on the batch and returns its output.
-            task_loss: Output -> scalar task loss.
-            masks: Modality to mask, True (or 1) at real elements.
-            scale: Multiplies every loss (e.g. 1 / accumulation steps).
-            scaler: A `torch.amp.GradScaler`.
-
-        Returns:
-            `StepStats` with the clean task loss and the regulariser.
-        """
-        scale = check_nonnegative(scale, "scale")
-        check_callable(task_loss, "task_loss", ("output",))
-        with self._context(masks, scaler) as ft:
-            clean_output = ft.clean(forward)
-            clean = ft.clean_logits
-            task = check_scalar(task_loss(clean_output), "`task_loss` output")
-            ft.clean_loss(task * scale)
-            for _ in range(self.steps):
-                adv = self.logits(ft.forward(forward))
-                ft.ascend(check_scalar(self._ascent_loss(clean, adv), "`regularizer` output"))
-            for _ in ft:  # one step: under DDP its forward and backward run outside no_sync (one all-reduce)
-                adv = self.logits(ft.forward(forward))
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """Clean task loss, K δ-only ascent steps, then w · regulariser, back-propagated once."""
+        clean_output = ft.clean(forward)
+        clean = ft.clean_logits
+        task = check_scalar(task_loss(clean_output), "`task_loss` output")
+        ft.clean_loss(task * scale)
+        for step in ft:  # the training step: under DDP its forward and backward run outside no_sync
+            adv = self.logits(ft.forward(forward))
+            if step.delta_only:
+                ft.backward(check_scalar(self._ascent_loss(clean, adv), "`regularizer` output"))
+            else:
                 reg = check_scalar(self._final_loss(ft.clean_logits, adv), "`regularizer` output")
                 ft.backward(reg * (self.weight * scale))
-            norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+        return [task.detach()], [reg.detach()]

@@ -15,32 +15,33 @@ advlab leaves the model's mode as the caller set it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative, check_radius
+from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
+from advlab.ascent import Ascender
 from advlab.balls import NORMS, Norm
-from advlab.free import default_logits, free_training
+from advlab.free import FreeTraining, default_logits
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
-from advlab.regularizers import DISTRIBUTIONS, Distribution, kl_divergence
+from advlab.recipe import Recipe, refuse_together
+from advlab.regularizers import DISTRIBUTIONS, Distribution, Regularizer, kl_divergence
 from advlab.samplers import NormalSampler
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.sites import SiteLike
 
-__all__ = ["TRADES"]
+__all__ = ["TRADES", "TRADESConfig"]
 
 INIT_STD = 0.001  # the reference code's `x_natural + 0.001 * torch.randn(...)`
 
 
-class TRADES:
-    """TRADES: clean task loss plus β · KL(p(x) ‖ p(x + δ)) at an adversarial δ.
+@dataclass(frozen=True)
+class TRADESConfig:
+    """The numbers of a `TRADES` step.
 
-    Args:
-        model: The model.
-        sites: Modality to site; None = `model.perturbation_sites()`.
+    Attributes:
         steps: Ascent steps K (the reference CIFAR-10 setting uses 10).
         step_size: η of each normalised step.
         radius: ε of the ball δ is projected onto; None = unbounded.
@@ -50,12 +51,51 @@ class TRADES:
             code's L∞ attack).
         beta: β (the reference code's default, 6.0).
         distribution: `"softmax"` or `"sigmoid"` for the KL.
+
+    Examples:
+        >>> TRADESConfig(steps=10, radius=0.1).beta
+        6.0
+    """
+
+    steps: int = 1
+    step_size: float = 1e-3
+    radius: float | None = None
+    norm: Norm = "l2"
+    direction: Literal["gradient", "sign"] = "gradient"
+    beta: float = 6.0
+    distribution: Distribution = "softmax"
+
+    def __post_init__(self) -> None:
+        check_count(self.steps, "steps")
+        object.__setattr__(self, "step_size", check_nonnegative(self.step_size, "step_size"))
+        object.__setattr__(self, "radius", check_radius(self.radius))
+        check_choice(self.norm, NORMS, "norm")
+        check_choice(self.direction, ("gradient", "sign"), "direction")
+        object.__setattr__(self, "beta", check_nonnegative(self.beta, "beta"))
+        check_choice(self.distribution, DISTRIBUTIONS, "distribution")
+
+
+class TRADES(Recipe):
+    """TRADES: clean task loss plus β · KL(p(x) ‖ p(x + δ)) at an adversarial δ.
+
+    Args:
+        model: The model.
+        sites: Modality to site; None = `model.perturbation_sites()`.
+        config: A `TRADESConfig`; default `TRADESConfig()`.
         logits: Output -> logits; default `default_logits`.
+        regularizer: `(clean_logits, perturbed_logits) -> scalar`, the trained term,
+            replacing β's KL(p(x) ‖ p(x + δ)) (refused together with `distribution`).
+        ascent_regularizer: What δ ascends, given the clean logits detached; default
+            `regularizer` (the KL when none is given).
+        ascender: Replaces the δ update built from `step_size`, `radius`, `norm` and
+            `direction` (refused together with `step_size` or `radius`).
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
         generator: Randomness for δ_0, drawn per modality in the sites' order (the order of `sites`, call
             0, 1, ... within a site), whatever order the model runs them in: the clean forward records
             every site's shape, and all δ_0 are drawn before the first perturbed forward when the model
             runs the sites in another order.
+        **overrides: Fields of `TRADESConfig`: `steps`, `step_size`, `radius`, `norm`,
+            `direction`, `beta`, `distribution`.
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]
@@ -72,73 +112,64 @@ class TRADES:
         True
     """
 
+    config_class = TRADESConfig
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         *,
-        steps: int = 1,
-        step_size: float = 1e-3,
-        radius: float | None = None,
-        norm: Norm = "l2",
-        direction: Literal["gradient", "sign"] = "gradient",
-        beta: float = 6.0,
-        distribution: Distribution = "softmax",
+        config: TRADESConfig | None = None,
         logits: Callable[[Any], Tensor] | None = None,
+        regularizer: Regularizer | None = None,
+        ascent_regularizer: Regularizer | None = None,
+        ascender: Ascender | Mapping[str, Ascender] | None = None,
         on_nonfinite: Literal["raise", "skip"] | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        self.model = model
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.steps = check_count(steps, "steps")
-        check_choice(norm, NORMS, "norm")
-        check_choice(direction, ("gradient", "sign"), "direction")
+        if ascender is not None:
+            refuse_together("TRADES", overrides, ("step_size", "radius"), "ascender",
+                            "which configure the default ascender")
+        if regularizer is not None:
+            refuse_together("TRADES", overrides, ("distribution",), "regularizer", "which configures the default KL")
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        if ascent_regularizer is not None:
+            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
+        self.steps, self.beta, self.distribution = c.steps, c.beta, c.distribution
         self.perturbations = {
-            k: Perturbation(step_size=step_size, radius=check_radius(radius), norm=norm, direction=direction,
+            k: Perturbation(step_size=c.step_size, radius=c.radius, norm=c.norm, direction=c.direction,
                             init=NormalSampler(INIT_STD))
             for k in self.sites
         }
-        self.beta = check_nonnegative(beta, "beta")
-        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
+        self.regularizer: Regularizer = regularizer if regularizer is not None else self._kl
+        self.ascent_regularizer: Regularizer = ascent_regularizer if ascent_regularizer is not None else self.regularizer
+        self.ascender = ascender
         self.logits = logits or default_logits
-        self.on_nonfinite, self.generator = on_nonfinite, generator
+        self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One TRADES step: K δ-only ascent steps, then one backward of L + β·KL.
+    def _kl(self, clean: Tensor, adv: Tensor) -> Tensor:
+        """KL(p(x) ‖ p(x + δ)), batchmean, no stop-gradient (the reference code's `criterion_kl`)."""
+        return kl_divergence(clean, adv, distribution=self.distribution, reduction="batchmean")  # type: ignore[arg-type]
 
-        Args:
-            forward: Runs the model on the batch and returns its output.
-            task_loss: Output -> scalar task loss.
-            masks: Modality to bool mask (True = real element); masked δ stays 0.
-            scale: Multiplies the whole loss (e.g. 1 / gradient-accumulation steps).
-            scaler: A `torch.amp.GradScaler`.
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": 1, "logits": self.logits, "ascender": self.ascender}
 
-        Returns:
-            The clean task loss, the KL at the final δ and δ's norm.
-        """
-        scale = check_nonnegative(scale, "scale")
-        kw = {"distribution": self.distribution, "reduction": "batchmean"}
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=1, masks=masks, logits=self.logits, scaler=scaler,
-            on_nonfinite=self.on_nonfinite, generator=self.generator,
-        ) as ft:
-            task = task_loss(ft.clean(forward))
-            ft.clean_loss(task * scale)
-            target = ft.clean_logits.detach()
-            for _ in range(self.steps):
-                adv = self.logits(ft.forward(forward))
-                ft.ascend(kl_divergence(target, adv, **kw))  # type: ignore[arg-type]
-            for _ in ft:
-                adv = self.logits(ft.forward(forward))
-                reg = kl_divergence(ft.clean_logits, adv, **kw)  # type: ignore[arg-type]
+    def _step_context(self, masks: Mapping[str, MaskLike] | None, scaler: Any | None) -> FreeTraining:
+        return self._context(masks, scaler, delta_steps=self.steps)
+
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """K δ-only ascent steps, then one backward of L + β·KL."""
+        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
+        ft.clean_loss(task * scale)
+        target = ft.clean_logits.detach()
+        for step in ft:
+            adv = self.logits(ft.forward(forward))
+            if step.delta_only:
+                ft.backward(check_scalar(self.ascent_regularizer(target, adv), "`regularizer` output"))
+            else:
+                reg = check_scalar(self.regularizer(ft.clean_logits, adv), "`regularizer` output")
                 ft.backward(reg * (self.beta * scale))
-            norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+        return [task.detach()], [reg.detach()]

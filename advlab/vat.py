@@ -23,18 +23,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_choice, check_count, check_nonnegative
+from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_scalar
 from advlab._errors import AdvlabValueError
 from advlab.ascent import random_direction
 from advlab.balls import NORMS, Norm, normalize
-from advlab.free import default_logits, free_training
+from advlab.free import FreeTraining, default_logits
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
-from advlab.regularizers import DISTRIBUTIONS, Distribution, kl_divergence, symmetric_kl
-from advlab.sites import SiteLike, resolve_sites
-from advlab.stats import StepStats, collect_stats
+from advlab.recipe import Recipe, refuse_together
+from advlab.regularizers import DISTRIBUTIONS, Distribution, Regularizer, kl_divergence, symmetric_kl
+from advlab.sites import SiteLike
 
-__all__ = ["VAT", "Divergence"]
+__all__ = ["VAT", "VATConfig", "VAT_CONFIGS", "Divergence"]
 
 Divergence = Literal["kl", "symmetric_kl"]
 DIVERGENCES: tuple[str, ...] = ("kl", "symmetric_kl")
@@ -73,27 +73,71 @@ class _PowerIteration:
         return (self.size * direction).to(delta.dtype)
 
 
-class VAT:
-    """VAT: clean task loss plus α · divergence at the virtual adversarial direction.
+@dataclass(frozen=True)
+class VATConfig:
+    """The numbers of a `VAT` step; ALUM's two stages are instances (`VAT_CONFIGS`).
 
-    Args:
-        model: The model.
-        sites: Modality to site; None = `model.perturbation_sites()`.
+    Attributes:
         eps: ε, the size of r* (scale-dependent: choose it for your embeddings; Miyato et
-            al. 2017 use 5.0 on unit-normalised word embeddings).
+            al. 2017 use 5.0 on unit-normalised word embeddings). Required.
         xi: ξ, the size of the finite-difference probe. The reference code's 1e-6 is lost
             in float32 once spread over a sequence's positions (x + r rounds to x, the
-            direction follows rounding error; advlab warns when the probe moves the logits by
-            under 100 ulps), so
-            the default is 1e-3.
+            direction follows rounding error; advlab warns when the probe moves the logits
+            by under 100 ulps), so the default is 1e-3.
         steps: K power iterations (1 in the papers).
         norm: `"l2"` (per row, Miyato), `"l2_token"` (per position) or `"linf"` (ALUM).
         weight: α.
         divergence: `"kl"` (VAT) or `"symmetric_kl"` (ALUM), see the module docstring.
         distribution: `"softmax"` or `"sigmoid"` for the KL.
+
+    Examples:
+        >>> VAT_CONFIGS["alum-pretraining"].weight, VATConfig(eps=0.5).xi
+        (10.0, 0.001)
+    """
+
+    eps: float
+    xi: float = 1e-3
+    steps: int = 1
+    norm: Norm = "l2"
+    weight: float = 1.0
+    divergence: Divergence = "kl"
+    distribution: Distribution = "softmax"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_nonnegative(self.eps, "eps"))
+        object.__setattr__(self, "xi", check_nonnegative(self.xi, "xi"))
+        check_count(self.steps, "steps")
+        check_choice(self.norm, NORMS, "norm")
+        object.__setattr__(self, "weight", check_nonnegative(self.weight, "weight"))
+        check_choice(self.divergence, DIVERGENCES, "divergence")
+        check_choice(self.distribution, DISTRIBUTIONS, "distribution")
+
+
+# ALUM (Liu et al., 2020): symmetric KL, an L∞ step, ε = ξ = 1e-5, α = 10 (pre-training) or 1 (fine-tuning)
+VAT_CONFIGS: dict[str, VATConfig] = {
+    f"alum-{stage}": VATConfig(eps=1e-5, xi=1e-5, norm="linf", weight=alpha, divergence="symmetric_kl")
+    for stage, alpha in ALUM_STAGES.items()
+}
+
+
+class VAT(Recipe):
+    """VAT: clean task loss plus α · divergence at the virtual adversarial direction.
+
+    Args:
+        model: The model.
+        sites: Modality to site; None = `model.perturbation_sites()`.
+        preset: `"alum-pretraining"` or `"alum-finetuning"` (`VAT_CONFIGS`); default none.
+        config: A `VATConfig` instead of a preset.
         logits: Output -> logits; default `default_logits`.
+        regularizer: `(clean_logits, perturbed_logits) -> scalar`, the trained term D,
+            replacing the config's `divergence` (refused together with `divergence` or
+            `distribution`); it gets the clean logits undetached.
+        ascent_regularizer: The divergence the power iterations follow, given the clean
+            logits detached; default `regularizer` when one is given, else KL(sg(p(x)) ‖ p(x + r)).
         on_nonfinite: `"raise"` (default without a scaler) or `"skip"`.
         generator: Randomness for the random start d.
+        **overrides: Fields of `VATConfig`: `eps` (required unless a preset or config
+            gives it), `xi`, `steps`, `norm`, `weight`, `divergence`, `distribution`.
 
     Shape:
         - the site tensors: [b, n, d] or [b, d]; masks: [b, n] or [b]
@@ -109,36 +153,43 @@ class VAT:
         0.5
     """
 
+    config_class = VATConfig
+    presets = VAT_CONFIGS
+
     def __init__(
         self,
         model: nn.Module,
         sites: Mapping[str, SiteLike] | None = None,
         *,
-        eps: float,
-        xi: float = 1e-3,
-        steps: int = 1,
-        norm: Norm = "l2",
-        weight: float = 1.0,
-        divergence: Divergence = "kl",
-        distribution: Distribution = "softmax",
+        preset: str | None = None,
+        config: VATConfig | None = None,
         logits: Callable[[Any], Tensor] | None = None,
+        regularizer: Regularizer | None = None,
+        ascent_regularizer: Regularizer | None = None,
         on_nonfinite: Literal["raise", "skip"] | None = None,
         generator: torch.Generator | None = None,
+        **overrides: Any,
     ) -> None:
-        self.model = model
-        self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
-        self.eps = check_nonnegative(eps, "eps")
-        self.xi = check_nonnegative(xi, "xi")
-        self.steps = check_count(steps, "steps")
-        self.norm = check_choice(norm, NORMS, "norm")
+        if regularizer is not None:
+            refuse_together("VAT", overrides, ("divergence", "distribution"), "regularizer",
+                            "which configure the default divergence")
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        if ascent_regularizer is not None:
+            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
+        self.eps, self.xi, self.steps, self.norm = c.eps, c.xi, c.steps, c.norm
+        self.weight, self.divergence, self.distribution = c.weight, c.divergence, c.distribution
         self.perturbations = {
-            k: Perturbation(step_size=self.xi, norm=norm, init=_RandomStart(self.xi, norm)) for k in self.sites
+            k: Perturbation(step_size=self.xi, norm=self.norm, init=_RandomStart(self.xi, self.norm)) for k in self.sites
         }
-        self.weight = check_nonnegative(weight, "weight")
-        self.divergence = check_choice(divergence, DIVERGENCES, "divergence")
-        self.distribution = check_choice(distribution, DISTRIBUTIONS, "distribution")
+        self.regularizer: Regularizer = regularizer if regularizer is not None else self._default_regularizer
+        self.ascent_regularizer: Regularizer = (
+            ascent_regularizer if ascent_regularizer is not None
+            else regularizer if regularizer is not None
+            else self._kl
+        )
         self.logits = logits or default_logits
-        self.on_nonfinite, self.generator = on_nonfinite, generator
+        self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 
     @classmethod
     def alum(
@@ -171,9 +222,18 @@ class VAT:
             (10.0, 'linf', 'symmetric_kl')
         """
         check_choice(stage, tuple(ALUM_STAGES), "stage")
-        settings: dict[str, Any] = {"norm": "linf", "divergence": "symmetric_kl", "weight": ALUM_STAGES[stage]}
-        settings.update(overrides)
-        return cls(model, sites, eps=eps, xi=xi, **settings)
+        return cls(model, sites, preset=f"alum-{stage}", eps=eps, xi=xi, **overrides)
+
+    def _kl(self, clean: Tensor, adv: Tensor) -> Tensor:
+        """KL(p(x) ‖ p(x + r)), batchmean: the power iterations' divergence (clean side given detached)."""
+        return kl_divergence(clean, adv, distribution=self.distribution, reduction="batchmean")  # type: ignore[arg-type]
+
+    def _default_regularizer(self, clean: Tensor, adv: Tensor) -> Tensor:
+        """D: KL(sg(p(x)) ‖ p(x + r*)) (VAT) or each term's target detached (ALUM)."""
+        if self.divergence == "kl":
+            return self._kl(clean.detach(), adv)
+        return symmetric_kl(adv, clean, detach="target", distribution=self.distribution,  # type: ignore[arg-type]
+                            reduction="batchmean")
 
     def _check_probe(self, probe: Tensor, clean: Tensor) -> None:
         """Warn when the probe moved the logits by under 100 ulps: its gradient is then mostly rounding."""
@@ -184,52 +244,31 @@ class VAT:
                 f"VAT: the probe ξ·d (ξ = {self.xi:g}) moved the logits by {moved:.2g}, under {PROBE_ULPS} ulps of "
                 f"{probe.dtype} ({resolution:.2g}), so the power iteration follows rounding error, not the "
                 "model's most sensitive direction; increase `xi`.",
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def step(
-        self,
-        forward: Callable[[], Any],
-        task_loss: Callable[[Any], Tensor],
-        *,
-        masks: Mapping[str, MaskLike] | None = None,
-        scale: float = 1.0,
-        scaler: Any | None = None,
-    ) -> StepStats:
-        """One VAT step: K power iterations (r only), then one backward of L + α·D.
+    def _engine_options(self) -> dict[str, Any]:
+        return {"steps": 1, "logits": self.logits}
 
-        Args:
-            forward: Runs the model on the batch and returns its output.
-            task_loss: Output -> scalar task loss.
-            masks: Modality to bool mask (True = real element); masked r stays 0.
-            scale: Multiplies the whole loss (e.g. 1 / gradient-accumulation steps).
-            scaler: A `torch.amp.GradScaler`.
+    def _step_context(self, masks: Mapping[str, MaskLike] | None, scaler: Any | None) -> FreeTraining:
+        self._power = _PowerIteration(self.norm, self.xi)  # its size changes to ε for the last iteration
+        return self._context(masks, scaler, ascender=self._power, delta_steps=self.steps)
 
-        Returns:
-            The clean task loss, the divergence at r* and r*'s norm.
-        """
-        scale = check_nonnegative(scale, "scale")
-        kw = {"distribution": self.distribution, "reduction": "batchmean"}
-        power = _PowerIteration(self.norm, self.xi)
-        with free_training(
-            self.model, self.sites, self.perturbations, steps=1, masks=masks, logits=self.logits, scaler=scaler,
-            on_nonfinite=self.on_nonfinite, generator=self.generator, ascender=power,
-        ) as ft:
-            task = task_loss(ft.clean(forward))
-            ft.clean_loss(task * scale)
-            target = ft.clean_logits.detach()
-            for k in range(self.steps):
-                power.size = self.eps if k == self.steps - 1 else self.xi
+    def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+             scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """K power iterations (r only), then one backward of L + α·D."""
+        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
+        ft.clean_loss(task * scale)
+        target = ft.clean_logits.detach()
+        for step in ft:
+            if step.delta_only:
+                self._power.size = self.eps if step.index == self.steps - 1 else self.xi
                 probe = self.logits(ft.forward(forward))
-                if k == 0:
+                if step.index == 0:
                     self._check_probe(probe, target)
-                ft.ascend(kl_divergence(target, probe, **kw))  # type: ignore[arg-type]
-            for _ in ft:
+                ft.backward(check_scalar(self.ascent_regularizer(target, probe), "`regularizer` output"))
+            else:
                 adv = self.logits(ft.forward(forward))
-                if self.divergence == "kl":
-                    reg = kl_divergence(ft.clean_logits.detach(), adv, **kw)  # type: ignore[arg-type]
-                else:
-                    reg = symmetric_kl(adv, ft.clean_logits, detach="target", **kw)  # type: ignore[arg-type]
+                reg = check_scalar(self.regularizer(ft.clean_logits, adv), "`regularizer` output")
                 ft.backward(reg * (self.weight * scale))
-            norms = ft.delta_norms()
-        return collect_stats([task.detach()], [reg.detach()], norms, ft.skipped_steps, {}, skip_reason=ft.skip_reason)
+        return [task.detach()], [reg.detach()]
