@@ -7,6 +7,9 @@
 #      an installed copy in /usr/share/tuxpaint/stamps is used as is; otherwise `apt-get download`
 #      (no root needed, but apt's package lists must exist) and `dpkg-deb` unpack only the images and
 #      captions into ${ADVLAB_CACHE:-~/.cache/advlab}/tuxpaint/stamps. Nothing is written inside the repository.
+#   [WordNet] WordNet 3.0 (Debian wordnet-base + wordnet-sense-index) for caption paraphrases, in $CACHE/wordnet;
+#   [openclipart] public-domain drawings with titles (Debian openclipart-svg + -png) as a caption folder in
+#      $CACHE/openclipart/pairs (about 4 min on a 2-core CPU, most of it unpacking 155 MB of packages).
 # Run it again at any time: finished steps are skipped.
 # Usage: scripts/setup_data.sh   (PYTHON=/path/to/python to choose the interpreter)
 set -euo pipefail
