@@ -158,7 +158,7 @@ def test_cli_seeds_n_runs_seeds_0_to_n_minus_1(data: R.RetrievalData, tmp_path: 
         seen.update(kw)
         raise R.GateError("stop here")
 
-    monkeypatch.setattr(cli, "prepare_data", lambda folder: data)
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
     monkeypatch.setattr(cli, "run_experiment", fake_run)
     assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--seeds", n, "--no-progress"]) == 3
     assert list(seen["seeds"]) == expected  # type: ignore[call-overload]
@@ -167,7 +167,7 @@ def test_cli_seeds_n_runs_seeds_0_to_n_minus_1(data: R.RetrievalData, tmp_path: 
 def test_cli_reports_a_diverged_run_with_its_own_status(data: R.RetrievalData, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "prepare_data", lambda folder: _poisoned(data))
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: _poisoned(data))
     monkeypatch.setattr(cli, "configs_from_settings", lambda s, base: {"uniter": tiny_config()})
     monkeypatch.setattr(runs, "build_model", lambda b, c, d, seed, text_size: R.build_model(b, c, d, seed=seed,
                                                                                             text_size=TINY))
@@ -181,7 +181,7 @@ def test_settings_file_with_an_unknown_field_is_named(tmp_path: Path, data: R.Re
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "s.json"
     bad.write_text(json.dumps({"base": {"epoch": 3}}))
-    monkeypatch.setattr(cli, "prepare_data", lambda folder: data)
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
     assert cli.main(["--data", str(tmp_path), "--settings", str(bad), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "'epoch'" in err

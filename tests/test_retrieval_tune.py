@@ -136,7 +136,7 @@ def test_cli_tune_writes_relative_settings_that_the_next_run_uses(
     data: R.RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fake_runs(monkeypatch, {"villa": lambda s: -abs(s - 3e-3), "noise": 0.01, "baseline": 0.02, "zero": 0.03})
-    monkeypatch.setattr(cli, "prepare_data", lambda folder: data)
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"base": {"epochs": 4}}))
     code = cli.main(["--tune", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", str(settings),

@@ -18,6 +18,7 @@ from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
     ARMS_QUICK,
+    FEATURES,
     SETTINGS_PATH,
     RetrievalConfig,
     configs_from_settings,
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="arms to run; 'baseline' must be among them (the gate and the paired differences)")
     parser.add_argument("--sizes", nargs="+", type=_size, default=None,
                         help="--tune: relative step sizes to try (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1)")
+    parser.add_argument("--features", default=None, choices=list(FEATURES),
+                        help="frozen image features: craft (CRAFT VGG16-BN, 512-d) or effnet (EfficientNet-Lite0, "
+                             "320-d); default: the settings' base entry")
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
@@ -146,35 +150,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     wall0 = time.perf_counter()
-    try:
-        if args.data is None:
-            _check_wheels()
-            folder = _stamps_folder()
-        else:
-            folder = args.data
-            if not folder.is_dir():
-                raise AdvlabError(f"--data {folder} is not a folder.")
-            _check_wheels()
-        data = prepare_data(folder)
-    except (AdvlabError, ModuleNotFoundError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"data: {folder}: {data.summary}")
-    print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
+    progress = not args.no_progress
     try:
         settings = load_settings(args.settings)
         base = _base_config(settings, args.settings)
     except AdvlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # json.JSONDecodeError
+        print(f"error: {args.settings} is not valid JSON: {err}", file=sys.stderr)
+        return 2
     if args.epochs is not None:
         base = replace(base, epochs=args.epochs)
-    progress = not args.no_progress
+    if args.features is not None:
+        base = replace(base, features=args.features)
+    try:
+        if args.data is None:
+            _check_wheels(base.features)
+            folder = _stamps_folder()
+        else:
+            folder = args.data
+            if not folder.is_dir():
+                raise AdvlabError(f"--data {folder} is not a folder.")
+            _check_wheels(base.features)
+        data = prepare_data(folder, features=base.features, progress=progress)
+    except (AdvlabError, ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"data: {folder}: {data.summary}; image features {base.features}")
+    print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
     if args.tune:
         backbones = args.backbones or ["uniter"]
         new = dict(settings)
         new["base"] = {k: v for k, v in settings.get("base", {}).items()}
         new["base"]["epochs"] = base.epochs
+        new["base"]["features"] = base.features  # the sizes are tuned for these features
         seeds = list(range(args.seeds or 3))
         tune_dir = args.out / "tune"
         try:

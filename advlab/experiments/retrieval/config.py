@@ -13,6 +13,8 @@ from typing import Any, Literal
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 
 Backbone = Literal["uniter", "lxmert"]
+Features = Literal["craft", "effnet"]
+FEATURES: tuple[str, ...] = ("craft", "effnet")
 Arm = Literal["baseline", "zero", "noise", "villa", "alter", "txt", "img"]
 ARMS_QUICK: tuple[str, ...] = ("baseline", "zero", "noise", "villa")
 ARMS_FULL: tuple[str, ...] = ("baseline", "zero", "noise", "villa", "alter", "txt", "img")
@@ -68,7 +70,12 @@ class RetrievalConfig:
         max_length: Token limit of a caption, [CLS] and [SEP] included.
         eval_batch: Pairs per forward at evaluation.
         grid: Grid cells per side of the region features (2: 1 object + 4 cells, 4: 1 + 16),
-            pooled from the cached 4 x 4 CRAFT grid.
+            pooled from the cached 4 x 4 grid.
+        features: The frozen image features: `"craft"` (512-d, the VGG16-BN trunk of the CRAFT text
+            detector at 64 px, [`advlab.pretrained.craft`][advlab.pretrained.craft]) or `"effnet"`
+            (320-d, the last block of the ImageNet EfficientNet-Lite0 at 224 px,
+            [`advlab.pretrained.efficientnet`][advlab.pretrained.efficientnet]). The data must hold
+            the same features (`prepare_data(..., features=config.features)`).
         freeze_word_embeddings: Keep MiniLM's word-embedding table fixed (CPU time).
 
     Raises:
@@ -106,6 +113,7 @@ class RetrievalConfig:
     freeze_word_embeddings: bool = True
     relative: bool = False  # False: absolute sizes (records of absolute runs keep their cache keys)
     attention: Literal["eager", "sdpa"] = "eager"  # eager: the recorded runs' numbers, bit for bit
+    features: Features = "craft"
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
@@ -120,6 +128,8 @@ class RetrievalConfig:
                 raise AdvlabValueError(
                     f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
                 )
+        if self.features not in FEATURES:
+            raise AdvlabValueError(f"Expected `features` to be one of {list(FEATURES)}, but got {self.features!r}.")
         if self.attention not in ("eager", "sdpa"):
             raise AdvlabValueError(f"Expected `attention` to be 'eager' or 'sdpa', but got {self.attention!r}.")
         for name in ("freeze_word_embeddings", "relative"):

