@@ -88,16 +88,23 @@ DEFAULT_FOLDERS: tuple[str, ...] = (
     "tools",  # 149 -> 134
     "transportation",  # 369 -> 120
 )
-# Left out: computer (2,158, icons and buttons), shapes (1,645), signs_and_symbols (1,113, flags,
-# map symbols), special (225, gradients and patterns), geography (135, maps), unsorted (154),
-# logos (7), buttons (3).
+"""Top-level openclipart folders kept by default: those of objects, animals, people and plants.
 
+Drawings in the package and pairs kept (Debian 12, 0.18): animals 316 / 269, buildings 70 / 45,
+containers 16 / 12, decorations 26 / 24, education 54 / 42, electronics 43 / 34, food 366 / 274,
+office 142 / 122, people 400 / 281, plants 95 / 79, recreation 614 / 321, science 21 / 21,
+tools 149 / 134, transportation 369 / 120: 1,778 pairs with 1,271 distinct captions. Left out:
+computer (2,158 drawings, icons and buttons), shapes (1,645), signs_and_symbols (1,113, flags and
+map symbols), special (225, gradients and patterns), geography (135, maps), unsorted (154),
+logos (7), buttons (3).
+"""
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "transportation/aiga-symbols",  # 122 pictograms, all titled "AIGA_Symbol_Signs"
     "transportation/roadsigns",  # 73 road signs
     "recreation/games/cards",  # 239 playing cards, mostly titled "card"
     "people/smilies",  # 44 smiley faces
 )
+"""Sub-folders of `DEFAULT_FOLDERS` left out: pictograms, road signs, playing cards, smileys."""
 
 _SVG_DIRS = ("svg", "usr/share/openclipart/svg")  # relative to `src`: an openclipart folder, or an unpacked root
 _COPYRIGHT = ("usr/share/doc/openclipart-svg/copyright", "usr/share/doc/openclipart-png/copyright")

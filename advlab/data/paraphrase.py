@@ -79,6 +79,7 @@ LEXNAMES: tuple[str, ...] = (
     "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
     "verb.weather", "adj.ppl",
 )  # fmt: skip
+"""The 45 lexicographer file names of WordNet 3.0, in file-number order (the `lexnames` fallback)."""
 _LEXNAME_POS = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}  # the man page's "syntactic category" codes
 
 STOP_WORDS: frozenset[str] = frozenset(
@@ -313,8 +314,9 @@ def _match_case(word: str, synonym: str) -> str:
 class WordNetParaphraser:
     """Replace one or two content words of a caption by WordNet synonyms (rule in the module docs).
 
-    The first one built in a process loads WordNet's index (about 5 s on a 2-core CPU; later ones
-    reuse it); each distinct word is looked up once and remembered.
+    The first one built in a process loads WordNet's index (5 to 25 s on a busy 2-core CPU; later
+    ones reuse it); each distinct word is looked up once and remembered. Building one appends the
+    data root to `nltk.data.path`, since nltk >= 3.9 opens corpus files only under those roots.
 
     Args:
         root: The WordNet data root; None means [`wordnet_dir`][advlab.data.paraphrase.wordnet_dir]`()`.
