@@ -120,7 +120,7 @@ def attack(
             radius 0, `result.loss` equals `result.clean_loss`).
         step_size: Overrides the perturbations' PGD step sizes (one float or a mapping).
         logits: Output to a batch-first tensor to keep at each example's worst case
-            (`result.logits`) and clean (`result.clean_logits`), e.g. `advlab.default_logits`.
+            (`result.logits`) and clean (`result.clean_logits`), e.g. `advlab.free.default_logits`.
         eval_mode: Run the model in eval mode (default). False keeps its current mode:
             dropout then makes the loss random, and batch-norm running statistics update.
 

@@ -1,7 +1,7 @@
 """Projected gradient ascent (PGD) on the δ of every slot, with restarts.
 
 Each restart starts from the perturbation's sampler (projected into the ball) and takes
-`steps` updates `δ ← project(δ + η · direction(∇δ loss))` with `advlab.pgd_step`, the step
+`steps` updates `δ ← project(δ + η · direction(∇δ loss))` with `advlab.ascent.pgd_step`, the step
 of VILLA and FreeLB: the direction is the normalised gradient (`"gradient"`), its sign
 (`"sign"`, standard L∞ PGD) or a random unit direction (`"random"`, a noise baseline).
 Every iterate, the start included, is a candidate for the per-example worst case.
