@@ -298,3 +298,10 @@ def test_minilm_classifier_matches_advlab_encoder_and_tokenizer():
     real = mask.bool()
     torch.testing.assert_close(hf[real], ours[real], rtol=1e-4, atol=1e-4)
     assert model.num_labels == 5 and model.classifier.out_features == 5
+
+
+def test_dataset_folder_refuses_unknown_names():
+    from advlab.experiments.classification.data import dataset_folder
+
+    with pytest.raises(AdvlabValueError, match="'tuxpaint' or 'openclipart'"):
+        dataset_folder("mnist")
