@@ -273,6 +273,16 @@ def test_bad_arguments(src, tmp_path):
         build_openclipart_folder(src, tmp_path / "p", caption="keywords")
     with pytest.raises(AdvlabValueError, match="`max_side`"):
         build_openclipart_folder(src, tmp_path / "p", max_side=0)
+    with pytest.raises(AdvlabTypeError, match="`src` to be a path"):
+        build_openclipart_folder(3, tmp_path / "p")
+    with pytest.raises(AdvlabTypeError, match="`dst` to be a path"):
+        build_openclipart_folder(src, 3.5)
+    with pytest.raises(AdvlabTypeError, match="`render`"):
+        build_openclipart_folder(src, tmp_path / "p", render="cairosvg")
+    with pytest.raises(AdvlabTypeError, match="`root` to be a path"):
+        openclipart_dir(["pairs"])
+    with pytest.raises(AdvlabTypeError, match="ClipartEntry"):
+        make_caption("Apple Pie")
     with pytest.raises(AdvlabValueError, match="No drawing"):
         build_openclipart_folder(src, tmp_path / "p", folders=("computer",), exclude=("computer/icons",))
     assert not (tmp_path / "p").exists()

@@ -126,6 +126,12 @@ def test_bad_arguments(p):
         WordNetParaphraser(max_substitutions=1.5)
     with pytest.raises(AdvlabTypeError, match="single string"):
         WordNetParaphraser(stop_words="the")
+    with pytest.raises(AdvlabTypeError, match="hold strings, but it holds 3"):
+        WordNetParaphraser(stop_words=["the", 3])
+    with pytest.raises(AdvlabTypeError, match="`root` to be a path"):
+        WordNetParaphraser(root=3)
+    with pytest.raises(AdvlabTypeError, match="`src` to be a path"):
+        install_wordnet(None)
 
 
 def test_missing_wordnet_points_at_the_setup_script(tmp_path):

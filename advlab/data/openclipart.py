@@ -127,6 +127,12 @@ _MAX_PNG_PIXELS = 40_000_000  # 7 PNGs of the package have about 169 Mpx; decodi
 _JUNK_KEYWORD = re.compile(r"^(hash|0x[0-9a-f]+|\d+)$", re.IGNORECASE)
 
 
+def _as_path(name: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise AdvlabTypeError(f"Expected `{name}` to be a path (str or os.PathLike), but got {type(value).__name__}.")
+    return Path(value)
+
+
 def _cache_root() -> Path:
     root = os.environ.get("ADVLAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
@@ -146,6 +152,7 @@ def openclipart_dir(root: str | os.PathLike[str] | None = None) -> Path:
 
     Raises:
         FileNotFoundError: No finished folder is there; the message says how to build it.
+        AdvlabTypeError: `root` is not a path.
 
     Examples:
         >>> import tempfile
@@ -155,7 +162,7 @@ def openclipart_dir(root: str | os.PathLike[str] | None = None) -> Path:
         ...     print(str(err)[:37])
         No openclipart caption folder at /tmp
     """
-    folder = Path(root) if root is not None else _cache_root() / "openclipart" / "pairs"
+    folder = _as_path("root", root) if root is not None else _cache_root() / "openclipart" / "pairs"
     if not (folder / _DONE).is_file():
         raise FileNotFoundError(
             f"No openclipart caption folder at {folder} (no {_DONE} marker: not built, or interrupted).\n"
@@ -250,6 +257,7 @@ def make_caption(entry: ClipartEntry, mode: CaptionMode = "title+description", *
         The caption, or None for a missing, file-name-like or stamp title.
 
     Raises:
+        AdvlabTypeError: `entry` is not a ClipartEntry.
         AdvlabValueError: Unknown `mode`, or `max_words` below 1.
 
     Examples:
@@ -260,6 +268,8 @@ def make_caption(entry: ClipartEntry, mode: CaptionMode = "title+description", *
         >>> make_caption(ClipartEntry("Apple Pie", "", ("dessert", "food", "pie", "hash")), "title+keywords")
         'Apple Pie (dessert, food)'
     """
+    if not isinstance(entry, ClipartEntry):
+        raise AdvlabTypeError(f"Expected `entry` to be a ClipartEntry, but got {type(entry).__name__}.")
     if mode not in get_args(CaptionMode):
         raise AdvlabValueError(f"Expected `caption` to be one of {get_args(CaptionMode)}, but got {mode!r}.")
     if not isinstance(max_words, int) or isinstance(max_words, bool) or max_words < 1:
@@ -418,7 +428,8 @@ def build_openclipart_folder(
         FileNotFoundError: `src` holds no openclipart SVG folder, or a folder in `folders` is
             not in it.
         AdvlabValueError: Bad `caption`, `max_words` or `max_side`, or nothing was kept.
-        AdvlabTypeError: `folders` or `exclude` is not a sequence of folder names.
+        AdvlabTypeError: `src` or `dst` is not a path, `folders` or `exclude` is not a sequence
+            of folder names, or `render` is not callable.
 
     Examples:
         >>> import tempfile
@@ -428,7 +439,11 @@ def build_openclipart_folder(
         ...     print(str(err)[:33])
         No openclipart SVG folder in /tmp
     """
-    src_path = Path(src)
+    src_path = _as_path("src", src)
+    if dst is not None:
+        _as_path("dst", dst)
+    if render is not None and not callable(render):
+        raise AdvlabTypeError(f"Expected `render` to be a callable (path -> PIL image) or None, but got {render!r}.")
     svg_root = _svg_root(src_path)
     png_root = svg_root.parent / "png"
     keep = _check_folders("folders", folders)
@@ -442,7 +457,7 @@ def build_openclipart_folder(
     if absent:
         present = sorted(p.name for p in svg_root.iterdir() if p.is_dir())
         raise FileNotFoundError(f"`folders` names {absent}, which {svg_root} lacks; it holds {present}.")
-    out = Path(dst) if dst is not None else _cache_root() / "openclipart" / "pairs"
+    out = _as_path("dst", dst) if dst is not None else _cache_root() / "openclipart" / "pairs"
     settings = {
         "source": str(svg_root.resolve()),
         "folders": list(keep),

@@ -116,6 +116,12 @@ _DEB_COPYRIGHT = Path("usr/share/doc/wordnet-base/copyright")
 _SETUP_HINT = "Run `scripts/setup_data.sh` (it fetches Debian's wordnet-base and wordnet-sense-index, no root needed)"
 
 
+def _as_path(name: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise AdvlabTypeError(f"Expected `{name}` to be a path (str or os.PathLike), but got {type(value).__name__}.")
+    return Path(value)
+
+
 def _cache_root() -> Path:
     root = os.environ.get("ADVLAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
@@ -145,6 +151,7 @@ def wordnet_dir(root: str | os.PathLike[str] | None = None, *, check: bool = Tru
     Raises:
         FileNotFoundError: `check` is true and files are missing; the message names them and
             says to run `scripts/setup_data.sh`.
+        AdvlabTypeError: `root` is not a path.
 
     Examples:
         >>> import tempfile
@@ -156,7 +163,7 @@ def wordnet_dir(root: str | os.PathLike[str] | None = None, *, check: bool = Tru
         ...     print(str(err).splitlines()[0][:40])
         WordNet 3.0 was not found under /tmp/tmp
     """
-    folder = Path(root) if root is not None else _cache_root() / "wordnet"
+    folder = _as_path("root", root) if root is not None else _cache_root() / "wordnet"
     if check:
         missing = _missing(folder)
         if missing:
@@ -203,6 +210,7 @@ def install_wordnet(
 
     Raises:
         FileNotFoundError: `src` lacks dictionary files; the message lists them.
+        AdvlabTypeError: `src` or `dst` is not a path.
 
     Examples:
         >>> import tempfile
@@ -212,8 +220,8 @@ def install_wordnet(
         ...     print(str(err)[:33])
         No WordNet 3.0 dictionary in /tmp
     """
-    root = Path(src)
-    out = Path(dst) if dst is not None else _cache_root() / "wordnet"
+    root = _as_path("src", src)
+    out = _as_path("dst", dst) if dst is not None else _cache_root() / "wordnet"
     if not _missing(out):
         return out
     dict_dir = next((d for d in (root, root / _DEB_DICT) if (d / "data.noun").is_file()), None)
@@ -327,6 +335,8 @@ class WordNetParaphraser:
         FileNotFoundError: WordNet is not set up under `root` (the message says how to set it up).
         ImportError: nltk is not installed.
         AdvlabValueError: `max_substitutions` is below 1.
+        AdvlabTypeError: `root` is not a path, `max_substitutions` not an int, or `stop_words` not
+            a collection of strings.
 
     Examples:
         >>> p = WordNetParaphraser()
@@ -353,6 +363,10 @@ class WordNetParaphraser:
             raise AdvlabValueError(f"Expected `max_substitutions` to be at least 1, but got {max_substitutions}.")
         if isinstance(stop_words, str):
             raise AdvlabTypeError("Expected `stop_words` to be a collection of words, but got a single string.")
+        stop_words = tuple(stop_words)
+        if not all(isinstance(w, str) for w in stop_words):
+            bad = next(w for w in stop_words if not isinstance(w, str))
+            raise AdvlabTypeError(f"Expected `stop_words` to hold strings, but it holds {bad!r}.")
         self.root = wordnet_dir(root)
         self.max_substitutions = max_substitutions
         self.stop_words = frozenset(w.lower() for w in stop_words)
