@@ -116,3 +116,68 @@ def test_cli_settings_that_are_not_json_exit_2(tmp_path: Path, capsys: pytest.Ca
     bad.write_text("{not json")
     assert cli.main(["--data", str(tmp_path), "--settings", str(bad), "--no-progress"]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
+     (["--dataset", "tuxpaint", "--data", "."], "argument --data: not allowed with argument --dataset")],
+)
+def test_cli_refuses_bad_datasets(argv: list[str], named: str, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "prepare_data", lambda *a, **k: pytest.fail("data prepared despite a bad argument"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--no-progress"])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["tuxpaint", "openclipart", "both"])
+def test_cli_dataset_picks_the_folders(dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from advlab.experiments.retrieval import data as D
+
+    tux, clip = tmp_path / "tux", tmp_path / "clip"
+    monkeypatch.setattr(D, "_stamps_folder", lambda: tux)
+    monkeypatch.setattr(D, "_openclipart_folder", lambda: clip)
+    seen: list[object] = []
+
+    def fake_prepare(folder: object, **kw: object) -> R.RetrievalData:
+        seen.append(folder)
+        raise R.GateError("stop")
+
+    monkeypatch.setattr(cli, "prepare_data", fake_prepare)
+    assert cli.main(["--dataset", dataset, "--no-progress"]) == 2
+    assert seen == [{"tuxpaint": tux, "openclipart": clip, "both": [tux, clip]}[dataset]]
+
+
+def test_a_missing_openclipart_folder_exits_2_naming_the_setup_script(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ADVLAB_CACHE", str(tmp_path))  # no openclipart/pairs there
+    assert cli.main(["--dataset", "openclipart", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "openclipart" in err and "scripts/setup_data.sh" in err
+
+
+def test_two_folders_are_pooled_before_the_split_by_caption(folder: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, thing in enumerate(["boat", "sun", "moon", "star", "cup", "hat"]):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(other / f"{thing}.png")
+        (other / f"{thing}.txt").write_text(f"A {thing}.\n")
+    (other / "red_cat.png").write_bytes((folder / "red_cat.png").read_bytes())
+    (other / "red_cat.txt").write_text("A red cat.\n")  # the same caption as in `folder`: one caption, two images
+
+    def feats(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(paths), 5, 3), torch.zeros(len(paths), 5, 4)
+
+    kw = {"tokenizer": _tokenizer, "features": feats, "text_weights": None, "vocab_size": len(WORDS) + 3}
+    both = R.prepare_data([folder, other], **kw)  # type: ignore[arg-type]
+    one = R.prepare_data(folder, **kw)  # type: ignore[arg-type]
+    n_both = len(both.train) + len(both.val) + len(both.test)
+    assert len(one.train) + len(one.val) + len(one.test) == 12
+    # 19 images, 18 distinct captions: train keeps both images of a shared caption, val / test one
+    assert 18 <= n_both <= 19
+    assert both.summary != one.summary
+    train_caps = both.train.caption_ids.tolist()
+    assert len(set(train_caps)) + len(both.val) + len(both.test) == 18

@@ -24,7 +24,7 @@ from advlab.experiments.retrieval.config import (
     configs_from_settings,
     load_settings,
 )
-from advlab.experiments.retrieval.data import _check_wheels, _stamps_folder, prepare_data
+from advlab.experiments.retrieval.data import DATASETS, _check_wheels, dataset_folders, prepare_data
 from advlab.experiments.retrieval.report import (
     draw_curves,
     draw_plot,
@@ -122,7 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="pick the relative step size and KL weight on validation (3 seeds), write the settings")
     job.add_argument("--report", action="store_true",
                      help="train nothing: tabulate the finished runs in --out (e.g. of an interrupted --full)")
-    parser.add_argument("--data", type=Path, default=None, help="image-caption folder (default: Tux Paint stamps)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, default=None, help="any image-caption folder (default: --dataset tuxpaint)")
+    source.add_argument("--dataset", default=None, choices=list(DATASETS),
+                        help="a data set set up by scripts/setup_data.sh: Tux Paint stamps (default), openclipart, "
+                             "or both pooled before the split by caption")
     parser.add_argument("--out", type=Path, default=Path("runs/retrieval"), help="output folder (resumable)")
     parser.add_argument("--seeds", type=_count, default=None,
                         help="number of seeds, an integer >= 1: seeds 0 .. N-1 (quick 2, full 5)")
@@ -167,17 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.data is None:
             _check_wheels(base.features)
-            folder = _stamps_folder()
+            folders = dataset_folders(args.dataset or "tuxpaint")
         else:
-            folder = args.data
-            if not folder.is_dir():
-                raise AdvlabError(f"--data {folder} is not a folder.")
+            if not args.data.is_dir():
+                raise AdvlabError(f"--data {args.data} is not a folder.")
             _check_wheels(base.features)
-        data = prepare_data(folder, features=base.features, progress=progress)
+            folders = [args.data]
+        data = prepare_data(folders[0] if len(folders) == 1 else folders, features=base.features, progress=progress)
     except (AdvlabError, ModuleNotFoundError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"data: {folder}: {data.summary}; image features {base.features}")
+    print(f"data: {' + '.join(str(f) for f in folders)}: {data.summary}; image features {base.features}")
     print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
     if args.tune:
         backbones = args.backbones or ["uniter"]

