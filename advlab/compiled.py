@@ -12,8 +12,8 @@ forward with tensors, which the compiled graph takes as inputs:
   gate per modality, 1 where the modality is perturbed in this forward and 0 where it is
   not; the hook adds `gate * δ`.
 
-Joint, alternating and single-modality forwards therefore share one graph, and new δ
-tensors of the same shape do not recompile. A compiled model meets a handful of graph
+The perturbed forwards of a step (joint, or one modality at a time in `"alter"`) therefore
+share one graph, and new δ tensors of the same shape do not recompile. A compiled model meets a handful of graph
 variants (clean and perturbed, with and without gradients, train and eval), each compiled
 once during the first steps and reused afterwards (measured in `tests/test_compile.py`).
 
@@ -29,9 +29,10 @@ What a prepared model needs:
   forward of the model (FreeLB and FastAT, whose first forward is perturbed). Before the
   model's very first forward, and for relative sizes without a clean forward, the step is
   refused with a message.
-- Random numbers inside the compiled graph (dropout) come from the compiler's generator,
-  not the eager stream, so a compiled step equals the eager one exactly only without
-  dropout.
+- Random numbers inside the compiled graph (dropout) come from the compiler's kernels, not
+  the eager stream, so a compiled step equals the eager one only without dropout. Inductor
+  draws their seeds from torch's generator, so the `"lean"` schedule's replay of the RNG
+  state gives the same dropout masks (tested).
 
 Not supported (refused with a message): `DistributedDataParallel` around a compiled model.
 

@@ -212,6 +212,31 @@ def test_compiled_step_equals_eager_with_inductor(recipe):
 
 
 @pytest.mark.slow
+def test_lean_schedule_replays_dropout_in_compiled_graphs():
+    """schedule="lean" recomputes the clean forward with the RNG state of the first one. Inductor draws the
+    seeds of its random kernels from torch's generator, so the replay gives the same dropout masks: the
+    gradients equal the deferred schedule's (dropout 0.3, which changes the gradients from seed to seed)."""
+    counters = _fresh_dynamo()
+    ids, img, tm, im, y = tiny_batch(torch.float32)
+    model = prepare_for_compile(TinyVL(dropout=0.3), SITES)
+    compiled = torch.compile(model)
+
+    def step(schedule, seed):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        advlab.VILLA(compiled, sites=SITES, steps=3, schedule=schedule).step(
+            lambda: compiled(ids, img, tm, im), _loss(y))
+        return grads(model)
+
+    by_seed = [(step("deferred", seed), step("lean", seed)) for seed in range(2)]
+    for deferred, lean in by_seed:
+        for n in deferred:
+            torch.testing.assert_close(lean[n], deferred[n], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(by_seed[0][0][n], by_seed[1][0][n]) for n in by_seed[0][0])  # dropout acts
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
 def test_zero_recompilations_after_warmup_across_modes():
     """24 steps alternating VILLA joint / alter / text-only, FreeLB, SMART, plain training forwards and
     eval under `error_on_recompile`: no graph is compiled after the warm-up, no graph break. Recompilation
@@ -224,7 +249,7 @@ def test_zero_recompilations_after_warmup_across_modes():
     ids, img, tm, im, _ = batch
     eager = TinyVL()
     model = prepare_for_compile(TinyVL(), SITES)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break would raise
     eager(ids, img, tm, im), compiled(ids, img, tm, im)
     runs = [("villa", "joint"), ("villa", "alter"), ("villa", "txt"), ("freelb", "joint"), ("smart", "joint")]
     for recipe, mode in runs:  # warm-up: each graph variant compiles here, once
