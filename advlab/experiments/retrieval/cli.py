@@ -216,9 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     arms = args.arms or (list(ARMS_FULL) if args.full else list(ARMS_QUICK))
     n_seeds = args.seeds or (5 if args.full else 2)
     configs = configs_from_settings(settings, base)
-    from advlab.experiments.retrieval.metrics import folder_robustness_spec  # test-split robustness columns
+    from advlab.experiments.retrieval.metrics import RobustnessSpec, folder_robustness_spec  # test-split robustness
 
-    robustness = folder_robustness_spec(data.test, folder)  # no WordNet: no paraphrase column, the reason printed
+    if len(folders) == 1:
+        robustness = folder_robustness_spec(data.test, folders[0])  # no WordNet: no paraphrase column, the reason printed
+    else:  # the paraphrase column reads the test captions again from one folder
+        robustness = RobustnessSpec(paraphrase_missing="the test captions of pooled data sets (--dataset both) are not "
+                                                       "read again")
     try:
         records = run_experiment(data, backbones=backbones, arms=arms, seeds=range(n_seeds), configs=configs,
                                  out_dir=args.out, progress=progress, robustness=robustness)
