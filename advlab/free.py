@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,23 +50,19 @@ from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError
 from advlab.ascent import Ascender as Ascender  # re-exported: recipes and older code import it from here
 from advlab.ascent import PGDAscender
 from advlab.balls import row_norm
+from advlab.distributed import GradSync, is_ddp
+from advlab.finite import FiniteChecks, GradSnapshot
 from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
 from advlab.perturbation import Perturbation
+from advlab.schedules import SCHEDULES as SCHEDULES
+from advlab.schedules import BackwardSchedule, make_schedule
+from advlab.schedules import Schedule as Schedule
 from advlab.sites import SiteLike, unwrap_model
 from advlab.stats import DeltaNorms
 
 __all__ = ["Ascender", "AscentStep", "FreeTraining", "Schedule", "default_logits", "forward_groups", "free_training"]
 
-Schedule = Literal["deferred", "retain", "lean"]
-SCHEDULES: tuple[str, ...] = ("deferred", "retain", "lean")
 NonFinitePolicy = Literal["raise", "skip"]
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    """Whether `model` is a DistributedDataParallel wrapper (its steps then run under `no_sync`)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
 
 
 _MISSING = object()
@@ -241,7 +236,7 @@ class FreeTraining:
             raise AdvlabValueError(
                 f"Expected `perturbations` to be a non-empty mapping modality -> Perturbation, but got {perturbations!r}."
             )
-        check_choice(schedule, SCHEDULES, "schedule")
+        self._schedule: BackwardSchedule = make_schedule(schedule)
         if on_nonfinite is None:
             on_nonfinite = "skip" if scaler is not None else "raise"
         check_choice(on_nonfinite, ("raise", "skip"), "on_nonfinite")
@@ -284,16 +279,15 @@ class FreeTraining:
         self._in_final_backward = False
         self._clean_losses: list[Tensor] = []
         self._clean_loss_fns: list[Callable[[Any], Tensor]] = []
-        self._clean_forward: Callable[[], Any] | None = None
         self._clean_output: Any = None
-        self._rng: _RngSnapshot | None = None
         self._final_done = False
-        self._sync = ExitStack()
+        self._sync = GradSync(model)  # owns DDP's no_sync: held from the first forward, released for the last step
         self.skipped_steps = 0
         self.skip_reason: str | None = None
         # finiteness of every loss and δ gradient of the step, as device booleans: read once, at the end
-        self._checks: list[tuple[int | None, str, Tensor]] = []
-        self._saved_grads: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
+        self._checks = FiniteChecks()
+        self._saved_grads: GradSnapshot | None = None
+        self._loss_scale: float | None = None  # the GradScaler's scale, to unscale δ gradients
         self._settled = False
 
     def _make_ascenders(self, ascender: Ascender | Mapping[str, Ascender] | None) -> dict[str, Ascender]:
@@ -328,7 +322,7 @@ class FreeTraining:
                 "Expected gradients to be enabled, but the step runs under torch.no_grad() or "
                 "torch.inference_mode(): adversarial training needs the parameter and δ gradients."
             )
-        self._saved_grads = _snapshot_grads(unwrap_model(self.model))
+        self._saved_grads = GradSnapshot(unwrap_model(self.model))
         if not self._saved_grads:
             raise AdvlabValueError(
                 f"Expected `model` ({type(self.model).__name__}) to have a parameter with requires_grad=True, but "
@@ -344,13 +338,13 @@ class FreeTraining:
         try:
             if exc_type is None and self._phase == "open":
                 self._finish()
-            elif self._phase == "open" and not self._settled:
-                _restore_grads(self._saved_grads)  # a step that failed midway adds nothing to the gradients
+            elif self._phase == "open" and not self._settled and self._saved_grads is not None:
+                self._saved_grads.restore()  # a step that failed midway adds nothing to the gradients
         finally:
             for guard in self._clean_guards:
                 guard.remove()
             self._hooks.remove()
-            self._sync.close()
+            self._sync.release()
             self._phase = "closed"
 
     def _require_open(self) -> None:
@@ -368,7 +362,7 @@ class FreeTraining:
     @property
     def distributed(self) -> bool:
         """Whether `model` is DistributedDataParallel: the last step's losses then go to one `backward`."""
-        return _is_ddp(self.model)
+        return self._sync.distributed
 
     @property
     def hook_calls(self) -> dict[str, int]:
@@ -427,30 +421,18 @@ class FreeTraining:
         check_callable(forward, "forward")
         if self._clean_real is not None:
             raise AdvlabValueError("Expected one clean forward per context, but `clean` was called twice.")
-        if _is_ddp(self.model):
-            if self.schedule == "lean":
-                raise AdvlabValueError(
-                    "Expected schedule 'deferred' or 'retain' under DistributedDataParallel, but got 'lean': its "
-                    "recomputed clean forward would need a second DDP forward before one backward."
-                )
-            self._sync.enter_context(self.model.no_sync())  # type: ignore[operator]
-        if self.schedule == "lean":
-            self._clean_forward = forward
-            self._rng = _RngSnapshot.take()
-            with torch.no_grad():
-                output = self._hooks.run(forward, active=())
-        else:
-            output = self._hooks.run(forward, active=())
+        if self._sync.distributed and self._schedule.recomputes_clean:
+            raise AdvlabValueError(
+                f"Expected schedule 'deferred' or 'retain' under DistributedDataParallel, but got {self.schedule!r}: "
+                "its recomputed clean forward would need a second DDP forward before one backward."
+            )
+        self._sync.hold()
+        output = self._schedule.run_clean(lambda: self._hooks.run(forward, active=()))
         logits = self._logits(output)
         parts, rebuild = _logit_parts(logits)
-        if self.schedule == "lean":
-            leaves: list[Tensor | None] = [p.detach().requires_grad_(torch.is_grad_enabled()) for p in parts]
-        elif self.schedule == "deferred":
-            leaves = [p.detach().requires_grad_(True) if p.requires_grad else None for p in parts]
-        else:
-            leaves = [None for _ in parts]
+        leaves = self._schedule.clean_leaves(parts)
         self._clean_real, self._clean_parts, self._clean_leaves = logits, parts, leaves
-        if self.schedule == "deferred" and self.steps > 1:
+        if self._schedule.guards_clean_graph and self.steps > 1:
             self._clean_guards = [p.register_hook(self._guard_clean_graph) for p in parts if p.requires_grad]
         self._clean_view = rebuild([p if leaf is None else leaf for p, leaf in zip(parts, leaves)])
         self._clean_output = output
@@ -472,10 +454,10 @@ class FreeTraining:
         if callable(loss) and not isinstance(loss, Tensor):
             self._clean_loss_fns.append(loss)
             return
-        if self.schedule == "lean":
+        if self._schedule.recomputes_clean:
             raise AdvlabValueError(
-                "Expected `clean_loss` to get a function output -> loss with schedule='lean' (the clean forward is "
-                "recomputed at the end), but got a tensor."
+                f"Expected `clean_loss` to get a function output -> loss with schedule={self.schedule!r} (the clean "
+                "forward is recomputed at the end), but got a tensor."
             )
         self._check_loss(loss)
         self._clean_losses.append(loss)
@@ -496,10 +478,10 @@ class FreeTraining:
                 self._k = k
                 self._stepped = False
                 self._active_in_step = set()
-                if k == 0 and _is_ddp(self.model) and self._clean_real is None and self.steps > 1:
-                    self._sync.enter_context(self.model.no_sync())  # no clean forward (FreeLB): steps 0..K-2 local
+                if k == 0 and self._clean_real is None and self.steps > 1:
+                    self._sync.hold()  # no clean forward (FreeLB): steps 0..K-2 local
                 if k == self.steps - 1:
-                    self._sync.close()  # the last forward and the one backward outside no_sync: one all-reduce
+                    self._sync.release()  # the last forward and the one backward outside no_sync: one all-reduce
                 self._hooks.set_requires_grad(self._needs_grad)
                 yield AscentStep(k, k == self.steps - 1, self.groups, self)
                 if not self._stepped:
@@ -548,7 +530,7 @@ class FreeTraining:
             )
         if self._k is None:
             raise AdvlabValueError("Expected `accumulate` inside `for step in ft:`, but no ascent step is running.")
-        if self._k == self.steps - 1 and _is_ddp(self.model):
+        if self._k == self.steps - 1 and self._sync.distributed:
             raise AdvlabValueError(
                 "Expected the last ascent step's loss in one `backward` under DistributedDataParallel, but got "
                 "`accumulate`: its backward would be all-reduced before the rest of the step."
@@ -585,7 +567,7 @@ class FreeTraining:
             self._update_deltas(self._delta_grads_from_leaves())
 
     def _plain_backward(self, loss: Tensor) -> None:
-        self._scale(loss).backward(retain_graph=self.schedule == "retain")
+        self._scale(loss).backward(retain_graph=self._schedule.retain_graph)
 
     def _guard_clean_graph(self, grad: Tensor) -> None:
         """Hook on the clean logits (deferred schedule): a gradient may reach them only in the last backward."""
@@ -632,7 +614,7 @@ class FreeTraining:
 
     def _note_finite(self, value: Tensor, what: str, *, in_step: bool = True) -> None:
         """Record, on the device, whether `value` is finite; `_settle` reads every record at once."""
-        self._checks.append((self._k if in_step else None, what, torch.isfinite(value.detach()).all()))
+        self._checks.note(self._k if in_step else None, what, value)
 
     def _settle(self) -> None:
         """Apply the non-finite policy to the whole step, with one device-to-host read.
@@ -645,19 +627,11 @@ class FreeTraining:
         if self._settled:
             return
         self._settled = True
-        if not self._checks:
+        bad = self._checks.read(self._sync.agree)  # every rank takes the same decision (gradients were all-reduced)
+        if not bad:
             return
-        flags = torch.stack([c.to(self._checks[0][2].device) for _, _, c in self._checks])
-        if _is_ddp(self.model):  # every rank takes the same decision (the gradients were all-reduced)
-            import torch.distributed as dist
-
-            flags = flags.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        finite = flags.tolist()
-        if all(finite):
-            return
-        bad = [(k, what) for (k, what, _), ok in zip(self._checks, finite) if not ok]
-        _restore_grads(self._saved_grads)
+        assert self._saved_grads is not None
+        self._saved_grads.restore()
         if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
             # the gradients the scaler would have found non-finite are gone: lower the scale as it would
             self.scaler.update(float(self.scaler.get_scale()) * float(self.scaler.get_backoff_factor()))
@@ -681,25 +655,10 @@ class FreeTraining:
         leaves = self._clean_leaves
         leaf_grads = [None if leaf is None else leaf.grad for leaf in leaves]
         if loss is not None:
-            scaled = self._scale(loss)
-            if self.schedule == "lean":
-                scaled.backward()  # fills the clean leaves' gradients first
-                leaf_grads = [None if leaf is None else leaf.grad for leaf in leaves]
-            else:
-                live = [leaf for leaf in leaves if leaf is not None]
-                if live and scaled.requires_grad:
-                    # this loss's gradient at the clean logits: a walk down the regulariser only
-                    lasts = iter(torch.autograd.grad(scaled, live, retain_graph=True, allow_unused=True))
-                    merged: list[Tensor | None] = []
-                    for leaf, before in zip(leaves, leaf_grads):
-                        last = None if leaf is None else next(lasts)
-                        merged.append(before if last is None else last if before is None else before + last)
-                    leaf_grads = merged
-                tensors.append(scaled)
-                grads.append(None)
+            leaf_grads = self._schedule.last_loss(self._scale(loss), leaves, leaf_grads, tensors, grads)
         clean_parts, clean_output = self._clean_parts, self._clean_output
-        if self.schedule == "lean" and (any(g is not None for g in leaf_grads) or self._clean_loss_fns):
-            clean_output = self._recompute_clean()
+        if self._schedule.recomputes_clean and (any(g is not None for g in leaf_grads) or self._clean_loss_fns):
+            clean_output = self._schedule.recompute()
             clean_parts = _logit_parts(self._logits(clean_output))[0]
         for part, leaf_grad in zip(clean_parts, leaf_grads):
             if leaf_grad is not None:
@@ -739,17 +698,10 @@ class FreeTraining:
         This catches what the loss and δ checks cannot see: a finite loss whose gradient is
         non-finite only above the sites.
         """
-        present = [p.grad for p, _, _ in self._saved_grads if p.grad is not None]
-        present = [g.to_local() if hasattr(g, "to_local") else g for g in present]  # FSDP2: this rank's shard
+        present = self._saved_grads.present_grads() if self._saved_grads is not None else []
         if present:
             largest = torch.nn.utils.get_total_norm(present, norm_type=float("inf"))
-            self._checks.append((None, "parameter gradient (after the step's backward)", torch.isfinite(largest)))
-
-    def _recompute_clean(self) -> Any:
-        """The lean schedule's clean forward again, with gradients and the same RNG stream."""
-        assert self._clean_forward is not None and self._rng is not None
-        with self._rng.replay():
-            return self._hooks.run(self._clean_forward, active=())
+            self._checks.note(None, "parameter gradient (after the step's backward)", largest)
 
     def _finish(self) -> None:
         pending = self._clean_losses or self._clean_loss_fns or any(
@@ -775,7 +727,9 @@ class FreeTraining:
     def _update_deltas(self, grads: Mapping[tuple[str, int], Tensor | None]) -> None:
         if not grads:
             return
-        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        if self._loss_scale is None:  # read once per step (a host read): the scale changes only in scaler.update
+            self._loss_scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        scale = self._loss_scale
         unscaled: dict[tuple[str, int], Tensor | None] = {}
         for key, g in grads.items():
             if g is None:
@@ -789,7 +743,7 @@ class FreeTraining:
         # a non-finite δ gradient leaves every δ unchanged (decided on the device: no host read here)
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all() if present else None
         if finite is not None:
-            self._checks.append((self._k, "δ gradient", finite))
+            self._checks.note_flag(self._k, "δ gradient", finite)
         for (m, i), g in unscaled.items():
             delta = self._hooks.deltas(m)[i]
             assert delta is not None
@@ -805,25 +759,6 @@ class FreeTraining:
             self._hooks.set_delta(m, i, new.detach())
 
 
-def _snapshot_grads(model: nn.Module) -> list[tuple[nn.Parameter, Tensor | None, Tensor | None]]:
-    """Each trainable parameter with its `.grad` object and a copy of its values (None if no grad)."""
-    out: list[tuple[nn.Parameter, Tensor | None, Tensor | None]] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            g = p.grad
-            out.append((p, g, None if g is None else g.detach().clone()))
-    return out
-
-
-def _restore_grads(saved: list[tuple[nn.Parameter, Tensor | None, Tensor | None]]) -> None:
-    """Put every `.grad` back: the same tensor object with its old values, or None."""
-    with torch.no_grad():
-        for p, g, values in saved:
-            if g is not None and values is not None:
-                g.copy_(values)
-            p.grad = g
-
-
 def _takes_scale(ascender: Any) -> bool:
     """Whether `ascender(..., scale=...)` is accepted (a `scale` keyword or **kwargs)."""
     import inspect
@@ -833,27 +768,6 @@ def _takes_scale(ascender: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == "scale" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-class _RngSnapshot:
-    """CPU and CUDA RNG states at one moment, to replay a forward's dropout masks."""
-
-    def __init__(self, cpu: Tensor, cuda: list[Tensor] | None) -> None:
-        self.cpu, self.cuda = cpu, cuda
-
-    @classmethod
-    def take(cls) -> _RngSnapshot:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        devices = list(range(len(self.cuda))) if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):  # restores the current state on exit
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state_all(self.cuda)
-            yield
 
 
 def free_training(

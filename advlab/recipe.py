@@ -94,7 +94,7 @@ def build_config(
             raise AdvlabValueError(f"Expected `preset` to be one of {sorted(presets)}, but got {name!r}.")
         base = presets[name] if name is not None else None
     if base is not None:
-        return dataclasses.replace(base, **changes)
+        return dataclasses.replace(base, **changes) if changes else base
     try:
         return config_class(**changes)
     except TypeError as error:  # a required field is missing

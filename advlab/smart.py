@@ -55,7 +55,7 @@ from advlab.regularizers import (
 from advlab.samplers import NormalSampler
 from advlab.sites import SiteLike
 
-__all__ = ["SMART", "SMARTConfig", "SMART_CONFIGS", "SmartPreset"]
+__all__ = ["SMART", "SMARTConfig", "SmartPreset"]
 
 SmartPreset = Literal["mt-dnn", "paper"]
 SMART_PRESETS: tuple[str, ...] = ("mt-dnn", "paper")

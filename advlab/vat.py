@@ -34,7 +34,7 @@ from advlab.recipe import Recipe, refuse_together
 from advlab.regularizers import DISTRIBUTIONS, Distribution, Regularizer, kl_divergence, symmetric_kl
 from advlab.sites import SiteLike
 
-__all__ = ["VAT", "VATConfig", "VAT_CONFIGS", "Divergence"]
+__all__ = ["VAT", "VATConfig", "Divergence"]
 
 Divergence = Literal["kl", "symmetric_kl"]
 DIVERGENCES: tuple[str, ...] = ("kl", "symmetric_kl")
@@ -237,8 +237,8 @@ class VAT(Recipe):
 
     def _check_probe(self, probe: Tensor, clean: Tensor) -> None:
         """Warn when the probe moved the logits by under 100 ulps: its gradient is then mostly rounding."""
-        moved = float((probe.detach() - clean).abs().amax())
-        resolution = PROBE_ULPS * torch.finfo(probe.dtype).eps * max(float(clean.abs().amax()), 1.0)
+        moved, largest = torch.stack([(probe.detach() - clean).abs().amax(), clean.abs().amax()]).tolist()  # one read
+        resolution = PROBE_ULPS * torch.finfo(probe.dtype).eps * max(largest, 1.0)
         if moved < resolution:
             warnings.warn(
                 f"VAT: the probe ξ·d (ξ = {self.xi:g}) moved the logits by {moved:.2g}, under {PROBE_ULPS} ulps of "

@@ -36,7 +36,7 @@ from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reducti
 from advlab.samplers import Sampler, ScaledUniformSampler
 from advlab.sites import SiteLike
 
-__all__ = ["VILLA", "VILLAConfig", "VILLA_PRESETS", "Flavour"]
+__all__ = ["VILLA", "VILLAConfig"]
 
 Flavour = Literal["official", "paper"]
 
