@@ -52,13 +52,14 @@ fi
 tmp="$(mktemp -d "$CACHE/.stamps-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 # the regular files to keep (tar -tv lines start with the type: '-' is a regular file)
-dpkg-deb --fsys-tarfile "$deb" | tar -tv \
+# names are listed escaped (\303\251 for é in the C locale) and unescaped again by -T (--unquote)
+dpkg-deb --fsys-tarfile "$deb" | tar -tv --quoting-style=escape \
     | awk -v dir="$IN_DEB" -v cr="$COPYRIGHT_IN_DEB" '
         /^-/ { name = substr($0, index($0, " ./") + 1)
                if ((index(name, dir) == 1 && name ~ /\.(png|svg|txt)$/) || name == cr) print name }' \
     > "$tmp/.members"
 [[ -s "$tmp/.members" ]] || fail "$deb holds no stamps under ${IN_DEB#.}"
-dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --no-same-owner --verbatim-files-from -T "$tmp/.members"
+dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --no-same-owner --unquote -T "$tmp/.members"  # every line starts with ./
 src="$tmp/${IN_DEB#./}"
 [[ -n "$(find "$src" -name '*.txt' -print -quit)" ]] || fail "$deb holds no stamp captions (.txt) under ${IN_DEB#.}"
 if [[ -f "$tmp/${COPYRIGHT_IN_DEB#./}" ]]; then mv "$tmp/${COPYRIGHT_IN_DEB#./}" "$src/copyright"; fi
