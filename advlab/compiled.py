@@ -13,9 +13,10 @@ forward with tensors, which the compiled graph takes as inputs:
   not; the hook adds `gate * δ`.
 
 The perturbed forwards of a step (joint, or one modality at a time in `"alter"`) therefore
-share one graph, and new δ tensors of the same shape do not recompile. A compiled model meets a handful of graph
-variants (clean and perturbed, with and without gradients, train and eval), each compiled
-once during the first steps and reused afterwards (measured in `tests/test_compile.py`).
+share one graph, and new δ tensors of the same shape do not recompile. A compiled model
+meets a handful of graph variants (clean and perturbed, with and without gradients, train
+and eval), each compiled once during the first steps and reused afterwards (measured in
+`tests/test_compile.py`).
 
 The hook also keeps the site tensor of each call (before δ is added) in the slot, so that
 shapes, masks and norms are checked and measured outside the graph, after the forward.
