@@ -32,7 +32,7 @@ Dataset = Literal["tuxpaint", "openclipart"]
 
 SITE = "bert.embeddings.word_embeddings"  # the embedding site: δ is added to the word embeddings
 ARMS_FULL: tuple[str, ...] = ("baseline", "noise", "freelb", "smart", "villa", "r3f", "vat", "trades", "fastat")
-ARMS_QUICK: tuple[str, ...] = ("baseline", "noise", "freelb")
+ARMS_QUICK: tuple[str, ...] = ("baseline", "freelb", "noise")
 ARM_LABELS: dict[str, str] = {
     "baseline": "baseline",
     "noise": "noise control",
@@ -124,7 +124,7 @@ class ClassificationConfig:
     sizes: Mapping[str, float] = field(default_factory=dict)
     radii: tuple[float, ...] = (0.02, 0.05, 0.1)
     attack_steps: int = 5
-    eval_batch: int = 128
+    eval_batch: int = 32
     attention: Literal["sdpa", "eager"] = "sdpa"
 
     def __post_init__(self) -> None:
