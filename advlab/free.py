@@ -47,16 +47,13 @@ from torch import Tensor, nn
 
 from advlab._checks import check_callable, check_choice, check_count
 from advlab._errors import AdvlabTypeError, AdvlabValueError, ContextExitedError, NonFiniteError
-from advlab.ascent import Ascender as Ascender  # re-exported: recipes and older code import it from here
-from advlab.ascent import PGDAscender
+from advlab.ascent import Ascender, PGDAscender  # Ascender stays importable from here (listed in __all__)
 from advlab.balls import row_norm
-from advlab.distributed import GradSync, is_ddp
+from advlab.distributed import GradSync
 from advlab.finite import FiniteChecks, GradSnapshot
 from advlab.hooks import MaskLike, SiteHooks, check_not_compiled
 from advlab.perturbation import Perturbation
-from advlab.schedules import SCHEDULES as SCHEDULES
-from advlab.schedules import BackwardSchedule, make_schedule
-from advlab.schedules import Schedule as Schedule
+from advlab.schedules import SCHEDULES, BackwardSchedule, Schedule, make_schedule  # noqa: F401 (SCHEDULES: kept importable)
 from advlab.sites import SiteLike, unwrap_model
 from advlab.stats import DeltaNorms
 

@@ -27,8 +27,11 @@ rows); VCR's `kl.mean()` over rows × 2 classes is "mean" (half the per-row KL).
 from __future__ import annotations
 
 from advlab._errors import AdvlabValueError
-from advlab.villa import VILLA_PRESETS, VILLAConfig
-from advlab.villa import Flavour as Flavour  # kept importable from here
+from advlab.villa import (
+    VILLA_PRESETS,
+    Flavour,  # noqa: F401 (kept importable from here)
+    VILLAConfig,
+)
 
 __all__ = ["VillaPreset", "PRESETS", "get_preset"]
 

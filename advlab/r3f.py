@@ -25,11 +25,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_nonnegative, check_scalar
+from advlab._checks import check_choice, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.free import FreeTraining, default_logits
 from advlab.perturbation import Perturbation
-from advlab.recipe import Recipe, refuse_together
+from advlab.recipe import Recipe
 from advlab.regularizers import DISTRIBUTIONS, REDUCTIONS, Distribution, Reduction, Regularizer, symmetric_kl
 from advlab.samplers import NormalSampler, UniformSampler
 from advlab.sites import SiteLike
@@ -157,17 +157,13 @@ class R3F(Recipe):
         generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> None:
-        if regularizer is not None:
-            refuse_together("R3F", overrides, ("distribution", "reduction"), "regularizer",
-                            "which configure the default symmetric KL")
-            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        self._take_regularizers(overrides, ("distribution", "reduction"), regularizer, default=self._symmetric_kl)
         c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
         self.eps, self.noise, self.weight = c.eps, c.noise, c.weight
         self.distribution, self.reduction = c.distribution, c.reduction
         init = UniformSampler(self.eps) if self.noise == "uniform" else NormalSampler(self.eps)
         # "random" direction: δ needs no gradient (R3F never ascends)
         self.perturbations = {k: Perturbation(step_size=0.0, direction="random", init=init) for k in self.sites}
-        self.regularizer: Regularizer = regularizer if regularizer is not None else self._symmetric_kl
         self.logits = logits or default_logits
         self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 

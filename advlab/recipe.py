@@ -159,6 +159,32 @@ class Recipe:
         self.on_nonfinite, self.generator = on_nonfinite, generator
         return self.config
 
+    def _take_regularizers(
+        self,
+        overrides: Mapping[str, Any],
+        configures: tuple[str, ...],
+        regularizer: Any | None,
+        ascent_regularizer: Any | None = None,
+        *,
+        default: Callable[[Any, Any], Tensor],
+        default_ascent: Callable[[Any, Any], Tensor] | None = None,
+    ) -> None:
+        """Set `self.regularizer` (the trained term) and `self.ascent_regularizer` (what δ ascends).
+
+        An injected regulariser is checked and refused together with the overrides in
+        `configures` (which only configure the default); the ascent follows the injected
+        `ascent_regularizer`, else the injected `regularizer`, else `default_ascent`, else
+        `default`.
+        """
+        owner = type(self).__name__
+        if regularizer is not None:
+            refuse_together(owner, overrides, configures, "regularizer", "which configure the default regulariser")
+            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        if ascent_regularizer is not None:
+            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        self.regularizer = regularizer if regularizer is not None else default
+        self.ascent_regularizer = next(r for r in (ascent_regularizer, regularizer, default_ascent, default) if r is not None)
+
     def _engine_options(self) -> dict[str, Any]:
         """Keyword arguments of `free_training` beyond the model, sites, masks and scaler."""
         return {}

@@ -104,6 +104,7 @@ class DeferredSchedule(BackwardSchedule):
     guards_clean_graph = True
 
     def clean_leaves(self, parts: list[Tensor]) -> list[Tensor | None]:
+        """A detached leaf per clean logits tensor that has a graph (it collects the losses' gradient)."""
         return [p.detach().requires_grad_(True) if p.requires_grad else None for p in parts]
 
 
@@ -138,21 +139,25 @@ class LeanSchedule(BackwardSchedule):
         self._rng: _RngSnapshot | None = None
 
     def run_clean(self, run: Callable[[], Any]) -> Any:
+        """Run the clean forward without a graph, keeping it and the RNG state for `recompute`."""
         self._run, self._rng = run, _RngSnapshot.take()
         with torch.no_grad():
             return run()
 
     def clean_leaves(self, parts: list[Tensor]) -> list[Tensor | None]:
+        """A detached leaf per clean logits tensor (the clean forward kept no graph)."""
         return [p.detach().requires_grad_(torch.is_grad_enabled()) for p in parts]
 
     def last_loss(
         self, scaled: Tensor, leaves: list[Tensor | None], leaf_grads: list[Tensor | None],
         tensors: list[Tensor], grads: list[Tensor | None],
     ) -> list[Tensor | None]:
+        """Back-propagate the last loss now, which fills the clean leaves' gradients."""
         scaled.backward()  # fills the clean leaves' gradients first
         return [None if leaf is None else leaf.grad for leaf in leaves]
 
     def recompute(self) -> Any:
+        """The clean forward again, with gradients, replaying the first run's RNG state."""
         if self._run is None or self._rng is None:
             raise RuntimeError("LeanSchedule.recompute before run_clean")  # an engine bug, not a user error
         with self._rng.replay():

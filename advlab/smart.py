@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
+from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabValueError
 from advlab.ascent import Ascender, PGDAscender, SMARTAscender
 from advlab.free import FreeTraining, default_logits
@@ -180,12 +180,8 @@ class SMART(Recipe):
         if ascender is not None:
             refuse_together("SMART", overrides, ("step_size", "eps", "radius"), "ascender",
                             "which configure the preset's ascender")
-        if regularizer is not None:
-            refuse_together("SMART", overrides, ("distribution", "reduction"), "regularizer",
-                            "which configure the default regulariser")
-            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
-        if ascent_regularizer is not None:
-            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        self._take_regularizers(overrides, ("distribution", "reduction"), regularizer, ascent_regularizer,
+                                default=self._default_regularizer, default_ascent=self._default_ascent_regularizer)
         c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
         self.preset: str = c.flavour
         self.steps, self.noise_std, self.weight = c.steps, c.noise_std, c.weight
@@ -202,12 +198,6 @@ class SMART(Recipe):
             k: Perturbation(step_size=c.step_size, radius=c.radius, norm=norm, init=NormalSampler(c.noise_std))
             for k in self.sites
         }
-        self.regularizer: Regularizer = regularizer if regularizer is not None else self._default_regularizer
-        self.ascent_regularizer: Regularizer = (
-            ascent_regularizer if ascent_regularizer is not None
-            else regularizer if regularizer is not None
-            else self._default_ascent_regularizer
-        )
         self.logits = logits or default_logits
         self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 

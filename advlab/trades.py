@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
+from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab.ascent import Ascender
 from advlab.balls import NORMS, Norm
 from advlab.free import FreeTraining, default_logits
@@ -131,11 +131,7 @@ class TRADES(Recipe):
         if ascender is not None:
             refuse_together("TRADES", overrides, ("step_size", "radius"), "ascender",
                             "which configure the default ascender")
-        if regularizer is not None:
-            refuse_together("TRADES", overrides, ("distribution",), "regularizer", "which configures the default KL")
-            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
-        if ascent_regularizer is not None:
-            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        self._take_regularizers(overrides, ("distribution",), regularizer, ascent_regularizer, default=self._kl)
         c = self._setup(model, sites, config, None, overrides, on_nonfinite=on_nonfinite, generator=generator)
         self.steps, self.beta, self.distribution = c.steps, c.beta, c.distribution
         self.perturbations = {
@@ -143,8 +139,6 @@ class TRADES(Recipe):
                             init=NormalSampler(INIT_STD))
             for k in self.sites
         }
-        self.regularizer: Regularizer = regularizer if regularizer is not None else self._kl
-        self.ascent_regularizer: Regularizer = ascent_regularizer if ascent_regularizer is not None else self.regularizer
         self.ascender = ascender
         self.logits = logits or default_logits
         self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now

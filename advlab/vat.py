@@ -23,14 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_scalar
+from advlab._checks import check_choice, check_count, check_nonnegative, check_scalar
 from advlab._errors import AdvlabValueError
 from advlab.ascent import random_direction
 from advlab.balls import NORMS, Norm, normalize
 from advlab.free import FreeTraining, default_logits
 from advlab.hooks import MaskLike
 from advlab.perturbation import Perturbation
-from advlab.recipe import Recipe, refuse_together
+from advlab.recipe import Recipe
 from advlab.regularizers import DISTRIBUTIONS, Distribution, Regularizer, kl_divergence, symmetric_kl
 from advlab.sites import SiteLike
 
@@ -170,24 +170,14 @@ class VAT(Recipe):
         generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> None:
-        if regularizer is not None:
-            refuse_together("VAT", overrides, ("divergence", "distribution"), "regularizer",
-                            "which configure the default divergence")
-            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
-        if ascent_regularizer is not None:
-            check_callable(ascent_regularizer, "ascent_regularizer", ("clean_logits", "perturbed_logits"))
+        self._take_regularizers(overrides, ("divergence", "distribution"), regularizer, ascent_regularizer,
+                                default=self._default_regularizer, default_ascent=self._kl)
         c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
         self.eps, self.xi, self.steps, self.norm = c.eps, c.xi, c.steps, c.norm
         self.weight, self.divergence, self.distribution = c.weight, c.divergence, c.distribution
         self.perturbations = {
             k: Perturbation(step_size=self.xi, norm=self.norm, init=_RandomStart(self.xi, self.norm)) for k in self.sites
         }
-        self.regularizer: Regularizer = regularizer if regularizer is not None else self._default_regularizer
-        self.ascent_regularizer: Regularizer = (
-            ascent_regularizer if ascent_regularizer is not None
-            else regularizer if regularizer is not None
-            else self._kl
-        )
         self.logits = logits or default_logits
         self._context()  # checks sites, perturbations, the policy and that the model is not compiled, now
 

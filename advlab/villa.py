@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_choice, check_count, check_nonnegative, check_radius, check_scalar
+from advlab._checks import check_choice, check_count, check_nonnegative, check_radius, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.ascent import Ascender
 from advlab.balls import NORMS, Norm
@@ -218,10 +218,7 @@ class VILLA(Recipe):
             refuse_together("VILLA", overrides, ("step_size", "radius"), "ascender",
                             "which configure the default ascender built from each Perturbation; the ascender would "
                             "ignore them")
-        if regularizer is not None:
-            refuse_together("VILLA", overrides, ("kl_reduction", "distribution"), "regularizer",
-                            "which configure the default symmetric KL")
-            check_callable(regularizer, "regularizer", ("clean_logits", "perturbed_logits"))
+        self._take_regularizers(overrides, ("kl_reduction", "distribution"), regularizer, default=self._symmetric_kl)
         c = self._setup(model, sites, config, preset, overrides, on_nonfinite=on_nonfinite, generator=generator)
         if perturbations is not None:
             self.overrides["perturbations"] = dict(perturbations)
@@ -233,7 +230,6 @@ class VILLA(Recipe):
         self.perturbations = self._build_perturbations(perturbations)
         self.groups = forward_groups(self.mode, list(self.perturbations))  # validates the mode now
         self.logits = logits or default_logits
-        self.regularizer: Regularizer = regularizer if regularizer is not None else self._symmetric_kl
         self.ascender = ascender
         self.schedule: Schedule = schedule
         self._context()  # checks perturbations against sites, schedule, policy, ascender, no compile: now

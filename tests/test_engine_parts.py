@@ -168,14 +168,15 @@ def test_delta_only_step_misuse_gets_clear_errors():
     model = TinyVL()
     ids, img, tm, im, y = tiny_batch(dtype=torch.float32)
     fwd = lambda: model(ids, img, tm, im)
-    with pytest.raises(advlab.AdvlabValueError, match="δ-only step 0 to end with `ft.backward"):
-        with advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, delta_steps=2) as ft:
-            for _ in ft:
-                ft.forward(fwd)
-    with pytest.raises(advlab.AdvlabValueError, match="got `accumulate`"):
-        with advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, delta_steps=1) as ft:
-            for _ in ft:
-                ft.accumulate(F.cross_entropy(ft.forward(fwd), y))
+    perts = {"txt": advlab.Perturbation()}
+    with (pytest.raises(advlab.AdvlabValueError, match="δ-only step 0 to end with `ft.backward"),
+          advlab.free_training(model, SITES, perts, delta_steps=2) as ft):
+        for _ in ft:
+            ft.forward(fwd)
+    with (pytest.raises(advlab.AdvlabValueError, match="got `accumulate`"),
+          advlab.free_training(model, SITES, perts, delta_steps=1) as ft):
+        for _ in ft:
+            ft.accumulate(F.cross_entropy(ft.forward(fwd), y))
     for bad in (-1, 1.5, True):
         with pytest.raises(advlab.AdvlabValueError, match="`delta_steps`"):
             advlab.free_training(model, SITES, {"txt": advlab.Perturbation()}, delta_steps=bad)
