@@ -513,8 +513,11 @@ class SiteHooks:
             if state.calls_this_forward != state.site.calls:
                 if state.calls_this_forward == 0:
                     hint = (
-                        " A model prepared for compiling runs the hooks only if it was compiled after "
-                        "prepare_for_compile: compile the prepared model, not one compiled before."
+                        " A model prepared for compiling runs the hooks only if its graph was compiled after "
+                        "prepare_for_compile: compile the prepared model, not one compiled before. Dynamo also "
+                        "reuses the graph of an unprepared compiled model of the same class that ran earlier in "
+                        "this process (it does not guard on hooks): call torch._dynamo.reset() before the first "
+                        "step, or set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling either."
                         if self._slots else ""
                     )
                     raise AdvlabValueError(

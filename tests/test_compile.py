@@ -95,6 +95,40 @@ def test_prepare_after_compile_is_refused():
         prepare_for_compile("model")  # type: ignore[arg-type]
 
 
+def test_model_compiled_and_run_before_preparing_is_caught_at_the_first_step():
+    """A torch.compile wrapper that already ran holds a graph without the hooks; preparing the
+    module afterwards cannot reach it (dynamo skips hook guards), and the step says so."""
+    ids, img, tm, im, y = tiny_batch(torch.float32)
+    model = TinyVL()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(ids, img, tm, im)
+    prepare_for_compile(model, SITES)
+    with pytest.raises(advlab.AdvlabValueError, match=r"not called.*compile the prepared model"):
+        advlab.VILLA(compiled, sites=SITES).step(lambda: compiled(ids, img, tm, im), _loss(y))
+
+
+@pytest.mark.slow
+def test_graph_of_an_unprepared_model_of_the_same_class_is_caught_and_the_remedy_works():
+    """Dynamo does not guard on module hooks by default, so a prepared model can be handed the graph an
+    unprepared instance of the same class compiled earlier: the step says so and names the remedies."""
+    import torch._dynamo
+
+    ids, img, tm, im, y = tiny_batch(torch.float32)
+    torch._dynamo.reset()
+    plain = torch.compile(TinyVL(), backend="aot_eager")
+    plain(ids, img, tm, im)
+    model = prepare_for_compile(TinyVL(), SITES)
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.raises(advlab.AdvlabValueError, match=r"same class.*skip_nnmodule_hook_guards"):
+        advlab.VILLA(compiled, sites=SITES).step(lambda: compiled(ids, img, tm, im), _loss(y))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        plain(ids, img, tm, im)
+        advlab.VILLA(compiled, sites=SITES).step(lambda: compiled(ids, img, tm, im), _loss(y))
+        plain(ids, img, tm, im)
+    torch._dynamo.reset()
+
+
 def test_site_not_prepared_is_refused():
     model = prepare_for_compile(TinyVL(), {"txt": "word"})
     compiled = torch.compile(model)
