@@ -44,7 +44,9 @@ def test_config_features_default_and_bad_values() -> None:
         R.RetrievalConfig(features="vgg")  # type: ignore[arg-type]
 
 
-def test_prepare_data_names_its_features_and_the_model_takes_their_width(folder: Path) -> None:
+def test_prepare_data_names_its_features_and_the_model_takes_their_width(folder: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADVLAB_CACHE", str(tmp_path))  # the feature cache of the fixture stays in tmp_path
     widths = {"craft": 512, "effnet": 320}
     for name in ("craft", "effnet"):
         data = R.prepare_data(folder, tokenizer=_tokenizer, features=name, text_weights=None,
