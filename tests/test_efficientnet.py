@@ -21,8 +21,8 @@ from advlab.experiments.retrieval.model import pool_grid
 from advlab.pretrained.craft import _box_pool, letterbox, load_image
 from advlab.pretrained.efficientnet import (
     EFFNET_LITE0_SHA256,
-    EffnetRegionExtractor,
     EfficientNetLite0,
+    EffnetRegionExtractor,
     _box_weights,
     _SameConv2d,
     effnet_checkpoint_path,
