@@ -205,6 +205,59 @@ def test_attack_on_a_prepared_model_equals_plain_hooks(method):
     assert (losses[0][0] > losses[0][1]).any()  # the attack moved something
 
 
+class _Siamese(torch.nn.Module):
+    """One module called twice per forward (`Site(calls=2)`)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([torch.tanh(self.embed(a)), torch.tanh(self.embed(b))], -1).mean(1))
+
+
+class _Patches(torch.nn.Module):
+    """A convolution's [b, c, h, w] output as the site (`Site(layout="channels_first")`)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, 4, kernel_size=2, stride=2)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, pixels, _unused):
+        return self.head(torch.tanh(self.patch(pixels)).flatten(2).mean(-1))
+
+
+@pytest.mark.parametrize(("make", "site", "inputs", "hooked_calls"), [
+    (_Siamese, advlab.Site("embed", calls=2), lambda g: (torch.randn(2, 3, 3, generator=g, dtype=torch.float64),
+                                                         torch.randn(2, 3, 3, generator=g, dtype=torch.float64)), 8),
+    (_Patches, advlab.Site("patch", layout="channels_first"),
+     lambda g: (torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64), None), 4),
+])
+def test_prepared_site_called_twice_or_with_a_layout_equals_plain_hooks(make, site, inputs, hooked_calls):
+    a, b = inputs(torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1])
+    results = []
+    for prepare in (False, True):
+        model = make().double()
+        if prepare:
+            prepare_for_compile(model, {"x": site})
+        init = advlab.UniformSampler(0.1)
+        with advlab.free_training(model, {"x": site}, {"x": advlab.Perturbation(0.2, init=init)}, steps=3,
+                                  generator=torch.Generator().manual_seed(1)) as ft:
+            ft.clean(lambda model=model: model(a, b))
+            for _ in ft:
+                ft.backward(F.cross_entropy(ft.forward(lambda model=model: model(a, b)), y))
+            results.append(([d.detach() for d in ft.deltas("x")], grads(model), ft.hook_calls))
+    (d_plain, g_plain, calls_plain), (d_prep, g_prep, calls_prep) = results
+    assert calls_plain == calls_prep == {"x": hooked_calls}
+    assert all(torch.equal(x, y) for x, y in zip(d_plain, d_prep)) and len(d_prep) == site.calls
+    assert all(torch.equal(g_plain[n], g_prep[n]) for n in g_plain)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.0, 10.0))
 def test_prepared_model_outside_advlab_and_perturb_sites_are_unchanged(seed, scale):
