@@ -9,6 +9,10 @@ smaller than δ's when a bfloat16 / float16 embedding rounds a small δ away. Fo
 first forward. `perturb_sites` is the public context manager for adding fixed
 perturbations (for example to evaluate a trained model under attack).
 
+On a model prepared with `advlab.compiled.prepare_for_compile` (to be compiled), `SiteHooks`
+registers nothing: the model's permanent hooks add δ, which `SiteHooks` hands them before
+each forward, and it draws every δ₀ a forward needs before that forward, in the sites' order.
+
 Site tensors are `[b, n, d]` or `[b, d]`; a site with a `layout` may have more dimensions
 (`[b, c, h, w]` with `layout="channels_first"`), which are viewed as `[b, h*w, c]`.
 
