@@ -232,10 +232,10 @@ def test_records_carry_robustness_and_resume(data: R.RetrievalData, folder: Path
         assert rob["last"]["attack"]["txt"]["clean_r1"] == rec["test"]["itc_ir_r1"]
         assert rob["best"]["attack"]["img"]["clean_r1"] == rec["test_at_best"]["itc_tr_r1"]
     text = R.summarize(first)
-    for col in ("paraphrased", "text ε 0.1", "image ε 1", "paired per-seed differences against the baseline"):
+    for col in ("paraphrased", "txt 0.1", "img 1", "chg. drop", "paired per-seed differences against the baseline"):
         assert col in text
     md = R.results_markdown(first)
-    assert "| backbone | arm | seeds | original | paraphrased | drop |" in md and "| text clean | text ε 0.1 |" in md
+    assert "| backbone | arm | seeds | original | paraphrased | drop |" in md and "| txt clean | txt 0.1 |" in md
     assert Image.open(draw_robustness(first, tmp_path / "robustness.png")).size[0] > 500
 
     def boom(*args: object, **kwargs: object) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -255,8 +256,7 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
 # ----------------------------------------------------------------------------------------------------------
 
 _PARA_COLS = (("original", "original"), ("paraphrased", "paraphrased"), ("drop", "drop"),
-              ("original_changed", "changed: orig."), ("paraphrased_changed", "changed: para."),
-              ("drop_changed", "changed: drop"))
+              ("original_changed", "chg. orig."), ("paraphrased_changed", "chg. para."), ("drop_changed", "chg. drop"))
 
 
 def _rob_entry(record: Mapping[str, Any], measure: Measure) -> Mapping[str, Any] | None:
@@ -290,9 +290,9 @@ def _attack_cols(records: Sequence[Mapping[str, Any]], measure: Measure) -> list
     """Attack columns present in any record, text then image, by radius: (key, header)."""
     keys = {k for r in records for k in _rob_values(r, measure) if "@" in k}
     cols = []
-    for modality, name in (("txt", "text"), ("img", "image")):
+    for modality in ("txt", "img"):
         radii = sorted(float(k.split("@")[1]) for k in keys if k.startswith(modality + "@"))
-        cols += [(f"{modality}@{x:g}", f"{name} {'clean' if x == 0 else f'ε {x:g}'}") for x in radii]
+        cols += [(f"{modality}@{x:g}", f"{modality} {'clean' if x == 0 else f'{x:g}'}") for x in radii]
     return cols
 
 
@@ -354,8 +354,8 @@ def _rob_sections(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[
             if para:
                 sections.append((f"Paraphrase robustness, test R@1 (mean of IR and TR), {where}: {what}", para,
                                  measure, paired))  # type: ignore[arg-type]
-            title = (f"Attack robustness, robust test R@1 under PGD (text attack: IR, image attack: TR; "
-                     f"ε relative to the clean row norm), {where}: {what}")
+            title = (f"Attack robustness, robust test R@1 under PGD at radius ε (txt: text attack, image retrieval; "
+                     f"img: image attack, text retrieval; ε relative to the clean row norm), {where}: {what}")
             sections.append((title, att, measure, paired))  # type: ignore[arg-type]
     return sections
 
@@ -366,7 +366,8 @@ def _rob_footer(records: Sequence[Mapping[str, Any]]) -> list[str]:
               if (e := _rob_entry(r, "last")) is not None and "missing" not in e.get("paraphrase", {})]
     if shares:
         lines.append(f"Paraphrased captions: {shares[0][0]} of {shares[0][1]} test captions changed "
-                     f"({100 * shares[0][0] / shares[0][1]:.0f} %); the others are scored as they are.")
+                     f"({100 * shares[0][0] / shares[0][1]:.0f} %; 'chg.' columns: over those only); the others are "
+                     "scored as they are. Drop = original - paraphrased.")
     lines += [f"No paraphrase column: {why}" for why in _missing_reasons(records)]
     notes = {r["robustness"]["note"] for r in records if isinstance(r.get("robustness"), Mapping)}
     if any("not kept" in n for n in notes):
@@ -464,7 +465,8 @@ def draw_robustness(records: Sequence[Mapping[str, Any]], path: str | os.PathLik
                 side = _rob_entry(r, "last")["attack"][modality]  # type: ignore[index]
                 xs, ys = [0.0, *side["radii"]], [100 * side["clean_r1"], *(100 * v for v in side["r1"])]
                 curves.append((xs, ys))
-                jitter = (k - (len(arms) - 1) / 2) * 0.004
+                gap = min((b - a for a, b in pairwise(xs)), default=1.0)
+                jitter = (k - (len(arms) - 1) / 2) * 0.12 * gap  # side by side, never past the next radius
                 ax.scatter([x + jitter for x in xs], ys, s=12, color=color, alpha=0.6, zorder=3)
             xs = curves[0][0]
             same = [c for c in curves if c[0] == xs]
