@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from advlab._errors import AdvlabValueError
@@ -287,3 +289,33 @@ def test_report_without_robustness_is_unchanged() -> None:
     assert robustness_lines(records) == []
     assert "robust" not in R.summarize(records).lower()
     assert len(WORDS) > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    captions=st.lists(st.lists(st.sampled_from(WORDS[:-1]), min_size=1, max_size=5), min_size=1, max_size=6),
+    swap=st.dictionaries(st.sampled_from(WORDS[:-1]), st.sampled_from(WORDS), max_size=4),
+)
+def test_paraphrase_split_keeps_unsubstituted_rows_and_marks_changed_inputs(
+    captions: list[list[str]], swap: dict[str, str]
+) -> None:
+    texts = [" ".join(words) for words in captions]
+
+    class Drawn:
+        def paraphrase_all(self, caps: list[str]) -> list[SimpleNamespace]:
+            out = []
+            for c in caps:
+                subs = tuple((w, swap[w]) for w in c.split() if w in swap)
+                out.append(SimpleNamespace(text=" ".join(swap.get(w, w) for w in c.split()), substitutions=subs))
+            return out
+
+    ids, mask = _tokenizer(texts)
+    split = R.SplitTensors(ids, mask, torch.zeros(len(texts), 1, 1), torch.zeros(len(texts), 1, 4),
+                           torch.arange(len(texts)))
+    para = paraphrase_split(split, texts, paraphraser=Drawn(), tokenizer=_tokenizer)
+    substituted = torch.tensor([bool(s) for s in para.substitutions])
+    assert torch.equal(para.input_ids[~substituted], ids[~substituted])  # no substitution: tokens bit for bit
+    assert torch.equal(para.changed, (para.input_ids != ids).any(dim=1))  # changed = the model's input changed
+    assert not bool((para.changed & ~substituted).any()) and para.n_changed <= int(substituted.sum())
+    new_ids, _ = _tokenizer(list(para.texts))
+    assert torch.equal(para.input_ids, new_ids)  # every row is the tokenised paraphrase
