@@ -684,6 +684,19 @@ def evaluate_robustness(
     Returns:
         `{"attack": attack_robustness(...), "paraphrase": paraphrase_robustness(...) or
         {"missing": reason}, "seconds"}`.
+
+    Examples:
+        >>> cfg = RetrievalConfig(layers=1, proj_dim=8)
+        >>> m = RetrievalModel("uniter", cfg, vocab_size=20, hidden_size=16, num_attention_heads=2,
+        ...                    intermediate_size=32, img_dim=6)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> split = SplitTensors(torch.randint(1, 20, (6, 4), generator=g), torch.ones(6, 4, dtype=torch.bool),
+        ...                      torch.randn(6, 5, 6, generator=g), torch.rand(6, 5, 4, generator=g).sort(-1).values,
+        ...                      torch.arange(6))
+        >>> out = evaluate_robustness(m, split, cfg, RobustnessSpec(text_radii=(0.0, 1.0), image_radii=(0.0, 1.0)))
+        >>> side = out["attack"]["txt"]
+        >>> side["r1"][0] == side["clean_r1"] >= side["r1"][1], out["paraphrase"]
+        (True, {'missing': 'no paraphraser was given'})
     """
     t0 = time.perf_counter()
     out: dict[str, Any] = {"attack": attack_robustness(model, split, config, spec)}
