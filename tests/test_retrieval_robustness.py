@@ -319,3 +319,17 @@ def test_paraphrase_split_keeps_unsubstituted_rows_and_marks_changed_inputs(
     assert not bool((para.changed & ~substituted).any()) and para.n_changed <= int(substituted.sum())
     new_ids, _ = _tokenizer(list(para.texts))
     assert torch.equal(para.input_ids, new_ids)  # every row is the tokenised paraphrase
+
+
+def test_default_features_keep_the_run_keys_of_earlier_records() -> None:
+    # a record written before `features` existed (CRAFT) must still resume: its key is computed without the field
+    import hashlib
+    from dataclasses import asdict
+
+    data = SimpleNamespace(summary="train 5 / 5, val 1 / 1, test 2 / 2")
+    cfg = R.RetrievalConfig(features="craft")  # the default is now "effnet" (helper F)
+    old_fields = {k: v for k, v in asdict(cfg).items() if k not in ("features", "relative", "attention")}
+    blob = json.dumps({"backbone": "uniter", "arm": "villa", "config": old_fields, "data": data.summary}, sort_keys=True)
+    assert runs._config_key("uniter", "villa", cfg, data) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert runs._config_key("uniter", "villa", replace(cfg, features="effnet"), data) != runs._config_key(
+        "uniter", "villa", cfg, data)

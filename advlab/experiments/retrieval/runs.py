@@ -46,6 +46,8 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
         del cfg["relative"]  # absolute runs are computed as before the field existed: same keys
     if cfg["attention"] == "eager":
         del cfg["attention"]  # eager attention is how every earlier record was computed: same keys
+    if cfg.get("features") == "craft":
+        del cfg["features"]  # CRAFT features are what every earlier record used: same keys
     fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": cfg, "data": data.summary}
     if arm in _ARM_REVISIONS:
         fields["revision"] = _ARM_REVISIONS[arm]
