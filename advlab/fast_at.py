@@ -116,7 +116,7 @@ class FastAT(Recipe):
         0.1
     """
 
-    config_class = FastATConfig
+    _config_class = FastATConfig
 
     def __init__(
         self,

@@ -100,7 +100,7 @@ class FreeLB(Recipe):
         2
     """
 
-    config_class = FreeLBConfig
+    _config_class = FreeLBConfig
 
     def __init__(
         self,

@@ -80,7 +80,7 @@ class NEFTune(Recipe):
         (1, (), 1.93)
     """
 
-    config_class = NEFTuneConfig
+    _config_class = NEFTuneConfig
 
     def __init__(
         self,

@@ -143,7 +143,7 @@ class R3F(Recipe):
         (1, 1, True)
     """
 
-    config_class = R3FConfig
+    _config_class = R3FConfig
 
     def __init__(
         self,

@@ -116,7 +116,7 @@ def refuse_together(owner: str, given: Mapping[str, Any], names: tuple[str, ...]
 class Recipe:
     """Base class of the recipes: one `step` per batch, inside `free_training`.
 
-    A subclass sets `config_class` (and `presets`), builds `self.perturbations` and the
+    A subclass sets `_config_class` (and `presets`), builds `self.perturbations` and the
     engine options in `__init__`, and writes the body of one step in `_run`.
 
     Attributes:
@@ -127,9 +127,10 @@ class Recipe:
         perturbations: Modality -> `Perturbation` used by the engine.
     """
 
-    config_class: ClassVar[type]
+    _config_class: ClassVar[type]  # the recipe's frozen config dataclass
     presets: ClassVar[Mapping[str, Any]] = {}
-    default_preset: ClassVar[str | None] = None
+    """Preset name -> config (instances of the config dataclass)."""
+    _default_preset: ClassVar[str | None] = None  # the preset used when neither `config` nor `preset` is given
 
     model: nn.Module
     sites: Mapping[str, Any]
@@ -152,8 +153,8 @@ class Recipe:
     ) -> Any:
         """Check the model, resolve the sites and the config; return the config."""
         self.model = check_module(model)
-        self.config = build_config(type(self).__name__, self.config_class, self.presets, config, preset, overrides,
-                                   default_preset=self.default_preset)
+        self.config = build_config(type(self).__name__, self._config_class, self.presets, config, preset, overrides,
+                                   default_preset=self._default_preset)
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         self.sites = resolve_sites(model, sites)  # once: steps reuse the resolved modules
         self.on_nonfinite, self.generator = on_nonfinite, generator

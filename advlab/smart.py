@@ -158,9 +158,10 @@ class SMART(Recipe):
         (1, 0)
     """
 
-    config_class = SMARTConfig
+    _config_class = SMARTConfig
     presets = SMART_CONFIGS
-    default_preset = "mt-dnn"
+    """Preset name -> config (instances of the config dataclass)."""
+    _default_preset = "mt-dnn"
 
     def __init__(
         self,

@@ -112,7 +112,7 @@ class TRADES(Recipe):
         True
     """
 
-    config_class = TRADESConfig
+    _config_class = TRADESConfig
 
     def __init__(
         self,

@@ -153,8 +153,9 @@ class VAT(Recipe):
         0.5
     """
 
-    config_class = VATConfig
+    _config_class = VATConfig
     presets = VAT_CONFIGS
+    """Preset name -> config (instances of the config dataclass)."""
 
     def __init__(
         self,

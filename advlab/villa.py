@@ -186,9 +186,10 @@ class VILLA(Recipe):
         (3, torch.Size([2, 4]))
     """
 
-    config_class = VILLAConfig
+    _config_class = VILLAConfig
     presets = VILLA_PRESETS
-    default_preset = "official"
+    """Preset name -> config (instances of the config dataclass)."""
+    _default_preset = "official"
 
     def __init__(
         self,
