@@ -154,6 +154,7 @@ def _cached_run(
                 )
                 rec["resumed"] = True
                 _write_record(rec, path)
+                rec["robustness_added"] = True  # in this call (not written: a later load is a plain resume)
                 return rec  # type: ignore[no-any-return]
     t0 = time.perf_counter()
     model = build_model(backbone, config, data, seed=seed, text_size=text_size)
@@ -342,7 +343,7 @@ def run_experiment(
         records.append(rec)
         rob = rec.get("robustness") if robustness is not None else None
         if rec["resumed"]:
-            how = f" (robustness {rob['computed']}, {rob['seconds']:.1f} s)" if rob and "saved" in rob["computed"] else ""
+            how = f" (robustness added from the saved weights, {rob['seconds']:.1f} s)" if rec.get("robustness_added") else ""
             log(f"[{backbone}] {arm} seed {seed}: loaded from {_run_path(out, backbone, arm, seed)}{how}")
             return
         val, test, best = rec["val"], rec["test"], rec["test_at_best"]
