@@ -83,6 +83,8 @@ def _fmt(values: Sequence[float], sign: bool = False) -> str:
     if not values:
         return "–"
     m, s = _mean_std(values)
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{m:+.1f}" if sign else f"{m:.1f}"
     return f"{m:+.1f} ± {s:.1f}" if sign else f"{m:.1f} ± {s:.1f}"
 
 
