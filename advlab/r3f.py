@@ -178,8 +178,7 @@ class R3F(Recipe):
     def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
              scale: float) -> tuple[list[Tensor], list[Tensor]]:
         """Clean forward, one noised forward, one backward of L + λ·SymKL."""
-        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
-        ft.clean_loss(task * scale)
+        task = self._clean_task_loss(ft, forward, task_loss, scale)
         for _ in ft:
             noised = self.logits(ft.forward(forward))
             reg = check_scalar(self.regularizer(ft.clean_logits, noised), "`regularizer` output")

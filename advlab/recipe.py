@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from advlab._checks import check_callable, check_module, check_nonnegative
+from advlab._checks import check_callable, check_module, check_nonnegative, check_scalar
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.free import FreeTraining, free_training
 from advlab.hooks import MaskLike
@@ -199,6 +199,14 @@ class Recipe:
              scale: float) -> tuple[list[Tensor], list[Tensor]]:
         """One step's forwards and backwards inside `ft`; returns the task and regulariser values."""
         raise NotImplementedError
+
+    @staticmethod
+    def _clean_task_loss(ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
+                         scale: float) -> Tensor:
+        """Run the clean forward and add its task loss (times `scale`) to the step; return the loss."""
+        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
+        ft.clean_loss(task * scale)
+        return task
 
     def _step_context(self, masks: Mapping[str, MaskLike] | None, scaler: Any | None) -> FreeTraining:
         """The context `step` runs in (a recipe with δ-only ascent steps asks for them here)."""

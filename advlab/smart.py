@@ -230,10 +230,8 @@ class SMART(Recipe):
     def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
              scale: float) -> tuple[list[Tensor], list[Tensor]]:
         """Clean task loss, K δ-only ascent steps, then w · regulariser, back-propagated once."""
-        clean_output = ft.clean(forward)
+        task = self._clean_task_loss(ft, forward, task_loss, scale)
         clean = ft.clean_logits
-        task = check_scalar(task_loss(clean_output), "`task_loss` output")
-        ft.clean_loss(task * scale)
         for step in ft:  # the training step: under DDP its forward and backward run outside no_sync
             adv = self.logits(ft.forward(forward))
             if step.delta_only:

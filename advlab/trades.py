@@ -156,8 +156,7 @@ class TRADES(Recipe):
     def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
              scale: float) -> tuple[list[Tensor], list[Tensor]]:
         """K δ-only ascent steps, then one backward of L + β·KL."""
-        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
-        ft.clean_loss(task * scale)
+        task = self._clean_task_loss(ft, forward, task_loss, scale)
         target = ft.clean_logits.detach()
         for step in ft:
             adv = self.logits(ft.forward(forward))

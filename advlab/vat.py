@@ -248,8 +248,7 @@ class VAT(Recipe):
     def _run(self, ft: FreeTraining, forward: Callable[[], Any], task_loss: Callable[[Any], Tensor],
              scale: float) -> tuple[list[Tensor], list[Tensor]]:
         """K power iterations (r only), then one backward of L + α·D."""
-        task = check_scalar(task_loss(ft.clean(forward)), "`task_loss` output")
-        ft.clean_loss(task * scale)
+        task = self._clean_task_loss(ft, forward, task_loss, scale)
         target = ft.clean_logits.detach()
         for step in ft:
             if step.delta_only:
