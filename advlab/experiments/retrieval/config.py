@@ -114,7 +114,7 @@ class RetrievalConfig:
     freeze_word_embeddings: bool = True
     relative: bool = False  # False: absolute sizes (records of absolute runs keep their cache keys)
     attention: Literal["eager", "sdpa"] = "eager"  # eager: the recorded runs' numbers, bit for bit
-    features: Features = "effnet"  # 10 points of validation R@1 above CRAFT (docs/reproducing.md)
+    features: Features = "effnet"  # 10.6 points of validation R@1 above CRAFT (docs/reproducing.md)
 
     def __post_init__(self) -> None:
         for name, low in _COUNTS.items():
