@@ -330,7 +330,7 @@ def test_default_features_keep_the_run_keys_of_earlier_records() -> None:
     from dataclasses import asdict
 
     data = SimpleNamespace(summary="train 5 / 5, val 1 / 1, test 2 / 2")
-    cfg = R.RetrievalConfig(features="craft")  # the default is now "effnet" (helper F)
+    cfg = R.RetrievalConfig(features="craft")  # explicit: the key must not depend on the default
     old_fields = {k: v for k, v in asdict(cfg).items() if k not in ("features", "relative", "attention")}
     blob = json.dumps({"backbone": "uniter", "arm": "villa", "config": old_fields, "data": data.summary}, sort_keys=True)
     assert runs._config_key("uniter", "villa", cfg, data) == hashlib.sha256(blob.encode()).hexdigest()[:16]
