@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.data._cache import as_path, cache_root
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -127,19 +128,6 @@ _MAX_PNG_PIXELS = 40_000_000  # 7 PNGs of the package have about 169 Mpx; decodi
 _JUNK_KEYWORD = re.compile(r"^(hash|0x[0-9a-f]+|\d+)$", re.IGNORECASE)
 
 
-def _as_path(name: str, value: object) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise AdvlabTypeError(f"Expected `{name}` to be a path (str or os.PathLike), but got {type(value).__name__}.")
-    return Path(value)
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("ADVLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
-    )
-    return Path(root)
-
-
 def openclipart_dir(root: str | os.PathLike[str] | None = None) -> Path:
     """The caption folder built from openclipart by `scripts/setup_data.sh`.
 
@@ -162,7 +150,7 @@ def openclipart_dir(root: str | os.PathLike[str] | None = None) -> Path:
         ...     print(str(err)[:37])
         No openclipart caption folder at /tmp
     """
-    folder = _as_path("root", root) if root is not None else _cache_root() / "openclipart" / "pairs"
+    folder = as_path("root", root) if root is not None else cache_root() / "openclipart" / "pairs"
     if not (folder / _DONE).is_file():
         raise FileNotFoundError(
             f"No openclipart caption folder at {folder} (no {_DONE} marker: not built, or interrupted).\n"
@@ -439,9 +427,9 @@ def build_openclipart_folder(
         ...     print(str(err)[:33])
         No openclipart SVG folder in /tmp
     """
-    src_path = _as_path("src", src)
+    src_path = as_path("src", src)
     if dst is not None:
-        _as_path("dst", dst)
+        as_path("dst", dst)
     if render is not None and not callable(render):
         raise AdvlabTypeError(f"Expected `render` to be a callable (path -> PIL image) or None, but got {render!r}.")
     svg_root = _svg_root(src_path)
@@ -457,7 +445,7 @@ def build_openclipart_folder(
     if absent:
         present = sorted(p.name for p in svg_root.iterdir() if p.is_dir())
         raise FileNotFoundError(f"`folders` names {absent}, which {svg_root} lacks; it holds {present}.")
-    out = _as_path("dst", dst) if dst is not None else _cache_root() / "openclipart" / "pairs"
+    out = as_path("dst", dst) if dst is not None else cache_root() / "openclipart" / "pairs"
     settings = {
         "source": str(svg_root.resolve()),
         "folders": list(keep),

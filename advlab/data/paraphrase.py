@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.data._cache import as_path, cache_root
 
 __all__ = [
     "DETERMINERS",
@@ -116,19 +117,6 @@ _DEB_COPYRIGHT = Path("usr/share/doc/wordnet-base/copyright")
 _SETUP_HINT = "Run `scripts/setup_data.sh` (it fetches Debian's wordnet-base and wordnet-sense-index, no root needed)"
 
 
-def _as_path(name: str, value: object) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise AdvlabTypeError(f"Expected `{name}` to be a path (str or os.PathLike), but got {type(value).__name__}.")
-    return Path(value)
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("ADVLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
-    )
-    return Path(root)
-
-
 def _corpus(root: Path) -> Path:
     return root / "corpora" / "wordnet"
 
@@ -163,7 +151,7 @@ def wordnet_dir(root: str | os.PathLike[str] | None = None, *, check: bool = Tru
         ...     print(str(err).splitlines()[0][:40])
         WordNet 3.0 was not found under /tmp/tmp
     """
-    folder = _as_path("root", root) if root is not None else _cache_root() / "wordnet"
+    folder = as_path("root", root) if root is not None else cache_root() / "wordnet"
     if check:
         missing = _missing(folder)
         if missing:
@@ -220,8 +208,8 @@ def install_wordnet(
         ...     print(str(err)[:33])
         No WordNet 3.0 dictionary in /tmp
     """
-    root = _as_path("src", src)
-    out = _as_path("dst", dst) if dst is not None else _cache_root() / "wordnet"
+    root = as_path("src", src)
+    out = as_path("dst", dst) if dst is not None else cache_root() / "wordnet"
     if not _missing(out):
         return out
     dict_dir = next((d for d in (root, root / _DEB_DICT) if (d / "data.noun").is_file()), None)

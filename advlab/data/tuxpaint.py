@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from advlab.data._cache import cache_root
+
 __all__ = ["PACKAGE", "SYSTEM_STAMPS_DIR", "default_cache_dir", "tuxpaint_stamps_dir"]
 
 PACKAGE = "tuxpaint-stamps-default"
@@ -38,15 +40,7 @@ def default_cache_dir() -> Path:
         >>> default_cache_dir().name
         'tuxpaint'
     """
-    return _cache_root() / "tuxpaint"
-
-
-def _cache_root() -> Path:
-    """`$ADVLAB_CACHE`, else `$XDG_CACHE_HOME/advlab`, else `~/.cache/advlab` (also CRAFT's feature cache)."""
-    root = os.environ.get("ADVLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advlab"
-    )
-    return Path(root)
+    return cache_root() / "tuxpaint"
 
 
 def _has_stamps(folder: Path) -> bool:
