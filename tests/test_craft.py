@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 
 import pytest
 import torch
@@ -206,3 +209,30 @@ def test_a_flipped_byte_in_the_feature_cache_is_caught_and_recomputed(pngs, tmp_
     torch.save(stored, first.cache_path)
     with pytest.warns(UserWarning, match=r"expected boxes of shape \(3, 5, 4\)"):
         assert not extract_features(pngs, grid=2, cache_dir=tmp_path, progress=False).from_cache
+
+
+def test_the_cache_key_is_pinned_to_its_material(pngs, tmp_path):
+    # fails if the key's material changes in any way: every existing cache file would then be missed
+    ckpt = tmp_path / "weights.pth"
+    ckpt.write_bytes(b"not a real checkpoint")
+    times = [1_700_000_000_123_456_789 + i for i in range(len(pngs))]
+    for p, t in zip(pngs, times, strict=True):
+        os.utime(p, ns=(t, t))
+    material = {
+        "background": 1.0,
+        "checkpoint_sha256": hashlib.sha256(b"not a real checkpoint").hexdigest(),
+        "files": [[str(p.resolve()), p.stat().st_size, t] for p, t in zip(pngs, times, strict=True)],
+        "format": 1,
+        "grid": 2,
+        "px": 64,
+    }
+    expected = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    assert feature_cache_key(pngs, grid=2, checkpoint=ckpt) == expected
+    assert feature_cache_key([str(p) for p in pngs], px=64, grid=2, checkpoint=str(ckpt), background=1.0) == expected
+
+
+def test_a_progress_bar_without_tqdm_is_refused_before_the_trunk_loads(pngs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were not installed
+    monkeypatch.setattr("advlab.pretrained.craft.load_craft_trunk", lambda *a, **k: pytest.fail("trunk loaded"))
+    with pytest.raises(ModuleNotFoundError, match=r"extract_features\(progress=True\).*pip install tqdm"):
+        extract_features(pngs, grid=2, cache_dir=tmp_path, progress=True)

