@@ -241,9 +241,9 @@ def extraction_key(
 
     Examples:
         >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     _ = (Path(tmp) / "a.png").write_bytes(b"x")
-        ...     _ = (Path(tmp) / "w.pth").write_bytes(b"w")
+        >>> with tempfile.TemporaryDirectory() as tmp:  # a stand-in weights file and image
+        ...     for name in ("w.pth", "a.png"):
+        ...         _ = (Path(tmp) / name).write_bytes(name.encode())
         ...     keys = [extraction_key([f"{tmp}/a.png"], f"{tmp}/w.pth", {"px": px}) for px in (32, 32, 64)]
         >>> keys[0] == keys[1], keys[0] == keys[2]
         (True, False)
