@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, NonFiniteError
+from advlab.experiments._args import count
 from advlab.experiments.classification.config import (
     ARMS_FULL,
     ARMS_QUICK,
@@ -38,15 +39,6 @@ QUICK_EPOCHS = 3  # the quick default's budget on the shared 2-core machine (doc
 FULL_SEEDS = 5
 
 
-def _count(text: str) -> int:
-    """Argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _plots(records: Sequence[Mapping[str, Any]], out: Path) -> str:
@@ -77,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="captions labelled by top-level folder (default: the Tux Paint stamps)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder, resumable (default runs/classification/<dataset>)")
-    parser.add_argument("--seeds", type=_count, default=None,
+    parser.add_argument("--seeds", type=count, default=None,
                         help=f"number of seeds: 0 .. N-1 (quick {QUICK_SEEDS}, full {FULL_SEEDS}, tune 2)")
-    parser.add_argument("--epochs", type=_count, default=None, help="override the epochs (quick default 3)")
+    parser.add_argument("--epochs", type=count, default=None, help="override the epochs (quick default 3)")
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
                         help="arms to run; 'baseline' is always added (the differences are paired with it)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
+from advlab.experiments._args import count, positive_size
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
     ARMS_QUICK,
@@ -34,28 +34,6 @@ from advlab.experiments.retrieval.report import (
     tuning_table,
 )
 from advlab.experiments.retrieval.runs import TUNE_SIZES, GateError, load_records, run_experiment, tune
-
-
-def _count(text: str) -> int:
-    """Argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _size(text: str) -> float:
-    """Argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -128,13 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a data set set up by scripts/setup_data.sh: Tux Paint stamps (default), openclipart, "
                              "or both pooled before the split by caption")
     parser.add_argument("--out", type=Path, default=Path("runs/retrieval"), help="output folder (resumable)")
-    parser.add_argument("--seeds", type=_count, default=None,
+    parser.add_argument("--seeds", type=count, default=None,
                         help="number of seeds, an integer >= 1: seeds 0 .. N-1 (quick 2, full 5)")
-    parser.add_argument("--epochs", type=_count, default=None, help="override the settings' epochs (>= 1)")
+    parser.add_argument("--epochs", type=count, default=None, help="override the settings' epochs (>= 1)")
     parser.add_argument("--backbones", nargs="+", default=None, choices=["uniter", "lxmert"])
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
                         help="arms to run; 'baseline' must be among them (the gate and the paired differences)")
-    parser.add_argument("--sizes", nargs="+", type=_size, default=None,
+    parser.add_argument("--sizes", nargs="+", type=positive_size, default=None,
                         help="--tune: relative step sizes to try (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1)")
     parser.add_argument("--features", default=None, choices=list(FEATURES),
                         help="frozen image features: craft (CRAFT VGG16-BN, 512-d) or effnet (EfficientNet-Lite0, "
