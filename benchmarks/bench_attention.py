@@ -25,64 +25,19 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_villa import SavedBytes
 
 from advlab.backbones.uniter import UniterConfig, UniterForVQA, vqa_loss
 
 PATHS = ("sdpa", "eager")
 ANSWERS = 3129
-
-
-# ---------------------------------------------------------------------------------- memory
-class SavedBytes:
-    """Peak bytes of tensors saved for backward and alive at once; each storage counted once;
-    parameters (saved by reference, not extra memory) excluded."""
-
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.live: dict[int, list[int]] = {}  # storage ptr -> [refcount, nbytes]
-        self.current = self.peak = 0
-
-    def _pack(self, t):
-        box = _Box(t)
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.params or storage.nbytes() == 0:
-            return box
-        entry = self.live.get(key)
-        if entry is None:
-            self.live[key] = [1, storage.nbytes()]
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-        else:
-            entry[0] += 1
-        weakref.finalize(box, self._release, key)
-        return box
-
-    def _release(self, key):
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.live[key]
-
-    def measure(self, fn) -> int:
-        self.current = self.peak = 0
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda box: box.t):
-            fn()
-        return self.peak
-
-
-class _Box:
-    __slots__ = ("__weakref__", "t")
-
-    def __init__(self, t):
-        self.t = t
 
 
 # ---------------------------------------------------------------------------------- models and batch

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.experiments._args import check_fields
 
 Unit = Literal["row", "l2", "elem"]
 Dataset = Literal["tuxpaint", "openclipart"]
@@ -128,18 +129,7 @@ class ClassificationConfig:
     attention: Literal["sdpa", "eager"] = "sdpa"
 
     def __post_init__(self) -> None:
-        for name, low in _COUNTS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise AdvlabValueError(f"Expected `{name}` to be an int >= {low}, but got {value!r}.")
-        for name, positive in _REALS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AdvlabTypeError(f"Expected `{name}` to be a float, but got {value!r}.")
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise AdvlabValueError(
-                    f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
-                )
+        check_fields(self, _COUNTS, _REALS)
         if self.warmup_ratio >= 1:
             raise AdvlabValueError(f"Expected `warmup_ratio` to be < 1, but got {self.warmup_ratio!r}.")
         if not isinstance(self.sizes, Mapping):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
+from advlab.experiments._args import check_fields
 
 Backbone = Literal["uniter", "lxmert"]
 Features = Literal["craft", "effnet"]
@@ -118,18 +118,7 @@ class RetrievalConfig:
     features: Features = "craft"  # the stored step sizes were tuned with it; "effnet" is better for the baseline
 
     def __post_init__(self) -> None:
-        for name, low in _COUNTS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise AdvlabValueError(f"Expected `{name}` to be an int >= {low}, but got {value!r}.")
-        for name, positive in _REALS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise AdvlabTypeError(f"Expected `{name}` to be a float, but got {value!r}.")
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise AdvlabValueError(
-                    f"Expected `{name}` to be a finite float {'> 0' if positive else '>= 0'}, but got {value!r}."
-                )
+        check_fields(self, _COUNTS, _REALS)
         if self.features not in FEATURES:
             raise AdvlabValueError(f"Expected `features` to be one of {list(FEATURES)}, but got {self.features!r}.")
         if self.attention not in ("eager", "sdpa"):
