@@ -22,6 +22,11 @@ ARMS_FULL: tuple[str, ...] = ("baseline", "zero", "noise", "villa", "alter", "tx
 # their own dropout masks, the same losses and KL, δ stays 0); "noise" moves δ in a random direction of the
 # same size. A gain over both, beyond the spread, is what adversarial training can claim.
 CONTROLS: tuple[str, ...] = ("zero", "noise")
+# The two stages of VILLA: in-domain pre-training (MLM + ITM + MRFR on the training split, standard or
+# adversarial) then the usual ITC fine-tuning (the baseline's, or VILLA joint). "std" fine-tuning is the
+# baseline arm's training, "adv" the villa arm's; both start from the same cached pre-trained weights.
+ARMS_PRETRAIN: tuple[str, ...] = ("pt-std/ft-std", "pt-std/ft-adv", "pt-adv/ft-std", "pt-adv/ft-adv")
+PRETRAIN_ARMS: tuple[str, ...] = ("std", "adv")
 ARM_LABELS: dict[str, str] = {
     "baseline": "baseline",
     "zero": "zero δ",
@@ -30,14 +35,24 @@ ARM_LABELS: dict[str, str] = {
     "alter": "VILLA alter",
     "txt": "VILLA text-only",
     "img": "VILLA image-only",
+    "pt-std/ft-std": "PT std + FT std",
+    "pt-std/ft-adv": "PT std + FT VILLA",
+    "pt-adv/ft-std": "PT VILLA + FT std",
+    "pt-adv/ft-adv": "PT VILLA + FT VILLA",
 }
 SETTINGS_PATH = Path(__file__).with_name("settings.json")
 # minimum of each integer field (a batch needs 2 pairs for in-batch negatives; LXMERT may drop r-layers)
 _COUNTS = {"layers": 1, "x_layers": 1, "r_layers": 0, "epochs": 1, "batch_size": 2, "rerank_k": 1, "proj_dim": 1,
-           "adv_steps": 1, "max_length": 2, "eval_batch": 1, "grid": 1}
+           "adv_steps": 1, "max_length": 2, "eval_batch": 1, "grid": 1, "pretrain_epochs": 0, "mask_token_id": 0,
+           "random_token_low": 0}
 # float fields: True where 0 is not allowed
 _REALS = {"lr": True, "lr_fresh": True, "temperature": True, "itm_weight": False, "kl_weight": False,
-          "txt_step": False, "img_step": False}
+          "txt_step": False, "img_step": False, "pretrain_mlm_weight": False, "pretrain_itm_weight": False,
+          "pretrain_mrfr_weight": False}
+_RATES = ("pretrain_mlm_rate", "pretrain_region_rate")  # open interval (0, 1)
+# the fields that only the pre-training stage reads: left out of a run's key when pretrain_epochs is 0
+PRETRAIN_FIELDS: tuple[str, ...] = ("pretrain_epochs", "pretrain_mlm_rate", "pretrain_region_rate", "pretrain_mlm_weight",
+                                    "pretrain_itm_weight", "pretrain_mrfr_weight", "mask_token_id", "random_token_low")
 
 
 @dataclass(frozen=True)
@@ -79,10 +94,23 @@ class RetrievalConfig:
             so it becomes the default once the step size has been tuned with it). The data must hold the same
             features (`prepare_data(..., features=config.features)`).
         freeze_word_embeddings: Keep MiniLM's word-embedding table fixed (CPU time).
+        pretrain_epochs: Epochs of the in-domain pre-training stage of the `pt-*` arms (MLM, ITM,
+            MRFR on the training split, `advlab.experiments.retrieval.pretraining`); 0 (the
+            default) means no pre-training, and the `pt-*` arms are refused.
+        pretrain_mlm_rate: Fraction of a caption's word-pieces masked for MLM (UNITER's 0.15).
+        pretrain_region_rate: Fraction of an image's regions zeroed for MRFR (UNITER's 0.15).
+        pretrain_mlm_weight: Weight of the MLM loss in the pre-training sum (0 drops the task).
+        pretrain_itm_weight: Weight of the ITM loss in the pre-training sum (0 drops the task).
+        pretrain_mrfr_weight: Weight of the MRFR loss in the pre-training sum (0 drops the task).
+        mask_token_id: The tokenizer's [MASK] id (MiniLM's uncased WordPiece: 103).
+        random_token_low: MLM's random replacements are drawn from ids `random_token_low` to
+            `vocab_size - 1` (MiniLM: 999, the first id after the special and unused entries,
+            as UNITER's `v_range`).
 
     Raises:
         AdvlabValueError: A count below its minimum, or a rate, weight or size that is negative,
-            zero where it must be positive, or not finite.
+            zero where it must be positive, or not finite; a mask rate outside (0, 1); every
+            pre-training weight 0.
         AdvlabTypeError: A field of the wrong type.
 
     Examples:
@@ -116,6 +144,14 @@ class RetrievalConfig:
     relative: bool = False  # False: absolute sizes (records of absolute runs keep their cache keys)
     attention: Literal["eager", "sdpa"] = "eager"  # eager: the recorded runs' numbers, bit for bit
     features: Features = "craft"  # the stored step sizes were tuned with it; "effnet" is better for the baseline
+    pretrain_epochs: int = 0  # 0: no pre-training stage (every earlier record's key is unchanged)
+    pretrain_mlm_rate: float = 0.15  # UNITER / BERT
+    pretrain_region_rate: float = 0.15  # UNITER's mrm_prob
+    pretrain_mlm_weight: float = 1.0  # the three tasks are summed at every step (UNITER samples one per batch)
+    pretrain_itm_weight: float = 1.0
+    pretrain_mrfr_weight: float = 1.0
+    mask_token_id: int = 103  # MiniLM's [MASK]
+    random_token_low: int = 999  # MiniLM's "!": ids below it are special or unused
 
     def __post_init__(self) -> None:
         check_fields(self, _COUNTS, _REALS)
@@ -126,6 +162,17 @@ class RetrievalConfig:
         for name in ("freeze_word_embeddings", "relative"):
             if not isinstance(getattr(self, name), bool):
                 raise AdvlabTypeError(f"Expected `{name}` to be a bool, but got {getattr(self, name)!r}.")
+        for name in _RATES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdvlabTypeError(f"Expected `{name}` to be a float, but got {value!r}.")
+            if not 0 < value < 1:
+                raise AdvlabValueError(f"Expected `{name}` to be in the open interval (0, 1), but got {value!r}.")
+        if not (self.pretrain_mlm_weight or self.pretrain_itm_weight or self.pretrain_mrfr_weight):
+            raise AdvlabValueError(
+                "Expected at least one of `pretrain_mlm_weight`, `pretrain_itm_weight`, `pretrain_mrfr_weight` "
+                "to be > 0, but all are 0."
+            )
 
     def with_steps(self, txt_step: float, img_step: float) -> RetrievalConfig:
         """A copy with other perturbation step sizes.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
-from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, RetrievalConfig
+from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, PRETRAIN_FIELDS, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData
 from advlab.experiments.retrieval.metrics import RobustnessSpec, check_gate, evaluate, evaluate_robustness
 from advlab.experiments.retrieval.model import RetrievalModel, build_model
@@ -48,6 +48,9 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
         del cfg["attention"]  # eager attention is how every earlier record was computed: same keys
     if cfg.get("features") == "craft":
         del cfg["features"]  # CRAFT features are what every earlier record used: same keys
+    if cfg["pretrain_epochs"] == 0:
+        for name in PRETRAIN_FIELDS:  # no pre-training stage: computed as before these fields existed, same keys
+            del cfg[name]
     fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": cfg, "data": data.summary}
     if arm in _ARM_REVISIONS:
         fields["revision"] = _ARM_REVISIONS[arm]
