@@ -17,6 +17,7 @@ from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
 from advlab.experiments._args import count, positive_size
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
+    ARMS_PRETRAIN,
     ARMS_QUICK,
     FEATURES,
     SETTINGS_PATH,
@@ -80,6 +81,7 @@ def _plots(records: Sequence[Mapping[str, Any]], out: Path) -> str:
     return f", {plot} and {curves}"
 
 
+DEFAULT_PRETRAIN_EPOCHS = 5  # pt-* arms, when neither --pretrain-epochs nor the settings' base entry sets it
 DESCRIPTION = "Image–caption retrieval with UNITER-mini / LXMERT-mini: baseline vs zero-δ and noise controls vs VILLA."
 
 
@@ -110,8 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="number of seeds, an integer >= 1: seeds 0 .. N-1 (quick 2, full 5)")
     parser.add_argument("--epochs", type=count, default=None, help="override the settings' epochs (>= 1)")
     parser.add_argument("--backbones", nargs="+", default=None, choices=["uniter", "lxmert"])
-    parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
-                        help="arms to run; 'baseline' must be among them (the gate and the paired differences)")
+    parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL + ARMS_PRETRAIN),
+                        help="arms to run; 'baseline' must be among them (the gate and the paired differences); "
+                             "pt-{std,adv}/ft-{std,adv}: in-domain pre-training (MLM, ITM, MRFR on the training split; "
+                             "standard or VILLA) then fine-tuning (baseline or VILLA joint)")
+    parser.add_argument("--pretrain-epochs", type=count, default=None,
+                        help=f"epochs of the pt-* arms' pre-training stage (>= 1; default: the settings' base entry, "
+                             f"else {DEFAULT_PRETRAIN_EPOCHS}); other arms ignore it")
     parser.add_argument("--sizes", nargs="+", type=positive_size, default=None,
                         help="--tune: relative step sizes to try (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1)")
     parser.add_argument("--features", default=None, choices=list(FEATURES),
@@ -146,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = replace(base, epochs=args.epochs)
     if args.features is not None:
         base = replace(base, features=args.features)
+    # read by the pt-* arms only: the other arms' run keys leave the pre-training settings out
+    base = replace(base, pretrain_epochs=args.pretrain_epochs or base.pretrain_epochs or DEFAULT_PRETRAIN_EPOCHS)
     try:
         if args.data is None:
             _check_wheels(base.features)

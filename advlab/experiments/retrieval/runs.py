@@ -15,10 +15,17 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
-from advlab.experiments.retrieval.config import ARMS_FULL, ARMS_QUICK, PRETRAIN_FIELDS, RetrievalConfig
+from advlab.experiments.retrieval.config import (
+    ARMS_FULL,
+    ARMS_PRETRAIN,
+    ARMS_QUICK,
+    PRETRAIN_FIELDS,
+    RetrievalConfig,
+)
 from advlab.experiments.retrieval.data import RetrievalData
 from advlab.experiments.retrieval.metrics import RobustnessSpec, check_gate, evaluate, evaluate_robustness
 from advlab.experiments.retrieval.model import RetrievalModel, build_model
+from advlab.experiments.retrieval.pretraining import pretrain_run
 from advlab.experiments.retrieval.training import train_run
 
 
@@ -48,7 +55,7 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
         del cfg["attention"]  # eager attention is how every earlier record was computed: same keys
     if cfg.get("features") == "craft":
         del cfg["features"]  # CRAFT features are what every earlier record used: same keys
-    if cfg["pretrain_epochs"] == 0:
+    if cfg["pretrain_epochs"] == 0 or arm not in ARMS_PRETRAIN:
         for name in PRETRAIN_FIELDS:  # no pre-training stage: computed as before these fields existed, same keys
             del cfg[name]
     fields: dict[str, Any] = {"backbone": backbone, "arm": arm, "config": cfg, "data": data.summary}
@@ -56,6 +63,79 @@ def _config_key(backbone: str, arm: str, config: RetrievalConfig, data: Retrieva
         fields["revision"] = _ARM_REVISIONS[arm]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Bumped when the pre-training stage computes something else for the same settings (cached weights are redone).
+PRETRAIN_REVISION = 1
+# a pt arm's fine-tuning stage: "std" is the baseline arm's training, "adv" VILLA joint's
+_FINETUNE_ARMS = {"std": "baseline", "adv": "villa"}
+
+
+def _split_arm(arm: str) -> tuple[str | None, str]:
+    """(pre-training arm or None, fine-tuning arm of `train_run`): `"pt-adv/ft-std"` -> `("adv", "baseline")`.
+
+    Examples:
+        >>> _split_arm("pt-adv/ft-std"), _split_arm("villa")
+        (('adv', 'baseline'), (None, 'villa'))
+    """
+    if arm not in ARMS_PRETRAIN:
+        return None, arm
+    pt, ft = arm.split("/")
+    return pt.removeprefix("pt-"), _FINETUNE_ARMS[ft.removeprefix("ft-")]
+
+
+def _pretrain_key(backbone: str, pt_arm: str, config: RetrievalConfig, data: RetrievalData) -> str:
+    """Key of a pre-training stage: the settings it reads (not the fine-tuning epochs or evaluation's)."""
+    cfg = asdict(config)
+    for name in ("epochs", "eval_batch", "rerank_k", "itm_weight"):  # fine-tuning and evaluation only
+        del cfg[name]
+    fields = {"stage": "pretrain", "backbone": backbone, "arm": pt_arm, "config": cfg, "data": data.summary,
+              "revision": PRETRAIN_REVISION}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pretrained(
+    model: RetrievalModel,
+    data: RetrievalData,
+    backbone: str,
+    pt_arm: str,
+    config: RetrievalConfig,
+    seed: int,
+    *,
+    folder: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Load the cached pre-trained weights of (backbone, pre-training arm, seed, settings) into `model`, or pre-train and cache them.
+
+    The cache is `folder/{backbone}-pt-{arm}-seed{seed}-{key}.pt` (the trainable parameters;
+    frozen ones equal a fresh model's) with a `.json` of the per-epoch losses, so that the two
+    fine-tunings of a pre-training arm share one pre-training. Returns the record's `pretrain`
+    block: `{"arm", "key", "epochs": [{"epoch", "loss", "mlm", "itm", "mrfr"}], "seconds", "resumed"}`.
+    """
+    key = _pretrain_key(backbone, pt_arm, config, data)
+    stem = folder / f"{backbone}-pt-{pt_arm}-seed{seed}-{key}"
+    weights, info_path = Path(f"{stem}.pt"), Path(f"{stem}.json")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if weights.is_file() and info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError):
+            info, state = {}, {}
+        expected = set(model.state_dict()) - frozen
+        if info.get("key") == key and set(state) == expected:
+            model.load_state_dict(state, strict=False)
+            info["resumed"] = True
+            return info  # type: ignore[no-any-return]
+    t0 = time.perf_counter()
+    epochs = pretrain_run(model, data, pt_arm, config, seed=seed, progress=progress,
+                          desc=f"{backbone} pre-train {pt_arm} s{seed}")
+    info = {"arm": pt_arm, "key": key, "epochs": epochs, "seconds": time.perf_counter() - t0}
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_state({k: v for k, v in model.state_dict().items() if k not in frozen}, weights)
+    _write_record(info, info_path)
+    info["resumed"] = False
+    return info
 
 
 def _best_weights_path(path: Path) -> Path:
@@ -161,6 +241,11 @@ def _cached_run(
                 return rec  # type: ignore[no-any-return]
     t0 = time.perf_counter()
     model = build_model(backbone, config, data, seed=seed, text_size=text_size)
+    pt_arm, ft_arm = _split_arm(arm)
+    pretrain = None
+    if pt_arm is not None:  # the pre-trained weights, shared by the arm's two fine-tunings
+        pretrain = _pretrained(model, data, backbone, pt_arm, config, seed, folder=path.parent / "pretrained",
+                               progress=progress)
     epochs: list[dict[str, Any]] = []
     # the best validation epoch's trainable parameters (frozen ones never change), for its robustness
     best_kept: dict[str, Any] = {"r1": -math.inf, "state": None}
@@ -180,7 +265,7 @@ def _cached_run(
             best_kept["r1"] = entry["val"]["r1"]
             best_kept["state"] = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
 
-    losses = train_run(model, data, arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
+    losses = train_run(model, data, ft_arm, config, seed=seed, progress=progress, desc=f"{backbone} {arm} s{seed}",
                        on_epoch=after_epoch)
     best = best_epoch(epochs)
     rec: dict[str, Any] = {
@@ -190,6 +275,8 @@ def _cached_run(
     }
     if "test" in splits:
         rec["test_at_best"] = best["test"]
+    if pretrain is not None:
+        rec["pretrain"] = pretrain
     rec["seconds"] = time.perf_counter() - t0
     rec["resumed"] = False
     if save_weights:
@@ -261,7 +348,7 @@ def _finite_record(rec: Mapping[str, Any]) -> bool:
 
 
 def _run_path(out_dir: Path, backbone: str, arm: str, seed: int) -> Path:
-    return out_dir / f"{backbone}-{arm}-seed{seed}.json"
+    return out_dir / f"{backbone}-{arm.replace('/', '_')}-seed{seed}.json"  # pt-std/ft-adv -> pt-std_ft-adv
 
 
 def run_experiment(
@@ -289,7 +376,11 @@ def run_experiment(
     Args:
         data: Prepared splits.
         backbones: `"uniter"` and/or `"lxmert"`.
-        arms: Arms to run (`"baseline"` must be among them).
+        arms: Arms to run (`"baseline"` must be among them). The pre-training arms
+            (`ARMS_PRETRAIN`, e.g. `"pt-adv/ft-std"`) pre-train first (`pretraining.pretrain_run`,
+            needs `pretrain_epochs` >= 1), caching the weights under `out_dir/pretrained/`
+            for the arm's other fine-tuning; their record holds a `pretrain` block (per-epoch
+            losses) and is written to `{backbone}-pt-adv_ft-std-seed{seed}.json`.
         seeds: Seeds; every arm uses the same ones.
         configs: Backbone -> settings (default `RetrievalConfig()`).
         out_dir: Folder of the per-run JSON files.
@@ -314,14 +405,14 @@ def run_experiment(
             of them is run.
         NonFiniteError: A run's training loss, gradient or evaluation scores are NaN or inf; the
             message names the run, and no record is written for it.
-        AdvlabValueError: An unknown backbone or arm, no baseline among the arms, or seeds that
-            are not distinct integers >= 0.
+        AdvlabValueError: An unknown backbone or arm, no baseline among the arms, seeds that
+            are not distinct integers >= 0, or a pre-training arm with `pretrain_epochs` 0.
     """
     if "baseline" not in arms:
         raise AdvlabValueError(f"Expected 'baseline' among the arms (the gate needs it), but got {list(arms)}.")
-    unknown = [a for a in arms if a not in ARMS_FULL]
+    unknown = [a for a in arms if a not in ARMS_FULL + ARMS_PRETRAIN]
     if unknown:
-        raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL)}, but got {unknown}.")
+        raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL + ARMS_PRETRAIN)}, but got {unknown}.")
     bad = [b for b in backbones if b not in ("uniter", "lxmert")]
     if bad or not backbones:
         raise AdvlabValueError(f"Expected `backbones` among ['uniter', 'lxmert'] (at least one), but got {list(backbones)}.")
@@ -335,6 +426,12 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     configs = {b: (configs or {}).get(b, RetrievalConfig()) for b in backbones}
+    no_pretrain = [b for b in backbones if configs[b].pretrain_epochs == 0]
+    if no_pretrain and any(a in ARMS_PRETRAIN for a in arms):
+        raise AdvlabValueError(
+            f"Expected `pretrain_epochs` >= 1 in the config of {no_pretrain} to run the pre-training arms "
+            f"{[a for a in arms if a in ARMS_PRETRAIN]}, but got 0."
+        )
 
     if robustness is not None and robustness.paraphrased is None:
         log(f"robustness: no paraphrase column: {robustness.paraphrase_missing or 'no paraphraser was given'}")
@@ -391,7 +488,7 @@ def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             continue
         if {"backbone", "arm", "seed", "test"} <= set(rec):
             records.append(rec)
-    order = {a: i for i, a in enumerate(ARMS_FULL)}
+    order = {a: i for i, a in enumerate(ARMS_FULL + ARMS_PRETRAIN)}
     return sorted(records, key=lambda r: (r["backbone"] != "uniter", r["seed"], order.get(r["arm"], 99)))
 
 
