@@ -16,6 +16,7 @@ Run `python -m advlab.experiments.retrieval` (quick default), `--tune`, or `--fu
 The package is split by job: `config` (arms, run settings, the settings file), `data` (folder →
 split tensors), `model` (the two-stage model), `losses` (ITC, mined ITM negatives, the KL),
 `metrics` (R@K, evaluation, robustness to paraphrases and PGD, the gate), `training` (one run),
+`pretraining` (the in-domain pre-training stage of the `pt-*` arms: MLM, ITM, MRFR),
 `runs` (every run, resumable records, tuning), `report` (tables and plots) and `cli` (the command line, run by `__main__`).
 
 Shape notation:
@@ -25,6 +26,7 @@ Shape notation:
 from advlab.experiments.retrieval.cli import main as main
 from advlab.experiments.retrieval.config import ARM_LABELS as ARM_LABELS
 from advlab.experiments.retrieval.config import ARMS_FULL as ARMS_FULL
+from advlab.experiments.retrieval.config import ARMS_PRETRAIN as ARMS_PRETRAIN
 from advlab.experiments.retrieval.config import ARMS_QUICK as ARMS_QUICK
 from advlab.experiments.retrieval.config import CONTROLS as CONTROLS
 from advlab.experiments.retrieval.config import SETTINGS_PATH as SETTINGS_PATH
@@ -49,11 +51,13 @@ from advlab.experiments.retrieval.metrics import rerank_scores as rerank_scores
 from advlab.experiments.retrieval.model import RetrievalModel as RetrievalModel
 from advlab.experiments.retrieval.model import build_model as build_model
 from advlab.experiments.retrieval.model import pool_grid as pool_grid
+from advlab.experiments.retrieval.pretraining import pretrain_run as pretrain_run
 from advlab.experiments.retrieval.report import draw_curves as draw_curves
 from advlab.experiments.retrieval.report import draw_plot as draw_plot
 from advlab.experiments.retrieval.report import draw_robustness as draw_robustness
 from advlab.experiments.retrieval.report import draw_tuning as draw_tuning
 from advlab.experiments.retrieval.report import paired_lines as paired_lines
+from advlab.experiments.retrieval.report import pretrain_lines as pretrain_lines
 from advlab.experiments.retrieval.report import results_markdown as results_markdown
 from advlab.experiments.retrieval.report import robustness_lines as robustness_lines
 from advlab.experiments.retrieval.report import summarize as summarize
@@ -71,6 +75,7 @@ from advlab.experiments.retrieval.training import train_run as train_run
 
 __all__ = [
     "ARMS_FULL",
+    "ARMS_PRETRAIN",
     "ARMS_QUICK",
     "ARM_LABELS",
     "CONTROLS",
@@ -106,6 +111,8 @@ __all__ = [
     "paraphrase_split",
     "pool_grid",
     "prepare_data",
+    "pretrain_lines",
+    "pretrain_run",
     "recall_at_k",
     "rerank_scores",
     "results_markdown",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from advlab._errors import AdvlabError
-from advlab.experiments.retrieval.config import ARM_LABELS, ARMS_FULL, CONTROLS
+from advlab.experiments.retrieval.config import ARM_LABELS, ARMS_FULL, ARMS_PRETRAIN, CONTROLS
 
 Measure = Literal["last", "best"]
 _COLS = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
@@ -202,6 +202,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> str:
             "Verdict (last epoch; a difference counts when |mean| > std over seeds, i.e. beyond the spread):",
             *verdicts,
         ]
+    lines += pretrain_lines(records)
     lines += robustness_lines(records)
     return "\n".join(lines)
 
@@ -245,10 +246,129 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
     if verdicts:
         md += ["", "Verdict (last epoch; a difference counts when |mean| > std over seeds):", ""]
         md += [f"- {line}" for line in verdicts]
+    md += pretrain_markdown(records)
     md += robustness_markdown(records)
     if wall_seconds is not None:
         md += ["", f"Total wall time: {wall_seconds / 60:.1f} min."]
     return "\n".join(md) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Both stages of VILLA: pre-training (standard / adversarial) x fine-tuning (standard / adversarial)
+# ----------------------------------------------------------------------------------------------------------
+
+_PT_REF = "pt-std/ft-std"
+_STAGES = (("std", "standard"), ("adv", "VILLA"))
+
+
+def _cell(rs: Sequence[Mapping[str, Any]]) -> str:
+    """`last / best (n)`: mean test R@1 in points at the last and at the best-validation epoch."""
+    if not rs:
+        return "-"
+    last, _ = _mean_std([100 * r["test"]["r1"] for r in rs])
+    best, _ = _mean_std([100 * _test(r, "best")["r1"] for r in rs])
+    return f"{last:.1f} / {best:.1f} ({len(rs)})"
+
+
+def _pt_pairs(records: Sequence[Mapping[str, Any]], backbone: str) -> list[str]:
+    """Paired differences of each pt arm against pt-std/ft-std, and of pt-std/ft-std against the baseline."""
+    lines = []
+    pairs = [(arm, _PT_REF) for arm in ARMS_PRETRAIN if arm != _PT_REF] + [(_PT_REF, "baseline")]
+    for arm, ref in pairs:
+        parts = [f"{_MEASURE_TEXT[m]} {_fmt_diff(d)}" for m in ("last", "best")
+                 if (d := _paired(records, backbone, arm, ref, m))]  # type: ignore[arg-type]
+        if parts:
+            lines.append(f"{backbone} {ARM_LABELS[arm]} - {ARM_LABELS[ref]}: " + "; ".join(parts))
+    return lines
+
+
+def _pt_losses(records: Sequence[Mapping[str, Any]], backbone: str) -> list[str]:
+    """Mean pre-training losses at the last pre-training epoch, per pre-training arm (one per seed)."""
+    lines = []
+    for stage, name in _STAGES:
+        blocks = {r["seed"]: r["pretrain"] for r in records if r["backbone"] == backbone and "pretrain" in r
+                  and r["arm"].startswith(f"pt-{stage}/")}
+        if not blocks:
+            continue
+        last = [b["epochs"][-1] for b in blocks.values() if b.get("epochs")]
+        tasks = [t for t in ("loss", "mlm", "itm", "mrfr") if last and all(t in e for e in last)]
+        values = ", ".join(f"{'total' if t == 'loss' else t.upper()} {_mean_std([e[t] for e in last])[0]:.3f}" for t in tasks)
+        epochs = last[0]["epoch"] if last else 0
+        lines.append(f"{backbone} pre-training {name}: {epochs} epoch(s), {len(blocks)} seed(s); last-epoch losses {values}")
+    return lines
+
+
+def pretrain_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The 2 x 2 table of VILLA's two stages (pre-training rows, fine-tuning columns) and its paired differences.
+
+    Each cell is the mean test R@1 (mean of IR and TR) in points at the last epoch and at the
+    epoch of best validation R@1, with the number of seeds. The paired per-seed differences are
+    taken against standard pre-training + standard fine-tuning, and that arm against the
+    baseline (no pre-training).
+
+    Args:
+        records: Run records.
+
+    Returns:
+        The lines; empty when no record of a pre-training arm exists.
+
+    Examples:
+        >>> rec = lambda arm, s, v: {"backbone": "uniter", "arm": arm, "seed": s, "test": {"r1": v}}
+        >>> rs = [rec("pt-std/ft-std", s, 0.10 + s / 100) for s in (0, 1)]
+        >>> rs += [rec("pt-adv/ft-adv", s, 0.13 + s / 50) for s in (0, 1)]
+        >>> for line in pretrain_lines(rs)[1:]:
+        ...     print(line)
+        Both stages of VILLA: test R@1 (mean of IR and TR), points, last epoch / best validation epoch (seeds)
+        backbone pre-training | FT standard        | FT VILLA
+        -----------------------------------------------------
+        uniter   standard     | 10.5 / 10.5 (2)    | -
+        uniter   VILLA        | -                  | 14.0 / 14.0 (2)
+        Paired per-seed differences of test R@1, points:
+        uniter PT VILLA + FT VILLA - PT std + FT std: last epoch +3.5 ± 0.7 (2 seeds: +3.0, +4.0); epoch of best validation R@1 +3.5 ± 0.7 (2 seeds: +3.0, +4.0)
+    """
+    if not any(r["arm"] in ARMS_PRETRAIN for r in records):
+        return []
+    lines = ["", "Both stages of VILLA: test R@1 (mean of IR and TR), points, last epoch / best validation epoch (seeds)"]
+    head = f"{'backbone':8} {'pre-training':12} | {'FT standard':18} | FT VILLA"
+    lines += [head, "-" * len(head)]
+    pairs, losses = [], []
+    for backbone in _backbones([r for r in records if r["arm"] in ARMS_PRETRAIN]):
+        for pt, name in _STAGES:
+            cells = [_cell(_runs(records, backbone, f"pt-{pt}/ft-{ft}")) for ft, _ in _STAGES]
+            lines.append(f"{backbone:8} {name:12} | {cells[0]:18} | {cells[1]}")
+        pairs += _pt_pairs(records, backbone)
+        losses += _pt_losses(records, backbone)
+    if pairs:
+        lines += ["Paired per-seed differences of test R@1, points:", *pairs]
+    return lines + losses
+
+
+def pretrain_markdown(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The 2 x 2 table of `pretrain_lines` as Markdown lines.
+
+    Args:
+        records: Run records.
+
+    Returns:
+        Markdown lines; empty when no record of a pre-training arm exists.
+    """
+    if not any(r["arm"] in ARMS_PRETRAIN for r in records):
+        return []
+    md = ["", ("Both stages of VILLA (pre-training rows, fine-tuning columns): test R@1 (mean of IR and TR), points, "
+               "last epoch / best validation epoch (seeds):"), "",
+          "| backbone | pre-training | FT standard | FT VILLA |", "|---|---|---|---|"]
+    pairs, losses = [], []
+    for backbone in _backbones([r for r in records if r["arm"] in ARMS_PRETRAIN]):
+        for pt, name in _STAGES:
+            cells = [_cell(_runs(records, backbone, f"pt-{pt}/ft-{ft}")) for ft, _ in _STAGES]
+            md.append(f"| {backbone} | {name} | {cells[0]} | {cells[1]} |")
+        pairs += _pt_pairs(records, backbone)
+        losses += _pt_losses(records, backbone)
+    if pairs:
+        md += ["", "Paired per-seed differences of test R@1, points:", "", *[f"- {line}" for line in pairs]]
+    if losses:
+        md += ["", *[f"- {line}" for line in losses]]
+    return md
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from advlab._errors import AdvlabValueError, NonFiniteError
 from advlab._progress import progress_bar
 from advlab.experiments.retrieval.config import ARMS_FULL, RetrievalConfig
 from advlab.experiments.retrieval.data import RetrievalData, _batches
-from advlab.experiments.retrieval.losses import _batch_forward, _BatchOut, _kl, _task_loss
+from advlab.experiments.retrieval.losses import _batch_forward, _kl, _task_loss
 from advlab.experiments.retrieval.model import RetrievalModel
 from advlab.free import free_training
 from advlab.perturbation import Perturbation
