@@ -194,6 +194,7 @@ def test_pipeline_records_and_resume(data, tmp_path):
     assert set(rec["robust"]) == {"0.05", "0.2"} and len(rec["losses"]) == 1 and len(rec["curve"]) == 1
     assert 0.0 <= rec["test"]["acc"] <= 1.0 and 0.0 <= rec["test"]["f1"] <= 1.0
     assert set(rec["scales"]) == {"l2", "elem"} and rec["data"] == data.signature()
+    assert rec["threads"] == torch.get_num_threads() and rec["torch"] == torch.__version__
     # resumed: loaded, same numbers
     again = run_experiment(data, arms=["baseline", "freelb"], seeds=[0], config=TINY, out_dir=tmp_path,
                            tokenizer=tiny_tokenizer(), model_factory=tiny_factory, log=logs.append)

@@ -12,6 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from advlab._errors import AdvlabValueError, NonFiniteError
 from advlab.experiments.classification.config import (
     ARM_UNITS,
@@ -122,6 +124,8 @@ def cached_run(
         "unit": ARM_UNITS.get(arm), "absolute_size": None if arm == "baseline" else absolute_size(arm, config, scales),
         "scales": scales, "data": data.signature(), "splits": list(splits), "losses": losses, "curve": curve,
         **metrics, "seconds": time.perf_counter() - t0,
+        # not in the key: the numbers repeat to the last digit only at the same thread count and torch
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
