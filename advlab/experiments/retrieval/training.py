@@ -1,4 +1,4 @@
-"""Training one run of the retrieval experiment: baseline or a perturbed arm."""
+"""Training one run of the retrieval experiment: baseline or a perturbed arm; the loop both training stages share."""
 
 from __future__ import annotations
 
