@@ -77,6 +77,7 @@ def test_records_hold_validation_and_test_after_every_epoch(data: R.RetrievalDat
                                save_weights=True, gate_factor=0.0)
     for rec in records:
         assert rec["format"] == R.RECORD_FORMAT
+        assert rec["threads"] == torch.get_num_threads() and rec["torch"] == torch.__version__
         assert [e["epoch"] for e in rec["epochs"]] == [1, 2, 3]
         assert [e["loss"] for e in rec["epochs"]] == rec["losses"]
         assert rec["epochs"][-1]["val"] == rec["val"] and rec["epochs"][-1]["test"] == rec["test"]

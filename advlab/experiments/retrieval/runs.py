@@ -278,6 +278,8 @@ def _cached_run(
     if pretrain is not None:
         rec["pretrain"] = pretrain
     rec["seconds"] = time.perf_counter() - t0
+    # not in the key: the numbers repeat to the last digit only at the same thread count and torch
+    rec["threads"], rec["torch"] = torch.get_num_threads(), torch.__version__
     rec["resumed"] = False
     if save_weights:
         _save_state(model.state_dict(), path.with_suffix(".pt"))
