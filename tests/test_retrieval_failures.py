@@ -197,3 +197,28 @@ def test_settings_file_with_an_unknown_field_is_named(tmp_path: Path, data: R.Re
 def test_config_refuses_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(AdvlabValueError, match=message):
         R.RetrievalConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--full"], {"uniter": list(R.FULL_PLAN["uniter"]), "lxmert": list(R.FULL_PLAN["lxmert"])}),
+    (["--full", "--arms", "baseline", "villa"], {"uniter": ["baseline", "villa"], "lxmert": ["baseline", "villa"]}),
+    (["--full", "--backbones", "lxmert"], {"lxmert": list(R.FULL_PLAN["lxmert"])}),
+    ([], {"uniter": list(R.ARMS_QUICK)}),
+])
+def test_cli_full_runs_the_plan_per_backbone(data: R.RetrievalData, tmp_path: Path, extra: list[str],
+                                            expected: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, list[str]] = {}
+
+    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
+        (backbone,) = kw["backbones"]  # type: ignore[misc]
+        calls[backbone] = list(kw["arms"])  # type: ignore[call-overload]
+        return []
+
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
+    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    monkeypatch.setattr(cli, "summarize", lambda records: "")
+    monkeypatch.setattr(cli, "results_markdown", lambda records, **kw: "")
+    monkeypatch.setattr(cli, "_plots", lambda records, out: "")
+    assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress", *extra]) == 0
+    assert calls == expected
+    assert set(R.FULL_PLAN["uniter"]) >= {"alter", "txt", "img", *R.ARMS_PRETRAIN} and "alter" not in R.FULL_PLAN["lxmert"]

@@ -20,6 +20,7 @@ from advlab.experiments.retrieval.config import (
     ARMS_PRETRAIN,
     ARMS_QUICK,
     FEATURES,
+    FULL_PLAN,
     SETTINGS_PATH,
     RetrievalConfig,
     configs_from_settings,
@@ -97,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m advlab.experiments.retrieval", description=DESCRIPTION)
     job = parser.add_mutually_exclusive_group()
-    job.add_argument("--full", action="store_true", help="both backbones, all seven arms, 5 seeds")
+    job.add_argument("--full", action="store_true", help="5 seeds; baseline, zero δ, noise control and VILLA joint on both backbones, plus VILLA "
+                          "alter, text-only, image-only and the four pt-*/ft-* arms on UNITER-mini (with --arms: "
+                          "those arms on both backbones)")
     job.add_argument("--tune", action="store_true",
                      help="pick the relative step size and KL weight on validation (3 seeds), write the settings")
     job.add_argument("--report", action="store_true",
@@ -200,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.settings} ({(time.perf_counter() - wall0) / 60:.1f} min)")
         return 0
     backbones = args.backbones or (["uniter", "lxmert"] if args.full else ["uniter"])
-    arms = args.arms or (list(ARMS_FULL) if args.full else list(ARMS_QUICK))
+    if args.arms is not None:
+        plan = {b: list(args.arms) for b in backbones}
+    else:
+        plan = {b: list(FULL_PLAN[b] if args.full else ARMS_QUICK) for b in backbones}
     n_seeds = args.seeds or (5 if args.full else 2)
     configs = configs_from_settings(settings, base)
     from advlab.experiments.retrieval.metrics import RobustnessSpec, folder_robustness_spec  # test-split robustness
@@ -211,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         robustness = RobustnessSpec(paraphrase_missing="the test captions of pooled data sets (--dataset both) are not "
                                                        "read again")
     try:
-        records = run_experiment(data, backbones=backbones, arms=arms, seeds=range(n_seeds), configs=configs,
-                                 out_dir=args.out, progress=progress, robustness=robustness)
+        records = [rec for backbone, arms in plan.items()
+                   for rec in run_experiment(data, backbones=[backbone], arms=arms, seeds=range(n_seeds),
+                                             configs=configs, out_dir=args.out, progress=progress,
+                                             robustness=robustness)]
     except GateError as err:
         print(f"REFUSED: {err}", file=sys.stderr)
         return 3

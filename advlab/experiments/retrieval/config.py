@@ -27,6 +27,9 @@ CONTROLS: tuple[str, ...] = ("zero", "noise")
 # baseline arm's training, "adv" the villa arm's; both start from the same cached pre-trained weights.
 ARMS_PRETRAIN: tuple[str, ...] = ("pt-std/ft-std", "pt-std/ft-adv", "pt-adv/ft-std", "pt-adv/ft-adv")
 PRETRAIN_ARMS: tuple[str, ...] = ("std", "adv")
+# What `--full` runs on each backbone: the four core arms everywhere; the modality ablations and VILLA's
+# two stages on UNITER-mini only (they are what the paper ablates, and each costs as much as the core).
+FULL_PLAN: dict[str, tuple[str, ...]] = {"uniter": ARMS_FULL + ARMS_PRETRAIN, "lxmert": ARMS_QUICK}
 ARM_LABELS: dict[str, str] = {
     "baseline": "baseline",
     "zero": "zero δ",
