@@ -27,9 +27,9 @@ from advlab.experiments.retrieval.cli import main as main
 from advlab.experiments.retrieval.config import ARM_LABELS as ARM_LABELS
 from advlab.experiments.retrieval.config import ARMS_FULL as ARMS_FULL
 from advlab.experiments.retrieval.config import ARMS_PRETRAIN as ARMS_PRETRAIN
-from advlab.experiments.retrieval.config import FULL_PLAN as FULL_PLAN
 from advlab.experiments.retrieval.config import ARMS_QUICK as ARMS_QUICK
 from advlab.experiments.retrieval.config import CONTROLS as CONTROLS
+from advlab.experiments.retrieval.config import FULL_PLAN as FULL_PLAN
 from advlab.experiments.retrieval.config import SETTINGS_PATH as SETTINGS_PATH
 from advlab.experiments.retrieval.config import Arm as Arm
 from advlab.experiments.retrieval.config import Backbone as Backbone
@@ -77,10 +77,10 @@ from advlab.experiments.retrieval.training import train_run as train_run
 __all__ = [
     "ARMS_FULL",
     "ARMS_PRETRAIN",
-    "FULL_PLAN",
     "ARMS_QUICK",
     "ARM_LABELS",
     "CONTROLS",
+    "FULL_PLAN",
     "RECORD_FORMAT",
     "SETTINGS_PATH",
     "TUNE_KL_WEIGHTS",
