@@ -35,7 +35,6 @@ DESCRIPTION = ("Caption -> category classification with the whole MiniLM-L6 (Ber
                "trained through AdversarialTrainer: baseline vs a noise control vs FreeLB, SMART, VILLA, R3F, VAT, "
                "TRADES, FastAT.")
 QUICK_SEEDS = 1
-QUICK_EPOCHS = 3  # the quick default's budget on the shared 2-core machine (docs/classification.md)
 FULL_SEEDS = 5
 
 
@@ -71,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="output folder, resumable (default runs/classification/<dataset>)")
     parser.add_argument("--seeds", type=count, default=None,
                         help=f"number of seeds: 0 .. N-1 (quick {QUICK_SEEDS}, full {FULL_SEEDS}, tune 2)")
-    parser.add_argument("--epochs", type=count, default=None, help="override the epochs (quick default 3)")
+    parser.add_argument("--epochs", type=count, default=None, help="override the settings' epochs")
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_FULL),
                         help="arms to run; 'baseline' is always added (the differences are paired with it)")
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
@@ -112,8 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"data: {folder}: {data.summary}")
-    quick = not (args.full or args.tune)
-    epochs = args.epochs or (QUICK_EPOCHS if quick else config.epochs)
+    epochs = args.epochs or config.epochs  # the quick default's runs are the full run's seed 0
     config = replace(config, epochs=epochs)
     try:
         if args.tune:
