@@ -306,3 +306,54 @@ def test_dataset_folder_refuses_unknown_names():
 
     with pytest.raises(AdvlabValueError, match="'tuxpaint' or 'openclipart'"):
         dataset_folder("mnist")
+
+
+def _fake_cached_runs(monkeypatch, score):
+    """cached_run replaced by a function of (arm, size, seed): no training; records which points ran."""
+    from advlab.experiments.classification import runs as runs_module
+
+    ran: list[tuple[str, float | None, int]] = []
+
+    def fake(data, arm, config, seed, *, path, splits, **kw):
+        size = None if arm == "baseline" else config.size(arm)
+        ran.append((arm, size, seed))
+        assert splits == ("val",)  # tuning never evaluates the test split
+        return {"val": {"acc": score(arm, size, seed)}}
+
+    monkeypatch.setattr(runs_module, "cached_run", fake)
+    return ran
+
+
+def test_tune_picks_the_best_mean_and_extends_an_edge_optimum(data, tmp_path, monkeypatch):
+    from advlab.experiments.classification.report import tuning_table
+    from advlab.experiments.classification.runs import tune
+
+    # SMART peaks at 0.17 (one step past its grid's top 0.017); VAT's optimum sits inside its grid
+    def score(arm, size, seed):
+        if arm == "baseline":
+            return 0.5
+        target = 0.17 if arm == "smart" else 0.017
+        return 0.8 - abs(torch.log10(torch.tensor(size / target)).item()) / 10 + 0.001 * seed
+
+    ran = _fake_cached_runs(monkeypatch, score)
+    result = tune(data, arms=["smart", "vat", "noise"], base=TINY, seeds=[0, 1], out_dir=tmp_path,
+                  log=lambda s: None, grids={"smart": (1.7e-4, 1.7e-3, 0.017), "vat": (1.7e-3, 0.017, 0.17)})
+    assert result["sizes"] == {"smart": 0.17, "vat": 0.017}
+    assert result["extended"] == {"smart": [0.17, 1.7]} and result["edge"] == []
+    assert {(a, s) for a, s, _ in ran if a == "smart"} == {("smart", x) for x in (1.7e-4, 1.7e-3, 0.017, 0.17, 1.7)}
+    assert not any(a == "noise" for a, _, _ in ran)  # the noise control takes FreeLB's size, it is not tuned
+    table = tuning_table(result)
+    assert "grid extended by 0.17, 1.7" in table and "| SMART | 0.17 | 80.0 ± 0.1 | ✓ |" in table
+
+
+def test_tune_reports_an_arm_still_at_the_edge_and_refuses_bad_extensions(data, tmp_path, monkeypatch):
+    from advlab.experiments.classification.report import tuning_table
+    from advlab.experiments.classification.runs import tune
+
+    _fake_cached_runs(monkeypatch, lambda arm, size, seed: 0.5 if size is None else size)  # larger is always better
+    result = tune(data, arms=["fastat"], base=TINY, seeds=[0], out_dir=tmp_path, log=lambda s: None,
+                  grids={"fastat": (0.03, 0.1)}, max_extensions=1)
+    assert result["sizes"] == {"fastat": 0.3} and result["edge"] == ["fastat"]
+    assert "still best at the grid's edge" in tuning_table(result)
+    with pytest.raises(AdvlabValueError, match="max_extensions"):
+        tune(data, arms=["fastat"], base=TINY, seeds=[0], out_dir=tmp_path, max_extensions=-1)

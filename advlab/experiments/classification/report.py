@@ -16,13 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from advlab._errors import AdvlabError
+from advlab.experiments._grid import mean_std
 from advlab.experiments.classification.config import ARM_LABELS, ARMS_FULL
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values) if values else float("nan")
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def _value(rec: Mapping[str, Any], column: str) -> float | None:
@@ -82,7 +77,7 @@ def paired(records: Sequence[Mapping[str, Any]], arm: str, column: str, ref: str
 def _fmt(values: Sequence[float], sign: bool = False) -> str:
     if not values:
         return "–"
-    m, s = _mean_std(values)
+    m, s = mean_std(values)
     if len(values) == 1:  # one seed: no spread to show
         return f"{m:+.1f}" if sign else f"{m:.1f}"
     return f"{m:+.1f} ± {s:.1f}" if sign else f"{m:.1f} ± {s:.1f}"
@@ -91,7 +86,7 @@ def _fmt(values: Sequence[float], sign: bool = False) -> str:
 def _verdict(diffs: Sequence[float]) -> str:
     if len(diffs) < 2:
         return "one seed"
-    m, s = _mean_std(diffs)
+    m, s = mean_std(diffs)
     if abs(m) <= s:
         return "within spread"
     return "above" if m > 0 else "below"
@@ -177,6 +172,11 @@ def tuning_table(result: Mapping[str, Any]) -> str:
         mark = "✓" if result["sizes"].get(p["arm"]) == p["size"] else ""
         lines.append(f"| {ARM_LABELS[p['arm']]} | {p['size']:g} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | "
                      f"{mark} |")
+    for arm, added in result.get("extended", {}).items():
+        lines.append(f"\n{ARM_LABELS[arm]}: best at the grid's edge, grid extended by {', '.join(f'{x:g}' for x in added)}.")
+    for arm in result.get("edge", []):
+        lines.append(f"\n{ARM_LABELS[arm]}: still best at the grid's edge after the extensions; its optimum may lie "
+                     "further out.")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabValueError, NonFiniteError
+from advlab.experiments._grid import mean_std, next_size
 from advlab.experiments.classification.config import (
     ARM_UNITS,
     ARMS_FULL,
@@ -227,12 +228,6 @@ def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["seed"], order.get(r["arm"], 99)))
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
-
-
 def tune(
     data: ClassificationData,
     *,
@@ -242,6 +237,7 @@ def tune(
     grids: Mapping[str, Sequence[float]] = TUNE_GRIDS,
     out_dir: str | os.PathLike[str] = "runs/classification/tune",
     model_factory: Callable[[int, int], Any] | None = None,
+    max_extensions: int = 2,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -249,8 +245,10 @@ def tune(
 
     For each arm (the noise control is left out: it takes FreeLB's size) every size of its grid
     runs over `seeds`; the size with the highest mean validation accuracy (last epoch) is chosen,
-    and on a tie the smaller size. The baseline runs too, for reference. Every run is a record
-    in `out_dir` (resumable).
+    and on a tie the smaller size. When the best size is on the grid's edge, the grid grows one
+    step past it (`next_size`: the 1-3-10 sequence, or the grid's own ratio at that edge), up
+    to `max_extensions` times; an arm still best at the edge is listed in `edge`. The baseline
+    runs too, for reference. Every run is a record in `out_dir` (resumable).
 
     Args:
         data: The splits.
@@ -260,17 +258,20 @@ def tune(
         grids: Arm -> sizes in the arm's relative unit.
         out_dir: Folder of the tuning records.
         model_factory: `(num_labels, seed) -> model` (tests).
+        max_extensions: How often an arm's grid may grow past an edge optimum.
         progress: The Trainer's progress bar.
         log: Where one line per point goes.
 
     Returns:
         `{"sizes": {arm: chosen}, "points": [{"arm", "size", "val_acc": [per seed], "mean", "std"}],
-        "baseline": point, "seeds", "epochs"}`.
+        "baseline": point, "seeds", "epochs", "extended": {arm: [sizes added]}, "edge": [arms]}`.
     """
     seeds = _check_seeds(seeds)
     unknown = [a for a in arms if a not in ARMS_FULL]
     if unknown:
         raise AdvlabValueError(f"Expected `arms` among {list(ARMS_FULL)}, but got {unknown}.")
+    if isinstance(max_extensions, bool) or not isinstance(max_extensions, int) or max_extensions < 0:
+        raise AdvlabValueError(f"Expected `max_extensions` to be an int >= 0, but got {max_extensions!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -282,20 +283,36 @@ def tune(
             rec = cached_run(data, arm, cfg, seed, path=out / name, splits=("val",), model_factory=model_factory,
                              progress=progress)
             vals.append(rec["val"]["acc"])
-        mean, std = _mean_std(vals)
+        mean, std = mean_std(vals)
         log(f"tune: {arm:8} size {'-' if size is None else f'{size:g}':<8} -> val acc {100 * mean:5.1f} ± "
             f"{100 * std:4.1f} ({len(vals)} seeds)")
         return {"arm": arm, "size": size, "val_acc": vals, "mean": mean, "std": std}
 
     baseline = point("baseline", None)
     points, chosen = [], {}
+    extended: dict[str, list[float]] = {}
+    edge: list[str] = []
     for arm in arms:
         if arm in ("baseline", "noise"):
             continue
         grid = sorted(float(x) for x in grids[arm])
         if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
             raise AdvlabValueError(f"Expected the grid of {arm!r} to hold positive sizes, but got {grid}.")
-        arm_points = [point(arm, size) for size in grid]
-        points += arm_points
-        chosen[arm] = max(arm_points, key=lambda p: (p["mean"], -p["size"]))["size"]
-    return {"sizes": chosen, "points": points, "baseline": baseline, "seeds": seeds, "epochs": base.epochs}
+        arm_points = {size: point(arm, size) for size in grid}
+        for _ in range(max_extensions):
+            ordered = sorted(arm_points)
+            best = max(arm_points.values(), key=lambda p: (p["mean"], -p["size"]))["size"]
+            if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
+                break
+            new = next_size(best, ordered, down=best == ordered[0])
+            log(f"tune: {arm} is best at the grid's edge ({best:g}); adding {new:g}")
+            extended.setdefault(arm, []).append(new)
+            arm_points[new] = point(arm, new)
+        ordered_points = [arm_points[size] for size in sorted(arm_points)]
+        points += ordered_points
+        chosen[arm] = max(ordered_points, key=lambda p: (p["mean"], -p["size"]))["size"]
+        ordered = sorted(arm_points)
+        if len(ordered) > 1 and chosen[arm] in (ordered[0], ordered[-1]):
+            edge.append(arm)
+    return {"sizes": chosen, "points": points, "baseline": baseline, "seeds": seeds, "epochs": base.epochs,
+            "extended": extended, "edge": edge}

@@ -23,18 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from advlab._errors import AdvlabError
+from advlab.experiments._grid import mean_std
 from advlab.experiments.retrieval.config import ARM_LABELS, ARMS_FULL, ARMS_PRETRAIN, CONTROLS
 
 Measure = Literal["last", "best"]
 _COLS = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
 _REFS = ("baseline", *CONTROLS)
 _MEASURE_TEXT = {"last": "last epoch", "best": "epoch of best validation R@1"}
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values) if values else float("nan")
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def _test(record: Mapping[str, Any], measure: Measure) -> Mapping[str, float]:
@@ -56,12 +51,12 @@ def _beyond(diffs: Sequence[float]) -> int:
     """+1 / -1 when the mean difference is positive / negative beyond the spread, else 0."""
     if len(diffs) < 2:
         return 0
-    m, s = _mean_std(diffs)
+    m, s = mean_std(diffs)
     return 0 if abs(m) <= s else (1 if m > 0 else -1)
 
 
 def _fmt_diff(diffs: Sequence[float]) -> str:
-    m, s = _mean_std(diffs)
+    m, s = mean_std(diffs)
     per = ", ".join(f"{d:+.1f}" for d in diffs)
     return f"{m:+.1f} ± {s:.1f} ({len(diffs)} seed{'s' if len(diffs) != 1 else ''}: {per})"
 
@@ -128,7 +123,7 @@ def verdict_lines(records: Sequence[Mapping[str, Any]], measure: Measure = "last
     for backbone in _backbones(records):
         zero = _paired(records, backbone, "zero", "baseline", measure)
         if zero:
-            m, s = _mean_std(zero)
+            m, s = mean_std(zero)
             word = {1: "yes", -1: "no, it hurts", 0: "not shown"}[_beyond(zero)]
             lines.append(f"{backbone}: the loop helps: {word} (zero δ - baseline {m:+.1f} ± {s:.1f})")
         for arm in _arms(records, backbone):
@@ -139,7 +134,7 @@ def verdict_lines(records: Sequence[Mapping[str, Any]], measure: Measure = "last
                 diffs = _paired(records, backbone, arm, ref, measure)
                 if not diffs:
                     continue
-                m, s = _mean_std(diffs)
+                m, s = mean_std(diffs)
                 parts.append(f"- {ARM_LABELS[ref]} {m:+.1f} ± {s:.1f}")
                 signs.append(_beyond(diffs))
             if not parts:
@@ -178,7 +173,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> str:
     for backbone in _backbones(records):
         for arm in _arms(records, backbone):
             rs = _runs(records, backbone, arm)
-            cells = ["{:5.1f} ± {:3.1f}".format(*_mean_std([100 * r["test"][c] for r in rs])) for c in _COLS]
+            cells = ["{:5.1f} ± {:3.1f}".format(*mean_std([100 * r["test"][c] for r in rs])) for c in _COLS]
             lines.append(f"{backbone:8} {ARM_LABELS[arm]:17} {len(rs):>5} | " + " | ".join(cells))
     lines += ["", "Test R@1 (mean of IR and TR), points: at the last epoch and at the epoch of best validation R@1"]
     head = f"{'backbone':8} {'arm':17} {'seeds':>5} | {'last epoch':>11} | {'best val':>11} | chosen epochs"
@@ -186,8 +181,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> str:
     for backbone in _backbones(records):
         for arm in _arms(records, backbone):
             rs = _runs(records, backbone, arm)
-            last = "{:5.1f} ± {:3.1f}".format(*_mean_std([100 * r["test"]["r1"] for r in rs]))
-            best = "{:5.1f} ± {:3.1f}".format(*_mean_std([100 * _test(r, "best")["r1"] for r in rs]))
+            last = "{:5.1f} ± {:3.1f}".format(*mean_std([100 * r["test"]["r1"] for r in rs]))
+            best = "{:5.1f} ± {:3.1f}".format(*mean_std([100 * _test(r, "best")["r1"] for r in rs]))
             chosen = ", ".join(str(r.get("best_epoch", "-")) for r in rs)
             lines.append(f"{backbone:8} {ARM_LABELS[arm]:17} {len(rs):>5} | {last} | {best} | {chosen}")
     for measure in ("last", "best"):
@@ -224,7 +219,7 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
             for arm in _arms(records, backbone):
                 rs = _runs(records, backbone, arm)
                 cells = [
-                    "{:.1f} ± {:.1f}".format(*_mean_std([100 * r["test"][f"{side}_r{k}"] for r in rs])) for k in (1, 5, 10)
+                    "{:.1f} ± {:.1f}".format(*mean_std([100 * r["test"][f"{side}_r{k}"] for r in rs])) for k in (1, 5, 10)
                 ]
                 md.append(f"| {backbone} | {ARM_LABELS[arm]} | {len(rs)} | " + " | ".join(cells) + " |")
         md.append("")
@@ -233,8 +228,8 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
     for backbone in _backbones(records):
         for arm in _arms(records, backbone):
             rs = _runs(records, backbone, arm)
-            last = "{:.1f} ± {:.1f}".format(*_mean_std([100 * r["test"]["r1"] for r in rs]))
-            best = "{:.1f} ± {:.1f}".format(*_mean_std([100 * _test(r, "best")["r1"] for r in rs]))
+            last = "{:.1f} ± {:.1f}".format(*mean_std([100 * r["test"]["r1"] for r in rs]))
+            best = "{:.1f} ± {:.1f}".format(*mean_std([100 * _test(r, "best")["r1"] for r in rs]))
             chosen = ", ".join(str(r.get("best_epoch", "-")) for r in rs)
             md.append(f"| {backbone} | {ARM_LABELS[arm]} | {len(rs)} | {last} | {best} | {chosen} |")
     for measure in ("last", "best"):
@@ -265,8 +260,8 @@ def _cell(rs: Sequence[Mapping[str, Any]]) -> str:
     """`last / best (n)`: mean test R@1 in points at the last and at the best-validation epoch."""
     if not rs:
         return "-"
-    last, _ = _mean_std([100 * r["test"]["r1"] for r in rs])
-    best, _ = _mean_std([100 * _test(r, "best")["r1"] for r in rs])
+    last, _ = mean_std([100 * r["test"]["r1"] for r in rs])
+    best, _ = mean_std([100 * _test(r, "best")["r1"] for r in rs])
     return f"{last:.1f} / {best:.1f} ({len(rs)})"
 
 
@@ -292,7 +287,7 @@ def _pt_losses(records: Sequence[Mapping[str, Any]], backbone: str) -> list[str]
             continue
         last = [b["epochs"][-1] for b in blocks.values() if b.get("epochs")]
         tasks = [t for t in ("loss", "mlm", "itm", "mrfr") if last and all(t in e for e in last)]
-        values = ", ".join(f"{'total' if t == 'loss' else t.upper()} {_mean_std([e[t] for e in last])[0]:.3f}" for t in tasks)
+        values = ", ".join(f"{'total' if t == 'loss' else t.upper()} {mean_std([e[t] for e in last])[0]:.3f}" for t in tasks)
         epochs = last[0]["epoch"] if last else 0
         lines.append(f"{backbone} pre-training {name}: {epochs} epoch(s), {len(blocks)} seed(s); last-epoch losses {values}")
     return lines
@@ -419,7 +414,7 @@ def _attack_cols(records: Sequence[Mapping[str, Any]], measure: Measure) -> list
 def _rob_cell(values: Sequence[float], paired: bool) -> str:
     if not values:
         return "-"
-    m, s = _mean_std(values)
+    m, s = mean_std(values)
     if paired:
         return f"{m:+.1f} ± {s:.1f}" + ("*" if _beyond(values) else "")
     return f"{m:.1f} ± {s:.1f}"

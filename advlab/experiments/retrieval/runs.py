@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
+from advlab.experiments._grid import mean_std, next_size
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
     ARMS_PRETRAIN,
@@ -498,33 +499,8 @@ TUNE_SIZES: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 TUNE_KL_WEIGHTS: tuple[float, ...] = (0.0, 1.5)
 
 
-def _next_size(size: float, ordered: Sequence[float], *, down: bool) -> float:
-    """The next size outward: on a 1-3-10 grid 3e-5 below 1e-4 and 0.3 above 0.1; else the edge's own ratio.
-
-    Examples:
-        >>> _next_size(1e-4, [1e-4, 3e-4], down=True), _next_size(3e-5, [3e-5, 1e-4], down=True)
-        (3e-05, 1e-05)
-        >>> _next_size(0.1, [0.03, 0.1], down=False), _next_size(0.3, [0.1, 0.3], down=False)
-        (0.3, 1.0)
-    """
-    mantissa = size / 10 ** math.floor(math.log10(size) + 1e-9)
-    if math.isclose(mantissa, 1.0, rel_tol=1e-6) or math.isclose(mantissa, 3.0, rel_tol=1e-6):
-        at_one = math.isclose(mantissa, 1.0, rel_tol=1e-6)
-        factor = 10 / 3 if at_one == down else 3.0
-    else:
-        a, b = (ordered[0], ordered[1]) if down else (ordered[-2], ordered[-1])
-        factor = b / a
-    return float(f"{size / factor:.3g}") if down else float(f"{size * factor:.3g}")
-
-
 def _tune_path(out: Path, backbone: str, arm: str, size: float, kl: float, seed: int) -> Path:
     return out / f"{backbone}-{arm}-rel{size:g}-kl{kl:g}-seed{seed}.json"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
 
 
 def tune(
@@ -590,7 +566,7 @@ def tune(
             rec = _cached_run(data, backbone, arm, cfg, seed, path=_tune_path(out, backbone, arm, size, kl, seed),
                               splits=("val",), text_size=text_size, progress=progress)
             vals.append(rec["val"]["r1"])
-        mean, std = _mean_std(vals)
+        mean, std = mean_std(vals)
         log(f"tune {backbone}: {arm:8} rel step {size:<7g} KL {kl:<4g} -> val R@1 {100 * mean:5.1f} ± {100 * std:4.1f} "
             f"({len(vals)} seeds)")
         return {"arm": arm, "step": size, "kl_weight": float(kl), "val_r1": vals, "mean": mean, "std": std}
@@ -610,7 +586,7 @@ def tune(
         edge = len(ordered) > 1 and best in (ordered[0], ordered[-1])
         if not edge or len(extended) >= max_extensions:
             break
-        new = _next_size(best, ordered, down=best == ordered[0])
+        new = next_size(best, ordered, down=best == ordered[0])
         log(f"tune {backbone}: the best size {best:g} is on the grid's edge; adding {new:g}")
         extended.append(new)
         todo = [new]
