@@ -293,6 +293,20 @@ def _pt_losses(records: Sequence[Mapping[str, Any]], backbone: str) -> list[str]
     return lines
 
 
+def _pt_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str, str, str, str]], list[str], list[str]]:
+    """The 2 x 2 table's rows (backbone, pre-training, FT standard cell, FT VILLA cell), paired lines, loss lines."""
+    rows: list[tuple[str, str, str, str]] = []
+    pairs: list[str] = []
+    losses: list[str] = []
+    for backbone in _backbones([r for r in records if r["arm"] in ARMS_PRETRAIN]):
+        for pt, name in _STAGES:
+            std, adv = (_cell(_runs(records, backbone, f"pt-{pt}/ft-{ft}")) for ft, _ in _STAGES)
+            rows.append((backbone, name, std, adv))
+        pairs += _pt_pairs(records, backbone)
+        losses += _pt_losses(records, backbone)
+    return rows, pairs, losses
+
+
 def pretrain_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """The 2 x 2 table of VILLA's two stages (pre-training rows, fine-tuning columns) and its paired differences.
 
@@ -326,13 +340,8 @@ def pretrain_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["", "Both stages of VILLA: test R@1 (mean of IR and TR), points, last epoch / best validation epoch (seeds)"]
     head = f"{'backbone':8} {'pre-training':12} | {'FT standard':18} | FT VILLA"
     lines += [head, "-" * len(head)]
-    pairs, losses = [], []
-    for backbone in _backbones([r for r in records if r["arm"] in ARMS_PRETRAIN]):
-        for pt, name in _STAGES:
-            cells = [_cell(_runs(records, backbone, f"pt-{pt}/ft-{ft}")) for ft, _ in _STAGES]
-            lines.append(f"{backbone:8} {name:12} | {cells[0]:18} | {cells[1]}")
-        pairs += _pt_pairs(records, backbone)
-        losses += _pt_losses(records, backbone)
+    rows, pairs, losses = _pt_table(records)
+    lines += [f"{backbone:8} {name:12} | {std:18} | {adv}" for backbone, name, std, adv in rows]
     if pairs:
         lines += ["Paired per-seed differences of test R@1, points:", *pairs]
     return lines + losses
@@ -352,13 +361,8 @@ def pretrain_markdown(records: Sequence[Mapping[str, Any]]) -> list[str]:
     md = ["", ("Both stages of VILLA (pre-training rows, fine-tuning columns): test R@1 (mean of IR and TR), points, "
                "last epoch / best validation epoch (seeds):"), "",
           "| backbone | pre-training | FT standard | FT VILLA |", "|---|---|---|---|"]
-    pairs, losses = [], []
-    for backbone in _backbones([r for r in records if r["arm"] in ARMS_PRETRAIN]):
-        for pt, name in _STAGES:
-            cells = [_cell(_runs(records, backbone, f"pt-{pt}/ft-{ft}")) for ft, _ in _STAGES]
-            md.append(f"| {backbone} | {name} | {cells[0]} | {cells[1]} |")
-        pairs += _pt_pairs(records, backbone)
-        losses += _pt_losses(records, backbone)
+    rows, pairs, losses = _pt_table(records)
+    md += [f"| {backbone} | {name} | {std} | {adv} |" for backbone, name, std, adv in rows]
     if pairs:
         md += ["", "Paired per-seed differences of test R@1, points:", "", *[f"- {line}" for line in pairs]]
     if losses:
