@@ -222,3 +222,38 @@ def test_cli_full_runs_the_plan_per_backbone(data: R.RetrievalData, tmp_path: Pa
     assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress", *extra]) == 0
     assert calls == expected
     assert set(R.FULL_PLAN["uniter"]) >= {"alter", "txt", "img", *R.ARMS_PRETRAIN} and "alter" not in R.FULL_PLAN["lxmert"]
+
+
+@pytest.mark.parametrize(("quick", "extra", "expected"), [
+    ({"epochs": 4}, [], 4),  # the quick default takes the quick budget
+    ({"epochs": 4}, ["--epochs", "2"], 2),  # --epochs wins
+    ({"epochs": 4}, ["--full"], 7),  # --full keeps the base budget
+    (None, [], 7),
+])
+def test_cli_quick_default_takes_the_settings_quick_epochs(data: R.RetrievalData, tmp_path: Path, quick: object,
+                                                           extra: list[str], expected: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = {"base": {"epochs": 7}, **({} if quick is None else {"quick": quick})}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings))
+    seen: dict[str, object] = {}
+
+    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
+        seen.update(kw)
+        raise R.GateError("stop here")
+
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
+    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", str(path),
+                     "--no-progress", *extra]) == 3
+    assert {c.epochs for c in seen["configs"].values()} == {expected}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("quick", [{"epochs": 0}, {"epoch": 3}, [3], {"epochs": "ten"}])
+def test_cli_refuses_a_bad_quick_entry(tmp_path: Path, quick: object, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch, data: R.RetrievalData) -> None:
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"base": {"epochs": 7}, "quick": quick}))
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
+    assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", str(path)]) == 2
+    assert "quick" in capsys.readouterr().err

@@ -69,6 +69,19 @@ def _base_config(settings: Mapping[str, Any], path: Path) -> RetrievalConfig:
         raise AdvlabValueError(f"{path}: 'base': {err}") from None
 
 
+def _quick_config(settings: Mapping[str, Any], base: RetrievalConfig, path: Path) -> RetrievalConfig:
+    """The quick default's config: `base` with the settings' `quick` entry (only `epochs`) applied."""
+    quick = settings.get("quick", {})
+    if not isinstance(quick, Mapping) or set(quick) - {"epochs", "note"}:
+        raise AdvlabValueError(f"{path}: Expected 'quick' to be an object with 'epochs' (and a 'note'), but got {quick!r}.")
+    if "epochs" not in quick:
+        return base
+    try:
+        return replace(base, epochs=quick["epochs"])
+    except AdvlabError as err:
+        raise AdvlabValueError(f"{path}: 'quick': {err}") from None
+
+
 def _plots(records: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Draw r1.png and curves.png; the text that names them, or why there are none (matplotlib missing)."""
     try:
@@ -154,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.epochs is not None:
         base = replace(base, epochs=args.epochs)
+    elif not (args.full or args.tune):  # the quick default (README's first command) may have its own budget
+        try:
+            base = _quick_config(settings, base, args.settings)
+        except AdvlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.features is not None:
         base = replace(base, features=args.features)
     # read by the pt-* arms only: the other arms' run keys leave the pre-training settings out
