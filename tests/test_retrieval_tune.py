@@ -122,12 +122,30 @@ def test_tune_extends_the_grid_while_the_optimum_is_on_its_edge(
     data: R.RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: object, expected_extra: list,
     best: float
 ) -> None:
-    _fake_runs(monkeypatch, {"villa": shape, "noise": 0.0, "baseline": 0.0, "zero": 0.0})
+    # zero δ far below every size: the lower edge is not bracketed by step 0 (see the floor test below)
+    _fake_runs(monkeypatch, {"villa": shape, "noise": 0.0, "baseline": 0.0, "zero": -10.0})
     result = R.tune(data, base=tiny_config(), out_dir=tmp_path, progress=False, log=lambda s: None, max_extensions=2)
-    assert result["extended"] == expected_extra
+    assert result["extended"] == expected_extra and not result["floor"]
     assert result["step"] == best
     assert result["edge"] == (best in (1e-5, 1.0))
     assert sorted({p["step"] for p in result["grid"]}) == sorted([*R.TUNE_SIZES, *expected_extra])
+
+
+@pytest.mark.parametrize(("zero", "floor"), [(0.0, True), (-1e-4, True), (-2e-4, False)])
+def test_tune_does_not_extend_below_a_smallest_size_that_zero_delta_matches(
+    data: R.RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zero: float, floor: bool
+) -> None:
+    # smaller is better all the way down; VILLA at the smallest size (1e-4) scores -1e-4
+    _fake_runs(monkeypatch, {"villa": lambda s: -s, "noise": 0.0, "baseline": 0.0, "zero": zero})
+    lines: list[str] = []
+    result = R.tune(data, base=tiny_config(), out_dir=tmp_path, progress=False, log=lines.append, max_extensions=2)
+    assert result["floor"] is floor
+    if floor:  # step 0 (zero δ) is at least as good: the grid is bracketed below, nothing is added
+        assert result["extended"] == [] and result["step"] == 1e-4 and not result["edge"]
+        assert any("bracketed below by step 0" in line for line in lines)
+        assert "no perturbation size beats the loop without one" in R.tuning_table(result, "uniter")
+    else:  # VILLA at 1e-4 beats zero δ: a smaller size may do better still
+        assert result["extended"] == [3e-5, 1e-5]
 
 
 def test_tune_refuses_bad_grids(data: R.RetrievalData, tmp_path: Path) -> None:

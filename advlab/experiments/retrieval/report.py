@@ -749,6 +749,9 @@ def tuning_table(result: Mapping[str, Any], backbone: str = "uniter") -> str:
         lines.append("grid extended past its edge: " + ", ".join(f"{x:g}" for x in result["extended"]))
     if result.get("edge"):
         lines.append("the best size is still on the grid's edge (extensions exhausted)")
+    if result.get("floor"):
+        lines.append("the best size is the smallest, and zero δ (the same loop at step 0) scores at least as high: "
+                     "no perturbation size beats the loop without one")
     lines.append(f"chosen: relative step {result['step']:g}, KL weight {result['kl_weight']:g}")
     return "\n".join(lines)
 

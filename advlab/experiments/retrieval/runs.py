@@ -524,7 +524,9 @@ def tune(
     control at the same η run with `base.kl_weight`, over `seeds`; the baseline and the zero-δ
     control (which has no size) give the bands. The best η is the one with the highest mean
     validation R@1 of VILLA (last epoch); if it sits on the grid's edge, the grid is extended
-    outward by one 1-3-10 step, up to `max_extensions` times. At the best η, VILLA and the noise
+    outward by one 1-3-10 step, up to `max_extensions` times. The lower edge is not extended
+    when the zero-δ control (the same loop at step 0) scores at least as high as the smallest
+    size (`floor`): step 0 then brackets the grid from below. At the best η, VILLA and the noise
     control also run with every weight of `kl_weights`, and the better weight is chosen. Every
     run is a record in `out_dir` (resumable: a finished run is loaded, not recomputed).
 
@@ -543,7 +545,7 @@ def tune(
 
     Returns:
         `{"relative": True, "step", "kl_weight", "seeds", "epochs", "grid": [point], "baseline", "zero",
-        "kl": [point], "extended": [sizes added], "edge": bool}`; a point is `{"arm", "step", "kl_weight",
+        "kl": [point], "extended": [sizes added], "edge": bool, "floor": bool}`; a point is `{"arm", "step", "kl_weight",
         "val_r1": [per seed], "mean", "std"}` in fractions of R@1 (the report prints points).
 
     Raises:
@@ -583,7 +585,13 @@ def tune(
                 grid[size] = {arm: point(arm, size, kl0) for arm in ("villa", "noise")}
         ordered = sorted(grid)
         best = max(ordered, key=lambda x: grid[x]["villa"]["mean"])
-        edge = len(ordered) > 1 and best in (ordered[0], ordered[-1])
+        # size 0 is measured: the zero-δ control is VILLA's loop at step 0. When the smallest size is best and
+        # zero δ scores at least as high, the grid is bracketed below; smaller sizes only approach zero δ.
+        floor = best == ordered[0] and grid[best]["villa"]["mean"] <= zero["mean"]
+        edge = len(ordered) > 1 and best in (ordered[0], ordered[-1]) and not floor
+        if floor:
+            log(f"tune {backbone}: the best size {best:g} is the smallest, and the zero-δ control (step 0) scores at "
+                "least as high: the grid is bracketed below by step 0, not extended")
         if not edge or len(extended) >= max_extensions:
             break
         new = next_size(best, ordered, down=best == ordered[0])
@@ -598,5 +606,5 @@ def tune(
     return {
         "relative": True, "step": best, "kl_weight": chosen["kl_weight"], "seeds": list(seeds), "epochs": rel.epochs,
         "grid": [grid[x][arm] for x in sorted(grid) for arm in ("villa", "noise")],
-        "baseline": baseline, "zero": zero, "kl": kl_points, "extended": extended, "edge": edge,
+        "baseline": baseline, "zero": zero, "kl": kl_points, "extended": extended, "edge": edge, "floor": floor,
     }
