@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from advlab._errors import AdvlabValueError
+from advlab._errors import AdvlabError, AdvlabValueError
 from advlab.data.captions import CaptionedImage
 from advlab.experiments.classification import (
     ARMS_FULL,
@@ -357,3 +357,19 @@ def test_tune_reports_an_arm_still_at_the_edge_and_refuses_bad_extensions(data, 
     assert "still best at the grid's edge" in tuning_table(result)
     with pytest.raises(AdvlabValueError, match="max_extensions"):
         tune(data, arms=["fastat"], base=TINY, seeds=[0], out_dir=tmp_path, max_extensions=-1)
+
+
+def test_draw_tuning_one_panel_per_arm(tmp_path):
+    from PIL import Image
+
+    from advlab.experiments.classification.report import draw_tuning
+
+    points = [{"arm": arm, "size": size, "val_acc": [0.5 + size, 0.52], "mean": 0.51 + size / 2, "std": 0.01}
+              for arm in ("freelb", "smart", "trades") for size in (0.01, 0.03, 0.1)]
+    result = {"sizes": {"freelb": 0.03, "smart": 0.1, "trades": 0.01}, "points": points,
+              "baseline": {"val_acc": [0.5, 0.5], "mean": 0.5, "std": 0.0}}
+    path = draw_tuning(result, tmp_path / "tune.png")
+    width, height = Image.open(path).size
+    assert (width, height) == (int(3 * 3.2 * 150), int(2.6 * 150))  # three panels in one row, 150 dpi
+    with pytest.raises(AdvlabError, match="points are empty"):
+        draw_tuning({**result, "points": []}, tmp_path / "none.png")

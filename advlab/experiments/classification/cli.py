@@ -25,6 +25,7 @@ from advlab.experiments.classification.config import (
 from advlab.experiments.classification.report import (
     draw_accuracy,
     draw_robust,
+    draw_tuning,
     results_markdown,
     summarize,
     tuning_table,
@@ -121,11 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["tuned_on"] = f"validation split only, {len(seeds)} seeds, {epochs} epochs; {data.summary}"
             (out / "tune" / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
             print(tuning_table(result))
+            try:
+                plot = f" and {draw_tuning(result, out / 'tune' / 'tune.png')}"
+            except AdvlabError as err:
+                plot = f" (no plot: {err})"
             new = dict(settings)
             new["sizes"] = {**settings.get("sizes", {}), **result["sizes"]}
             new["tuned"] = {**settings.get("tuned", {}), **{a: result["tuned_on"] for a in result["sizes"]}}
             args.settings.write_text(json.dumps(new, indent=1) + "\n")
-            print(f"wrote {args.settings} and {out / 'tune' / 'tune.json'} "
+            print(f"wrote {args.settings} and {out / 'tune' / 'tune.json'}{plot} "
                   f"({(time.perf_counter() - wall0) / 60:.1f} min)")
             return 0
         arms = ["baseline", *[a for a in (args.arms or (ARMS_FULL if args.full else ARMS_QUICK)) if a != "baseline"]]

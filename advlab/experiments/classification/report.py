@@ -243,3 +243,60 @@ def draw_robust(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return Path(path)
+
+
+def draw_tuning(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Validation accuracy against the size, one panel per tuned arm; the baseline as a band.
+
+    Log x axis in the arm's relative unit; dots are seeds, the line joins the means, the dotted
+    line is the chosen size and the dashed one the method's published setting converted
+    (`config.PUBLISHED`, where there is one).
+
+    Args:
+        result: What `runs.tune` returned.
+        path: The PNG file.
+
+    Returns:
+        The path.
+    """
+    from advlab.experiments.classification.config import ARM_UNITS, MINILM_ELEM_RMS, MINILM_ROW_NORM, PUBLISHED
+
+    plt = _figure()
+    from matplotlib.ticker import NullFormatter
+
+    arms = list(dict.fromkeys(p["arm"] for p in result["points"]))
+    if not arms:
+        raise AdvlabError("Expected at least one tuned arm in the result, but its points are empty.")
+    cols = min(4, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), constrained_layout=True, squeeze=False)
+    base = result["baseline"]
+    m, s = 100 * base["mean"], 100 * base["std"]
+    for ax, arm in zip(axes.flat, arms):
+        pts = sorted((p for p in result["points"] if p["arm"] == arm), key=lambda p: p["size"])
+        ax.axhspan(m - s, m + s, color="#888888", alpha=0.2)
+        ax.axhline(m, color="#555555", linestyle="--", linewidth=1, label="baseline")
+        for p in pts:
+            ax.scatter([p["size"]] * len(p["val_acc"]), [100 * v for v in p["val_acc"]], s=12, color="#1f4e79",
+                       alpha=0.5)
+        ax.plot([p["size"] for p in pts], [100 * p["mean"] for p in pts], color="#1f4e79", marker="o", linewidth=1.5)
+        if arm in result["sizes"]:
+            ax.axvline(result["sizes"][arm], color="black", linestyle=":", linewidth=1, label="chosen")
+        if arm in PUBLISHED:
+            unit = ARM_UNITS[arm]
+            scale = MINILM_ELEM_RMS if unit == "elem" else MINILM_ROW_NORM
+            ax.axvline(PUBLISHED[arm][0] / scale, color="#c00000", linestyle="--", linewidth=1, label="published")
+        ax.set_xscale("log")
+        sizes = [p["size"] for p in pts]
+        ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{ARM_LABELS[arm]} ({ARM_UNITS[arm]})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.set_visible(False)
+    axes.flat[0].set_ylabel("validation accuracy (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=6, loc="lower left")
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return Path(path)
