@@ -244,7 +244,8 @@ def test_summarize_paired_differences():
     ("argv", "named"),
     [(["--seeds", "0"], "--seeds"), (["--epochs", "x"], "--epochs"), (["--arms", "pgd"], "--arms"),
      (["--dataset", "mnist"], "--dataset"), (["--settings", "/nonexistent.json"], "--settings"),
-     (["--report", "--arms", "freelb"], "--report"), (["--full", "--tune"], "--tune")],
+     (["--report", "--arms", "freelb"], "--report"), (["--full", "--tune"], "--tune"),
+     (["--data", "/nonexistent-folder"], "--data"), (["--data", ".", "--dataset", "openclipart"], "--dataset")],
 )
 def test_cli_refuses_bad_arguments_with_exit_2(argv, named, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -373,3 +374,33 @@ def test_draw_tuning_one_panel_per_arm(tmp_path):
     assert (width, height) == (int(3 * 3.2 * 150), int(2.6 * 150))  # three panels in one row, 150 dpi
     with pytest.raises(AdvlabError, match="points are empty"):
         draw_tuning({**result, "points": []}, tmp_path / "none.png")
+
+
+def test_cli_data_folder_is_read_and_names_the_runs(data, tmp_path, monkeypatch, capsys):
+    """--data DIR: that folder is read (labels = its top-level subfolders) and the runs go to runs/classification/folder-DIR."""
+    import advlab.experiments.classification.data as data_module
+
+    seen = {}
+
+    def fake_prepare(folder, **kw):
+        seen["folder"] = folder
+        return data
+
+    def fake_run(d, **kw):
+        seen.update(kw)
+        return []
+
+    import advlab.experiments.classification.cli as cli_module
+
+    monkeypatch.setattr(data_module, "prepare_data", fake_prepare)
+    monkeypatch.setattr(data_module, "caption_tokenizer", lambda n: None)
+    monkeypatch.setattr(cli_module, "run_experiment", fake_run)
+    monkeypatch.setattr(cli_module, "summarize", lambda records: "")
+    monkeypatch.setattr(cli_module, "results_markdown", lambda records, **kw: "")
+    monkeypatch.setattr(cli_module, "_plots", lambda records, out: "")
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--data", str(folder), "--arms", "baseline"]) == 0
+    assert seen["folder"] == folder and seen["dataset"] == "folder-mydata"
+    assert seen["out_dir"] == Path("runs/classification/folder-mydata")

@@ -65,8 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     job.add_argument("--tune", action="store_true",
                      help="pick each arm's size on validation (2 seeds by default) and write the settings file")
     job.add_argument("--report", action="store_true", help="train nothing: tabulate the finished runs in --out")
-    parser.add_argument("--dataset", choices=["tuxpaint", "openclipart"], default="tuxpaint",
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", choices=["tuxpaint", "openclipart"], default="tuxpaint",
                         help="captions labelled by top-level folder (default: the Tux Paint stamps)")
+    source.add_argument("--data", type=Path, default=None,
+                        help="any image-caption folder (an image with a .txt caption beside it); the label of a "
+                             "caption is the top-level subfolder its image is in")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder, resumable (default runs/classification/<dataset>)")
     parser.add_argument("--seeds", type=count, default=None,
@@ -77,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settings", type=Path, default=SETTINGS_PATH, help="settings JSON (read; --tune writes)")
     parser.add_argument("--progress", action="store_true", help="the Trainer's tqdm bars")
     args = parser.parse_args(argv)
-    out: Path = args.out if args.out is not None else Path("runs/classification") / args.dataset
+    name = args.dataset if args.data is None else f"folder-{args.data.resolve().name}"
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"argument --data: {args.data} is not a folder")
+    out: Path = args.out if args.out is not None else Path("runs/classification") / name
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
     if args.report and (args.arms or args.seeds or args.epochs):
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from advlab.experiments.classification.data import caption_tokenizer, dataset_folder, prepare_data
 
-        folder = dataset_folder(args.dataset)
+        folder = dataset_folder(args.dataset) if args.data is None else args.data
         tokenizer = caption_tokenizer(config.max_length)
         data = prepare_data(folder, tokenizer=tokenizer, max_length=config.max_length)
     except (AdvlabError, ModuleNotFoundError, FileNotFoundError) as err:
@@ -136,13 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         arms = ["baseline", *[a for a in (args.arms or (ARMS_FULL if args.full else ARMS_QUICK)) if a != "baseline"]]
         n_seeds = args.seeds or (FULL_SEEDS if args.full else QUICK_SEEDS)
         records = run_experiment(data, arms=arms, seeds=range(n_seeds), config=config, out_dir=out,
-                                 tokenizer=tokenizer, progress=args.progress, dataset=args.dataset)
+                                 tokenizer=tokenizer, progress=args.progress, dataset=name)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
     wall = time.perf_counter() - wall0
     print()
     print(summarize(records))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(results_markdown(records, wall_seconds=wall, data_summary=data.summary))
     resumed = sum(r.get("resumed", False) for r in records)
     print(f"\nwall time {wall / 60:.1f} min ({resumed} of {len(records)} runs loaded from {out})")
