@@ -404,3 +404,17 @@ def test_cli_data_folder_is_read_and_names_the_runs(data, tmp_path, monkeypatch,
     assert main(["--data", str(folder), "--arms", "baseline"]) == 0
     assert seen["folder"] == folder and seen["dataset"] == "folder-mydata"
     assert seen["out_dir"] == Path("runs/classification/folder-mydata")
+
+
+@pytest.mark.parametrize(("score", "extended", "chosen"), [
+    (lambda size: 0.7, [0.3, 1.0], 0.03),  # flat everywhere: grows upward, where a size may start to matter
+    (lambda size: 0.7 if size < 0.2 else 0.5, [0.3], 0.03),  # a plateau from the bottom, then a drop: bracketed
+    (lambda size: 0.7 if size > 0.05 else 0.6, [0.3, 1.0], 0.1),  # a plateau that reaches the top: grows upward
+])
+def test_tune_grows_past_plateaus_upward_only(data, tmp_path, monkeypatch, score, extended, chosen):
+    from advlab.experiments.classification.runs import tune
+
+    _fake_cached_runs(monkeypatch, lambda arm, size, seed: 0.5 if size is None else score(size))
+    result = tune(data, arms=["fastat"], base=TINY, seeds=[0], out_dir=tmp_path, log=lambda s: None,
+                  grids={"fastat": (0.03, 0.1)})
+    assert result["extended"].get("fastat", []) == extended and result["sizes"]["fastat"] == chosen

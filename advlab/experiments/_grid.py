@@ -6,6 +6,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from advlab._errors import AdvlabValueError
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN mean for none).
@@ -52,3 +54,39 @@ def next_size(size: float, ordered: Sequence[float], *, down: bool) -> float:
         a, b = (ordered[0], ordered[1]) if down else (ordered[-2], ordered[-1])
         factor = b / a
     return float(f"{size / factor:.3g}") if down else float(f"{size * factor:.3g}")
+
+
+def extension_side(sizes: Sequence[float], means: Sequence[float]) -> str | None:
+    """Which edge of a tuning grid to grow past: `"up"`, `"down"` or None (the optimum is inside).
+
+    Upward when the largest size is among the best (alone or tied: a plateau that reaches the
+    top may rise further); downward only when the smallest size is best alone. A plateau that
+    reaches the bottom is not grown downward: as the size goes to 0 every method tends to its
+    size-0 limit, which the plateau already shows.
+
+    Args:
+        sizes: The grid, ascending.
+        means: The mean score at each size (higher is better).
+
+    Returns:
+        The side, or None.
+
+    Examples:
+        >>> extension_side([1, 2, 3], [0.5, 0.7, 0.6]), extension_side([1, 2, 3], [0.5, 0.6, 0.7])
+        (None, 'up')
+        >>> extension_side([1, 2, 3], [0.7, 0.6, 0.5]), extension_side([1, 2, 3], [0.7, 0.7, 0.5])
+        ('down', None)
+        >>> extension_side([1, 2, 3], [0.7, 0.7, 0.7])
+        'up'
+    """
+    if len(sizes) != len(means):
+        raise AdvlabValueError(f"Expected one mean per size, but got {len(means)} means for {len(sizes)} sizes.")
+    if len(sizes) < 2:
+        return None
+    top = max(means)
+    best = [s for s, m in zip(sizes, means) if m == top]
+    if sizes[-1] in best:
+        return "up"
+    if best == [sizes[0]]:
+        return "down"
+    return None

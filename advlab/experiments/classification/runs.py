@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabValueError, NonFiniteError
-from advlab.experiments._grid import mean_std, next_size
+from advlab.experiments._grid import extension_side, mean_std, next_size
 from advlab.experiments.classification.config import (
     ARM_UNITS,
     ARMS_FULL,
@@ -247,7 +247,9 @@ def tune(
     runs over `seeds`; the size with the highest mean validation accuracy (last epoch) is chosen,
     and on a tie the smaller size. When the best size is on the grid's edge, the grid grows one
     step past it (`next_size`: the 1-3-10 sequence, or the grid's own ratio at that edge), up
-    to `max_extensions` times; an arm still best at the edge is listed in `edge`. The baseline
+    to `max_extensions` times: upward when the largest size is among the best (a plateau that
+    reaches the top), downward only when the smallest is best alone (`extension_side`); an arm
+    still best at the edge is listed in `edge`. The baseline
     runs too, for reference. Every run is a record in `out_dir` (resumable).
 
     Args:
@@ -299,20 +301,21 @@ def tune(
         if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
             raise AdvlabValueError(f"Expected the grid of {arm!r} to hold positive sizes, but got {grid}.")
         arm_points = {size: point(arm, size) for size in grid}
-        for _ in range(max_extensions):
+        side = None
+        for attempt in range(max_extensions + 1):
             ordered = sorted(arm_points)
-            best = max(arm_points.values(), key=lambda p: (p["mean"], -p["size"]))["size"]
-            if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
+            side = extension_side(ordered, [arm_points[x]["mean"] for x in ordered])
+            if side is None or attempt == max_extensions:
                 break
-            new = next_size(best, ordered, down=best == ordered[0])
-            log(f"tune: {arm} is best at the grid's edge ({best:g}); adding {new:g}")
+            down = side == "down"
+            new = next_size(ordered[0] if down else ordered[-1], ordered, down=down)
+            log(f"tune: {arm} is best at the grid's {'lower' if down else 'upper'} edge; adding {new:g}")
             extended.setdefault(arm, []).append(new)
             arm_points[new] = point(arm, new)
         ordered_points = [arm_points[size] for size in sorted(arm_points)]
         points += ordered_points
         chosen[arm] = max(ordered_points, key=lambda p: (p["mean"], -p["size"]))["size"]
-        ordered = sorted(arm_points)
-        if len(ordered) > 1 and chosen[arm] in (ordered[0], ordered[-1]):
+        if side is not None:
             edge.append(arm)
     return {"sizes": chosen, "points": points, "baseline": baseline, "seeds": seeds, "epochs": base.epochs,
             "extended": extended, "edge": edge}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from advlab._errors import AdvlabError, AdvlabValueError, NonFiniteError
-from advlab.experiments._grid import mean_std, next_size
+from advlab.experiments._grid import extension_side, mean_std, next_size
 from advlab.experiments.retrieval.config import (
     ARMS_FULL,
     ARMS_PRETRAIN,
@@ -524,7 +524,9 @@ def tune(
     control at the same η run with `base.kl_weight`, over `seeds`; the baseline and the zero-δ
     control (which has no size) give the bands. The best η is the one with the highest mean
     validation R@1 of VILLA (last epoch); if it sits on the grid's edge, the grid is extended
-    outward by one 1-3-10 step, up to `max_extensions` times. The lower edge is not extended
+    outward by one 1-3-10 step, up to `max_extensions` times (`extension_side`: upward when the
+    largest size is among the best, downward only when the smallest is best alone). The lower
+    edge is not extended
     when the zero-δ control (the same loop at step 0) scores at least as high as the smallest
     size (`floor`): step 0 then brackets the grid from below. At the best η, VILLA and the noise
     control also run with every weight of `kl_weights`, and the better weight is chosen. Every
@@ -585,16 +587,18 @@ def tune(
                 grid[size] = {arm: point(arm, size, kl0) for arm in ("villa", "noise")}
         ordered = sorted(grid)
         best = max(ordered, key=lambda x: grid[x]["villa"]["mean"])
+        side = extension_side(ordered, [grid[x]["villa"]["mean"] for x in ordered])
         # size 0 is measured: the zero-δ control is VILLA's loop at step 0. When the smallest size is best and
         # zero δ scores at least as high, the grid is bracketed below; smaller sizes only approach zero δ.
         floor = best == ordered[0] and grid[best]["villa"]["mean"] <= zero["mean"]
-        edge = len(ordered) > 1 and best in (ordered[0], ordered[-1]) and not floor
-        if floor:
+        if floor and side == "down":
+            side = None
             log(f"tune {backbone}: the best size {best:g} is the smallest, and the zero-δ control (step 0) scores at "
                 "least as high: the grid is bracketed below by step 0, not extended")
+        edge = side is not None
         if not edge or len(extended) >= max_extensions:
             break
-        new = next_size(best, ordered, down=best == ordered[0])
+        new = next_size(ordered[0] if side == "down" else ordered[-1], ordered, down=side == "down")
         log(f"tune {backbone}: the best size {best:g} is on the grid's edge; adding {new:g}")
         extended.append(new)
         todo = [new]
