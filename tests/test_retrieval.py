@@ -229,3 +229,18 @@ def test_split_has_no_caption_leakage(data: R.RetrievalData) -> None:
     assert len(data.train) + len(data.val) + len(data.test) == 12
     ids = [set(s.caption_ids.tolist()) for s in (data.train, data.val, data.test)]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def capture_cli_run(monkeypatch: pytest.MonkeyPatch, data: R.RetrievalData) -> dict[str, object]:
+    """Make the command line use `data` and stop at its first `run_experiment` (exit 3); returns what that call got."""
+    from advlab.experiments.retrieval import cli
+
+    seen: dict[str, object] = {}
+
+    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
+        seen.update(kw)
+        raise R.GateError("stop here")
+
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
+    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    return seen

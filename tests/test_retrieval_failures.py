@@ -13,7 +13,7 @@ import torch
 from advlab._errors import AdvlabValueError, NonFiniteError
 from advlab.experiments import retrieval as R
 from advlab.experiments.retrieval import cli, losses, runs, training
-from tests.test_retrieval import TINY, make_data, make_folder, tiny_config
+from tests.test_retrieval import TINY, capture_cli_run, make_data, make_folder, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +152,7 @@ def test_cli_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(("n", "expected"), [("1", [0]), ("3", [0, 1, 2])])
 def test_cli_seeds_n_runs_seeds_0_to_n_minus_1(data: R.RetrievalData, tmp_path: Path, n: str, expected: list[int],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, object] = {}
-
-    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
-        seen.update(kw)
-        raise R.GateError("stop here")
-
-    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
-    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    seen = capture_cli_run(monkeypatch, data)
     assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--seeds", n, "--no-progress"]) == 3
     assert list(seen["seeds"]) == expected  # type: ignore[call-overload]
 
@@ -236,14 +229,7 @@ def test_cli_quick_default_takes_the_settings_quick_epochs(data: R.RetrievalData
     settings = {"base": {"epochs": 7}, **({} if quick is None else {"quick": quick})}
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(settings))
-    seen: dict[str, object] = {}
-
-    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
-        seen.update(kw)
-        raise R.GateError("stop here")
-
-    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
-    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    seen = capture_cli_run(monkeypatch, data)
     assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", str(path),
                      "--no-progress", *extra]) == 3
     assert {c.epochs for c in seen["configs"].values()} == {expected}  # type: ignore[attr-defined]

@@ -22,7 +22,16 @@ from advlab.experiments.retrieval import pretraining as P
 from advlab.experiments.retrieval.data import _batches, prepare_data
 from advlab.experiments.retrieval.losses import _batch_forward, _kl, _task_loss
 from advlab.regularizers import symmetric_kl
-from tests.test_retrieval import TINY, WORDS, _features, _tokenizer, make_data, make_folder, tiny_config
+from tests.test_retrieval import (
+    TINY,
+    WORDS,
+    _features,
+    _tokenizer,
+    capture_cli_run,
+    make_data,
+    make_folder,
+    tiny_config,
+)
 
 MASK_ID = len(WORDS) + 3  # one id past the tiny tokenizer's words: its [MASK]
 
@@ -470,14 +479,7 @@ def test_pretrain_run_refuses_bad_inputs(data: R.RetrievalData, tmp_path: Path) 
 @pytest.mark.parametrize(("argv", "epochs"), [(["--pretrain-epochs", "2"], 2), ([], 5)])
 def test_cli_passes_the_pt_arms_and_pretrain_epochs(data: R.RetrievalData, tmp_path: Path, argv: list[str], epochs: int,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, object] = {}
-
-    def fake_run(d: R.RetrievalData, **kw: object) -> list[dict[str, object]]:
-        seen.update(kw)
-        raise R.GateError("stop here")
-
-    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
-    monkeypatch.setattr(cli, "run_experiment", fake_run)
+    seen = capture_cli_run(monkeypatch, data)
     code = cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "baseline", "pt-adv/ft-std",
                      *argv, "--no-progress"])
     assert code == 3 and seen["arms"] == ["baseline", "pt-adv/ft-std"]
