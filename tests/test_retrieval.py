@@ -73,8 +73,8 @@ def make_data(root: Path) -> R.RetrievalData:
 def tiny_config(**kw: object) -> RetrievalConfig:
     """A 1-layer, 1-epoch config for the tiny fixture (16-wide model with TINY)."""
     base = {"layers": 1, "epochs": 1, "batch_size": 4, "proj_dim": 8, "rerank_k": 2, "eval_batch": 8, "adv_steps": 2,
-                "txt_step": 0.1, "img_step": 0.1}
-    base.update(kw)
+                "txt_step": 0.1, "img_step": 0.1, "kl_weight": 1.5, "relative": False, "features": "craft"}
+    base.update(kw)  # KL, absolute sizes and features pinned: the library's defaults may move, these tests may not
     return RetrievalConfig(**base)  # type: ignore[arg-type]
 
 

@@ -330,7 +330,7 @@ def test_default_features_keep_the_run_keys_of_earlier_records() -> None:
     from dataclasses import asdict
 
     data = SimpleNamespace(summary="train 5 / 5, val 1 / 1, test 2 / 2")
-    cfg = R.RetrievalConfig(features="craft")  # explicit: the key must not depend on the default
+    cfg = R.RetrievalConfig(features="craft", relative=False)  # explicit: the key must not depend on the defaults
     left_out = ("features", "relative", "attention", *R.config.PRETRAIN_FIELDS)  # pretrain_*: no pre-training stage
     old_fields = {k: v for k, v in asdict(cfg).items() if k not in left_out}
     blob = json.dumps({"backbone": "uniter", "arm": "villa", "config": old_fields, "data": data.summary}, sort_keys=True)
