@@ -407,9 +407,9 @@ def test_cli_data_folder_is_read_and_names_the_runs(data, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize(("score", "extended", "chosen"), [
-    (lambda size: 0.7, [0.3, 1.0], 0.03),  # flat everywhere: grows upward, where a size may start to matter
+    (lambda size: 0.7, [0.3, 1.0, 3.0], 0.03),  # flat everywhere: grows upward, where a size may start to matter
     (lambda size: 0.7 if size < 0.2 else 0.5, [0.3], 0.03),  # a plateau from the bottom, then a drop: bracketed
-    (lambda size: 0.7 if size > 0.05 else 0.6, [0.3, 1.0], 0.1),  # a plateau that reaches the top: grows upward
+    (lambda size: 0.7 if size > 0.05 else 0.6, [0.3, 1.0, 3.0], 0.1),  # a plateau that reaches the top: grows upward
 ])
 def test_tune_grows_past_plateaus_upward_only(data, tmp_path, monkeypatch, score, extended, chosen):
     from advlab.experiments.classification.runs import tune

@@ -237,7 +237,7 @@ def tune(
     grids: Mapping[str, Sequence[float]] = TUNE_GRIDS,
     out_dir: str | os.PathLike[str] = "runs/classification/tune",
     model_factory: Callable[[int, int], Any] | None = None,
-    max_extensions: int = 2,
+    max_extensions: int = 3,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
