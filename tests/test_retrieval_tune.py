@@ -196,3 +196,26 @@ def test_default_attention_is_eager_the_kernel_of_the_recorded_runs(data: R.Retr
         "uniter", "villa", tiny_config(), data)
     with pytest.raises(AdvlabValueError, match="attention"):
         tiny_config(attention="flash")
+
+
+def test_cli_tune_keeps_what_changed_the_settings_while_it_ran(
+    data: R.RetrievalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a tuning takes hours; an edit made meanwhile (another backbone's tune, a quick budget) must survive its write
+    _fake_runs(monkeypatch, {"villa": lambda s: -abs(s - 3e-3), "noise": 0.01, "baseline": 0.02, "zero": 0.03})
+    monkeypatch.setattr(cli, "prepare_data", lambda folder, **kw: data)
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"base": {"epochs": 4, "layers": 2}}))
+    other = {"relative": True, "step": 0.03, "kl_weight": 1.5}
+    real_tune = cli.tune
+
+    def tune_while_edited(*args: object, **kw: object) -> dict[str, object]:
+        settings.write_text(json.dumps({"base": {"epochs": 4, "layers": 3}, "quick": {"epochs": 2}, "lxmert": other}))
+        return real_tune(*args, **kw)
+
+    monkeypatch.setattr(cli, "tune", tune_while_edited)
+    assert cli.main(["--tune", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", str(settings),
+                     "--no-progress"]) == 0
+    stored = json.loads(settings.read_text())
+    assert stored["lxmert"] == other and stored["quick"] == {"epochs": 2} and stored["base"]["layers"] == 3
+    assert stored["uniter"]["step"] == 3e-3 and stored["base"]["epochs"] == 4

@@ -194,10 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items()))
     if args.tune:
         backbones = args.backbones or ["uniter"]
-        new = dict(settings)
-        new["base"] = {k: v for k, v in settings.get("base", {}).items()}
-        new["base"]["epochs"] = base.epochs
-        new["base"]["features"] = base.features  # the sizes are tuned for these features
+        new: dict[str, Any] = {}
         seeds = list(range(args.seeds or 3))
         tune_dir = args.out / "tune"
         try:
@@ -218,7 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except NonFiniteError as err:
             print(f"error: {err}", file=sys.stderr)
             return 4
-        args.settings.write_text(json.dumps(new, indent=1) + "\n")
+        # read the file again: a tuning takes hours, and whatever else changed it meanwhile is kept
+        latest = load_settings(args.settings)
+        latest["base"] = {**latest.get("base", {}), "epochs": base.epochs,
+                          "features": base.features}  # the sizes are tuned for these features
+        args.settings.write_text(json.dumps({**latest, **new}, indent=1) + "\n")
         print(f"wrote {args.settings} ({(time.perf_counter() - wall0) / 60:.1f} min)")
         return 0
     backbones = args.backbones or (["uniter", "lxmert"] if args.full else ["uniter"])

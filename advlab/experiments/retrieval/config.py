@@ -221,7 +221,8 @@ def configs_from_settings(settings: Mapping[str, Any], base: RetrievalConfig) ->
 
     Examples:
         >>> s = {"uniter": {"txt_step": 0.3, "img_step": 5.0}}
-        >>> configs_from_settings(s, RetrievalConfig())["lxmert"].img_step, configs_from_settings(s, RetrievalConfig())["lxmert"].relative
+        >>> old = configs_from_settings(s, RetrievalConfig())["lxmert"]  # an older, absolute entry
+        >>> old.img_step, old.relative
         (5.0, False)
         >>> c = configs_from_settings({"uniter": {"relative": True, "step": 3e-3, "kl_weight": 0.0}}, RetrievalConfig())
         >>> c["uniter"].relative, c["uniter"].txt_step, c["uniter"].img_step, c["uniter"].kl_weight
