@@ -11,6 +11,7 @@ from PIL import Image
 
 from advlab.experiments import retrieval as R
 from tests.test_retrieval import TINY, make_data, make_folder, tiny_config
+from advlab.experiments.retrieval import report
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,18 @@ def test_plots_are_readable_size(tmp_path: Path) -> None:
     curves = R.draw_curves(recs, tmp_path / "curves.png")
     w, h = Image.open(curves).size
     assert w >= 1200 and h >= 900
+
+
+def test_r1_plot_panels_show_only_their_own_arms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --full runs the ablations on UNITER-mini only: LXMERT-mini's panel must not list them as empty columns
+    recs = [_rec(arm, s, 0.1 + 0.01 * s, best=0.12, backbone="uniter") for arm in R.ARMS_FULL for s in (0, 1)]
+    recs += [_rec(arm, s, 0.1 + 0.01 * s, best=0.12, backbone="lxmert") for arm in R.ARMS_QUICK for s in (0, 1)]
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    R.draw_plot(recs, tmp_path / "r1.png")
+    uniter, lxmert = figures[0].axes
+    assert len(uniter.get_xticks()) == len(R.ARMS_FULL)
+    assert [t.get_text().replace("\n", " ") for t in lxmert.get_xticklabels()] == [R.ARM_LABELS[a] for a in R.ARMS_QUICK]
 
 
 def test_report_without_matplotlib_still_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -627,8 +627,9 @@ _COLORS = {"baseline": "#444444", "zero": "#8c6d31", "noise": "#1f77b4", "villa"
 def draw_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """A PNG of test R@1 (mean of IR and TR, points) per arm: one dot per seed, a bar at the mean.
 
-    One panel per backbone, 8 x 4 in at 150 dpi (wider with more arms); filled dots are the last
-    epoch, open circles the epoch of best validation R@1.
+    One panel per backbone with the arms it ran, 8 x 4 in at 150 dpi (wider with more arms), panel
+    widths in proportion to their arms; filled dots are the last epoch, open circles the epoch of
+    best validation R@1. The pre-training arms are left out (the report's 2 x 2 table has them).
 
     Args:
         records: Run records.
@@ -638,10 +639,11 @@ def draw_plot(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]
         The path written.
     """
     backbones = _backbones(records) or ["uniter"]
-    arms = _arms(records)
-    fig = _figure(max(8.0, 1.1 * len(arms) * len(backbones) + 1.5), 4.0)
-    axes = fig.subplots(1, len(backbones), squeeze=False, sharey=True)[0]
-    for ax, backbone in zip(axes, backbones):
+    per_panel = [_arms(records, b) or ["baseline"] for b in backbones]  # each panel shows only its own arms
+    widths = [len(arms) for arms in per_panel]
+    fig = _figure(max(8.0, 1.1 * sum(widths) + 1.5), 4.0)
+    axes = fig.subplots(1, len(backbones), squeeze=False, sharey=True, width_ratios=widths)[0]
+    for ax, backbone, arms in zip(axes, backbones, per_panel):
         for x, arm in enumerate(arms):
             rs = _runs(records, backbone, arm)
             if not rs:
