@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from advlab.experiments import retrieval as R
-from tests.test_retrieval import TINY, make_data, make_folder, tiny_config
 from advlab.experiments.retrieval import report
+from tests.test_retrieval import TINY, make_data, make_folder, tiny_config
 
 
 @pytest.fixture(scope="module")
