@@ -433,6 +433,17 @@ def test_two_by_two_writes_four_records_shares_pretraining_and_resumes(data: R.R
     assert [r["arm"] for r in R.load_records(tmp_path) if r["seed"] == 0] == ["baseline", *R.ARMS_PRETRAIN]
 
 
+def test_pretrain_lines_pair_the_pretraining_stage_under_villa_fine_tuning() -> None:
+    """PT VILLA + FT VILLA is paired against PT std + FT VILLA, per seed, next to the other pairs."""
+    test = {("pt-std/ft-std", 0): 0.10, ("pt-std/ft-std", 1): 0.12, ("pt-std/ft-adv", 0): 0.20,
+            ("pt-std/ft-adv", 1): 0.15, ("pt-adv/ft-adv", 0): 0.17, ("pt-adv/ft-adv", 1): 0.19}
+    recs = [{"backbone": "uniter", "arm": a, "seed": s, "test": {"r1": v}} for (a, s), v in test.items()]
+    pairs = [line for line in R.pretrain_lines(recs) if " - " in line]
+    adv = [line for line in pairs if "PT VILLA + FT VILLA - PT std + FT VILLA" in line]
+    assert len(adv) == 1 and "last epoch +0.5 ± 4.9 (2 seeds: -3.0, +4.0)" in adv[0]
+    assert any("PT std + FT VILLA - PT std + FT std: last epoch +6.5" in line for line in pairs)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 

@@ -266,9 +266,11 @@ def _cell(rs: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _pt_pairs(records: Sequence[Mapping[str, Any]], backbone: str) -> list[str]:
-    """Paired differences of each pt arm against pt-std/ft-std, and of pt-std/ft-std against the baseline."""
+    """Paired differences of each pt arm against pt-std/ft-std, of adversarial against standard pre-training
+    under VILLA fine-tuning, and of pt-std/ft-std against the baseline."""
     lines = []
-    pairs = [(arm, _PT_REF) for arm in ARMS_PRETRAIN if arm != _PT_REF] + [(_PT_REF, "baseline")]
+    pairs = [(arm, _PT_REF) for arm in ARMS_PRETRAIN if arm != _PT_REF]
+    pairs += [("pt-adv/ft-adv", "pt-std/ft-adv"), (_PT_REF, "baseline")]
     for arm, ref in pairs:
         parts = [f"{_MEASURE_TEXT[m]} {_fmt_diff(d)}" for m in ("last", "best")
                  if (d := _paired(records, backbone, arm, ref, m))]  # type: ignore[arg-type]
@@ -312,8 +314,9 @@ def pretrain_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
     Each cell is the mean test R@1 (mean of IR and TR) in points at the last epoch and at the
     epoch of best validation R@1, with the number of seeds. The paired per-seed differences are
-    taken against standard pre-training + standard fine-tuning, and that arm against the
-    baseline (no pre-training).
+    taken against standard pre-training + standard fine-tuning; adversarial pre-training is also
+    paired against standard pre-training when both are fine-tuned with VILLA; and standard
+    pre-training + standard fine-tuning against the baseline (no pre-training).
 
     Args:
         records: Run records.
