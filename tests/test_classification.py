@@ -98,6 +98,18 @@ def test_merge_rare_merges_into_other_and_drops_when_other_misses_a_split():
     assert classes == ["a", "c", "d"] and merged == [] and all(all(k) for k in keep)
 
 
+def test_prepare_data_summary_says_what_was_merged_and_dropped(data):
+    assert "every category is in every split" in data.summary and "dropped" not in data.summary
+    # one caption in its own folder lands in one split only: merged into "other", which then misses
+    # a split, so the summary must say the caption is dropped rather than claim an "other" class
+    items = [*tiny_items(), CaptionedImage(Path("rare/x.png"), "a big big pear .", "rare")]
+    rare = prepare_data(items, tokenizer=tiny_tokenizer(), max_length=8)
+    assert rare.classes == ["animals", "food", "vehicles"] and rare.merged == ["rare"]
+    assert sum(rare.dropped.values()) == 1
+    assert "not in every split: ['rare']" in rare.summary and "so 1 caption is dropped" in rare.summary
+    assert rare.summary.startswith("3 classes, ")
+
+
 def test_prepare_data_refuses_too_few_captions_and_bad_source():
     with pytest.raises(AdvlabValueError, match="at least 10 distinct captions"):
         prepare_data(tiny_items()[:3], tokenizer=tiny_tokenizer())
@@ -270,10 +282,14 @@ def test_cli_out_is_a_file_and_bad_settings(tmp_path, capsys):
 def test_cli_report_on_records(tmp_path, capsys):
     assert main(["--report", "--out", str(tmp_path)]) == 2  # nothing there
     for r in [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6)]:
-        r.update(format=RECORD_FORMAT, config={"epochs": 1}, seconds=1.0)
+        r.update(format=RECORD_FORMAT, config={"epochs": 1}, seconds=1.0, dataset="tiny",
+                 data={"classes": ["cats", "dogs"], "sizes": [7, 2, 3], "sha256": "0"})
         (tmp_path / f"{r['arm']}-seed0.json").write_text(json.dumps(r))
     assert main(["--report", "--out", str(tmp_path)]) == 0
-    assert "| FreeLB | +10.0 |" in (tmp_path / "results.md").read_text()  # one seed: no ± shown
+    text = (tmp_path / "results.md").read_text()
+    assert "| FreeLB | +10.0 |" in text  # one seed: no ± shown
+    # --report reads no data: its data line comes from the records
+    assert "Data: tiny: 2 classes (cats, dogs), train 7 / val 2 / test 3 distinct captions" in text
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "robust.png").is_file()
 
 

@@ -266,9 +266,17 @@ def prepare_data(
         ids, mask = _tokenize(tok, texts)
         out.append(Split(texts, torch.tensor([index[c] for _, c in kept], dtype=torch.long), ids, mask))
     counts = Counter(out[0].labels.tolist())
+    n_dropped = sum(dropped.values())
+    if not merged:
+        rare = "every category is in every split"
+    elif OTHER in classes:
+        rare = f"not in every split, merged into '{OTHER}': {merged}"
+    else:
+        rare = (f"not in every split: {merged}; merged into '{OTHER}', which still misses a split, so "
+                f"{n_dropped} caption{'s are' if n_dropped != 1 else ' is'} dropped")
     summary = (f"{len(classes)} classes, train {len(out[0])} / val {len(out[1])} / test {len(out[2])} distinct "
-               f"captions; merged into 'other': {merged or 'none'}; dropped {sum(dropped.values())}; largest class "
-               f"{max(counts.values())} / smallest {min(counts.values())} training captions")
+               f"captions; {rare}; largest class {max(counts.values())} / smallest {min(counts.values())} "
+               "training captions")
     return ClassificationData(out[0], out[1], out[2], classes, merged, dropped, conflicts, summary)
 
 

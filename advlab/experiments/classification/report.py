@@ -126,6 +126,18 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _records_data_line(records: Sequence[Mapping[str, Any]]) -> str:
+    """The data line from the records alone: the data set, its classes and split sizes."""
+    if not records:
+        return ""
+    name, data = records[0].get("dataset", ""), records[0].get("data") or {}
+    classes, sizes = data.get("classes"), data.get("sizes")
+    if not classes or not sizes or len(sizes) != 3:
+        return name
+    return (f"{name}: {len(classes)} classes ({', '.join(classes)}), train {sizes[0]} / val {sizes[1]} / "
+            f"test {sizes[2]} distinct captions")
+
+
 def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: float | None = None,
                      data_summary: str = "") -> str:
     """The `results.md` of an output folder: what ran, the tables, the per-run lines.
@@ -142,7 +154,7 @@ def results_markdown(records: Sequence[Mapping[str, Any]], *, wall_seconds: floa
     cfg = records[0]["config"] if records else {}
     head = [
         "# Caption → category classification: results", "",
-        f"Data: {data_summary or records[0].get('dataset', '') if records else ''}", "",
+        f"Data: {data_summary or _records_data_line(records)}", "",
         (f"Seeds {seeds}; {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}; robust "
         f"accuracy: PGD with {cfg.get('attack_steps')} steps on the word embeddings, L2 radius ε a fraction of "
         "each caption's clean norm. Numbers in points (%), mean ± std over seeds, at the last epoch."), "",
