@@ -114,7 +114,7 @@ def test_files_round_trip_and_plot(tmp_path):
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match="advlab\[plot\]"):
+    with pytest.raises(ImportError, match=r"advlab\[plot\]"):
         RobustnessTable([]).plot()
 
 
