@@ -249,6 +249,25 @@ def test_recipe_stats_in_logs(tmp_path):
         assert h["adv_skipped_steps"] == 0
 
 
+def test_no_recipe_stats_carried_into_the_next_train_call(tmp_path):
+    """Steps after the last log of one `train()` are never logged, nor averaged into the next run's first log."""
+    model = tiny_bert(loss_kwargs=False)
+    trainer = quiet(
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, logging_strategy="steps", logging_steps=10),  # 3 steps: no log
+            train_dataset=dataset(),
+            recipe=freelb(model),
+        )
+    )
+    trainer.train()
+    assert not [h for h in trainer.state.log_history if "loss" in h]
+    trainer.args.logging_steps, trainer.args.max_steps = 1, 1
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["adv_task_loss"] == pytest.approx(log["loss"], rel=1e-5)  # this step's own, nothing older
+
+
 class _Spy:
     """Records the masks the recipe gets."""
 

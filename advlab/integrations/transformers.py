@@ -165,6 +165,23 @@ class AdversarialTrainer(Trainer):
         self.recipe = recipe
         self._recipe_stats: list[StepStats] = []
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, starting with no recipe statistics left over from an earlier run.
+
+        The statistics of steps after the last log of a run (`logging_steps` that does not divide
+        the number of steps) are never logged; without this reset they would be averaged into
+        the first log of the next `train()` call on the same Trainer.
+
+        Args:
+            *args: Positional arguments of `transformers.Trainer.train`.
+            **kwargs: Keyword arguments of `transformers.Trainer.train` (`resume_from_checkpoint`, ...).
+
+        Returns:
+            The Trainer's `TrainOutput`.
+        """
+        self._recipe_stats = []
+        return super().train(*args, **kwargs)
+
     # ------------------------------------------------------------------ the step
     def _recipe_masks(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
         masks: dict[str, Tensor] = {}
