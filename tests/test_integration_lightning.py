@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 import tests._ddp_lightning_script as script
-from advlab import AdvlabValueError
+import advlab
+from advlab import AdvlabTypeError, AdvlabValueError
 from advlab.integrations.lightning import adversarial_step
 
 DATA = script.build_data()
@@ -94,6 +95,8 @@ def test_refusals():
         adversarial_step(module, other, {}, lambda out: out.loss)
     with pytest.raises(AdvlabValueError, match="attached to a Trainer"):
         adversarial_step(module, module.recipe, {}, lambda out: out.loss)
+    with pytest.raises(AdvlabTypeError, match=r"got the class FreeLB, not an instance.*FreeLB\(model, sites=\.\.\.\)"):
+        adversarial_step(module, advlab.FreeLB, {}, lambda out: out.loss)
 
 
 def test_missing_extra_names_it(monkeypatch):

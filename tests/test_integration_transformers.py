@@ -319,8 +319,53 @@ def test_refusals(tmp_path):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=freelb(tiny_bert()))
     with pytest.raises(AdvlabTypeError, match="Expected `recipe` to be an advlab recipe"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=lambda: None)
+    with pytest.raises(AdvlabTypeError, match=r"got the class FreeLB, not an instance.*FreeLB\(model, sites=\.\.\.\)"):
+        AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=advlab.FreeLB)
     with pytest.raises(AdvlabValueError, match="`model_init`"):
         AdversarialTrainer(args=train_args(tmp_path), model_init=tiny_bert, recipe=freelb(model))
+
+
+def test_compute_loss_override_without_outputs_is_refused(tmp_path):
+    """An override that ignores `return_outputs` gets a message, not torch's 'iteration over a 0-d tensor'."""
+
+    class LossOnly(AdversarialTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss
+
+    model = tiny_bert()
+    trainer = quiet(
+        LossOnly(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(), recipe=freelb(model))
+    )
+    with pytest.raises(AdvlabTypeError, match=r"LossOnly.compute_loss.*pair \(loss, model outputs\).*Tensor of shape \(\)"):
+        trainer.train()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_compute_loss_override_with_outputs_runs(tmp_path):
+    """An override that honours `return_outputs` is what the recipe's loss is made of."""
+    calls = []
+
+    class Weighted(AdversarialTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = 2.0 * F.cross_entropy(outputs.logits, labels)
+            calls.append(return_outputs)
+            return (loss, outputs) if return_outputs else loss
+
+    model = tiny_bert(loss_kwargs=False)
+    trainer = quiet(
+        Weighted(
+            model=model,
+            args=train_args(tmp_path, max_steps=1, logging_strategy="steps", logging_steps=1),
+            train_dataset=dataset(),
+            recipe=freelb(model),
+        )
+    )
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert calls == [True, True]  # one forward per ascent step (K = 2)
+    assert log["adv_task_loss"] == pytest.approx(log["loss"], rel=1e-5) and log["loss"] > 1.5  # 2 x ~ln 3
 
 
 def test_data_parallel_refused(tmp_path, monkeypatch):

@@ -13,7 +13,26 @@ from __future__ import annotations
 
 from advlab.stats import StepStats
 
-__all__ = ["recipe_log_values"]
+__all__ = ["describe_recipe", "recipe_log_values"]
+
+
+def describe_recipe(recipe: object) -> str:
+    """What was given where a recipe was expected, for error messages (a class is named as one).
+
+    Args:
+        recipe: The object given as `recipe`.
+
+    Examples:
+        >>> import advlab
+        >>> describe_recipe(advlab.FreeLB)
+        'the class FreeLB, not an instance (build it on the model first: FreeLB(model, sites=...))'
+        >>> describe_recipe(None)
+        'NoneType'
+    """
+    if isinstance(recipe, type):
+        name = recipe.__name__
+        return f"the class {name}, not an instance (build it on the model first: {name}(model, sites=...))"
+    return type(recipe).__name__
 
 
 def recipe_log_values(stats: list[StepStats]) -> dict[str, float]:

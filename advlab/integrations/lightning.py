@@ -50,7 +50,7 @@ from torch import Tensor
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.hooks import MaskLike
-from advlab.integrations import recipe_log_values
+from advlab.integrations import describe_recipe, recipe_log_values
 from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
@@ -125,7 +125,7 @@ def adversarial_step(
     if not callable(getattr(recipe, "step", None)) or own is None:
         raise AdvlabTypeError(
             "Expected `recipe` to be an advlab recipe (an object with `step(forward, task_loss, ...)` and a "
-            f"`model`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {type(recipe).__name__}."
+            f"`model`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {describe_recipe(recipe)}."
         )
     if not any(m is unwrap_model(own) for m in module.modules()):
         raise AdvlabValueError(

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.integrations import recipe_log_values
+from advlab.integrations import describe_recipe, recipe_log_values
 from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
@@ -72,7 +72,7 @@ def _check_recipe(recipe: Any) -> list[str]:
     if not callable(step) or not isinstance(model, nn.Module) or not isinstance(sites, Mapping):
         raise AdvlabTypeError(
             "Expected `recipe` to be an advlab recipe (an object with `step(forward, task_loss, ...)`, a `model` and "
-            f"`sites`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {type(recipe).__name__}."
+            f"`sites`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {describe_recipe(recipe)}."
         )
     return list(sites)
 
@@ -95,6 +95,24 @@ def _mask_keys(masks: str | Mapping[str, str | None] | None, modalities: list[st
     if bad:
         raise AdvlabTypeError(f"Expected each `masks` value to be a batch key (str) or None, but got {bad}.")
     return {m: k for m, k in masks.items() if k is not None}, True
+
+
+def _loss_and_outputs(result: Any, compute_loss: Any) -> tuple[Tensor, Any]:
+    """`compute_loss(..., return_outputs=True)`'s `(loss, outputs)`; refuses a bare loss with a clear message."""
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return result[0], result[1]
+    if isinstance(result, Tensor):
+        got = f"a Tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, (tuple, list)):
+        got = f"a {type(result).__name__} of {len(result)}"
+    else:
+        got = type(result).__name__
+    where = getattr(compute_loss, "__qualname__", "compute_loss")
+    raise AdvlabTypeError(
+        f"Expected `compute_loss(..., return_outputs=True)` ({where}) to return a pair (loss, model outputs), as "
+        f"Trainer.compute_loss does, but got {got}; AdversarialTrainer needs each forward's outputs for the recipe. "
+        "Return `(loss, outputs) if return_outputs else loss` from the override."
+    )
 
 
 class AdversarialTrainer(Trainer):
@@ -245,9 +263,10 @@ class AdversarialTrainer(Trainer):
 
             def forward() -> Any:
                 with self.compute_loss_context_manager():  # compute_loss pops labels: give it its own dict
-                    loss, outputs = self.compute_loss(
+                    result = self.compute_loss(
                         model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
                     )
+                loss, outputs = _loss_and_outputs(result, type(self).compute_loss)
                 losses.append((outputs, loss))
                 return outputs
 
