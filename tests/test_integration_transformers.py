@@ -217,6 +217,41 @@ def test_fp16_scaler_reaches_the_recipe(tmp_path):
     assert max_diff(big, one) <= 2e-3 * moved  # float16 rounding only; a scale left in would be off by 256x
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fp16_overflow_skips_the_optimizer_step_as_the_trainer_does(tmp_path, accum):
+    """Scale 2^20 overflows float16 for the first steps: a plain-training recipe (FreeLB, K = 1, δ = 0) gives the
+    plain Trainer's weights, scale, skipped steps and learning rates (before: torch's 'No inf checks were recorded
+    for this optimizer' with one micro-batch per step, an optimizer step on the other micro-batches with two)."""
+
+    def run(adversarial: bool):
+        model = tiny_bert(loss_kwargs=False)
+        args = train_args(
+            tmp_path, fp16=True, optim="sgd", learning_rate=0.5, max_steps=4, gradient_accumulation_steps=accum,
+            lr_scheduler_type="linear", logging_strategy="steps", logging_steps=1,
+        )
+        kw = {"model": model, "args": args, "train_dataset": dataset()}
+        if adversarial:
+            trainer = AdversarialTrainer(**kw, recipe=advlab.FreeLB(model, sites=SITE, steps=1, step_size=0.0))
+        else:
+            trainer = Trainer(**kw)
+        quiet(trainer)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1)
+        trainer.accelerator.native_amp = True  # float16 autocast on CPU, unscaling before clipping
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        return model, trainer.accelerator.scaler.get_scale(), logs
+
+    model, scale, logs = run(True)
+    plain, plain_scale, plain_logs = run(False)
+    skipped = [h["grad_norm"] != h["grad_norm"] for h in logs]  # NaN grad norm: the scaler skipped the step
+    assert 1 <= sum(skipped) < len(logs)  # some steps overflowed, some trained
+    assert skipped == [h["grad_norm"] != h["grad_norm"] for h in plain_logs]
+    assert [h["learning_rate"] for h in logs] == [h["learning_rate"] for h in plain_logs]  # no scheduler step
+    assert scale == plain_scale
+    assert max_diff(model, plain) <= 1e-6
+    assert max_diff(model, tiny_bert()) > 1e-3  # it trained
+
+
 def test_recipe_stats_in_logs(tmp_path):
     model = tiny_bert(loss_kwargs=False)
     recipe = advlab.SMART(

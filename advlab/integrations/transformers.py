@@ -23,7 +23,8 @@ What carries over from the Trainer, and how:
   already normalised by `num_items_in_batch`), and the Trainer's `no_sync` over the first
   micro-batches composes with the recipe's own.
 - Mixed precision: accelerate's `GradScaler` (fp16) is passed to the recipe as `scaler=`, so
-  the loss scale is removed before δ moves; bf16 autocast covers every forward of the step.
+  the loss scale is removed before δ moves; an overflow in any micro-batch skips the optimizer
+  step as the Trainer's own overflow does. bf16 autocast covers every forward of the step.
 - DDP (`torchrun`): the recipe gets the wrapped model, so its steps use advlab's
   one-reduction-per-step schedule.
 - The recipe's statistics (`adv_task_loss`, `adv_regularizer`, `adv_delta_norm_<modality>`,
@@ -281,6 +282,8 @@ class AdversarialTrainer(Trainer):
 
             stats = self._recipe_step(model, forward, task_loss, masks, scale)
         losses.clear()  # the step's graphs are gone; drop the outputs
+        if stats.skip_reason is not None:
+            self._skip_optimizer_step_on_overflow()
         self._recipe_stats.append(stats)
         return torch.tensor(stats.mean_task_loss * scale, device=self.args.device)
 
@@ -304,6 +307,32 @@ class AdversarialTrainer(Trainer):
             return recipe.step(forward, task_loss, masks=masks, scale=scale, scaler=self.accelerator.scaler)
         finally:
             recipe.model = own
+
+    def _skip_optimizer_step_on_overflow(self) -> None:
+        """After a micro-batch the recipe skipped under fp16, make the GradScaler skip the optimizer step.
+
+        The recipe puts the parameter gradients back as they were and lowers the scale. Left so,
+        the optimizer would step on the other micro-batches' gradients only, and with none left
+        (one micro-batch per step) torch's `GradScaler.step` fails ("No inf checks were recorded
+        for this optimizer"). `Trainer.training_step` instead lets the overflow reach the
+        gradients: the scaler skips the optimizer step, the scheduler does not step, and the
+        scale is lowered once. This does the same: the scale goes back to the step's own (the
+        scaler lowers it once, after the optimizer step) and one parameter's gradient is set to
+        NaN, which the scaler finds (the Trainer then logs a NaN `grad_norm`, as it does for an
+        overflow of its own). Without a scaler (fp32, bf16) nothing changes.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is None or not scaler.is_enabled() or self.optimizer is None:
+            return
+        scaler.update(float(scaler.get_scale()) / float(scaler.get_backoff_factor()))
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    with torch.no_grad():
+                        if param.grad is None:
+                            param.grad = torch.empty_like(param)
+                        param.grad.fill_(float("nan"))
+                    return
 
     # ------------------------------------------------------------------ logs and checkpoints
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
