@@ -279,6 +279,38 @@ def test_cli_out_is_a_file_and_bad_settings(tmp_path, capsys):
     assert exc.value.code == 2 and "`lr`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "named"), [
+    ({"base": [1, 2]}, "'base'"), ({"base": None}, "'base'"), ({"sizes": [0.1]}, "'sizes'"),
+    ({"sizes": "abc"}, "'sizes'"), ({"sizes": None}, "'sizes'"),
+])
+def test_cli_settings_parts_of_the_wrong_type_exit_2(content, named, tmp_path, capsys):
+    """A settings file whose 'base' or 'sizes' is not an object is named, not a TypeError traceback."""
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as exc:
+        main(["--report", "--settings", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--settings" in err and named in err
+
+
+def test_cli_tune_refuses_a_settings_file_it_could_not_update(tmp_path, capsys, monkeypatch):
+    """--tune writes the settings file at the end: a folder there, or a 'tuned' that is no object, stops it first."""
+    import advlab.experiments.classification.data as data_module
+
+    def no_data(*args, **kw):
+        raise AssertionError("reached the data: the bad settings file was not refused before any work")
+
+    monkeypatch.setattr(data_module, "prepare_data", no_data)
+    with pytest.raises(SystemExit) as exc:
+        main(["--tune", "--settings", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "is not a file" in capsys.readouterr().err
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"tuned": [1]}))
+    with pytest.raises(SystemExit) as exc:
+        main(["--tune", "--settings", str(bad), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "'tuned'" in capsys.readouterr().err
+
+
 def test_cli_report_on_records(tmp_path, capsys):
     assert main(["--report", "--out", str(tmp_path)]) == 2  # nothing there
     for r in [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6)]:

@@ -93,11 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --settings: no such file: {args.settings}")
     if args.tune and not args.settings.parent.is_dir():
         parser.error(f"argument --settings: the folder {args.settings.parent} does not exist (--tune writes the file)")
+    if args.tune and args.settings.exists() and not args.settings.is_file():
+        parser.error(f"argument --settings: {args.settings} exists and is not a file (--tune writes the file)")
     try:
         settings = load_settings(args.settings)
         config = config_from_settings(settings, args.settings)
     except AdvlabError as err:
         parser.error(f"argument --settings: {err}")
+    if args.tune and not isinstance(settings.get("tuned", {}), dict):
+        parser.error(f"argument --settings: {args.settings}: expected 'tuned' to be a JSON object (arm -> note), "
+                     f"but got {type(settings['tuned']).__name__} (--tune adds to it)")
     if args.report:
         records = load_records(out)
         if not records:

@@ -213,10 +213,27 @@ def config_from_settings(settings: Mapping[str, Any], path: str | os.PathLike[st
     Returns:
         The config.
 
+    Raises:
+        AdvlabValueError: `base` or `sizes` is not a JSON object, a field is unknown, or a value is
+            out of range or of the wrong type (the message starts with `path`).
+
     Examples:
         >>> config_from_settings({"base": {"epochs": 2}, "sizes": {"freelb": 0.1}}).size("noise")
         0.1
+        >>> config_from_settings({"sizes": [0.1]}, "s.json")
+        Traceback (most recent call last):
+        ...
+        advlab._errors.AdvlabValueError: s.json: expected 'sizes' to be a JSON object (arm -> size), but got list [0.1].
     """
+    if not isinstance(settings, Mapping):
+        raise AdvlabValueError(f"{path}: expected a JSON object, but got {type(settings).__name__}.")
+    for part in ("base", "sizes"):
+        value = settings.get(part, {})
+        if not isinstance(value, Mapping):
+            what = "field -> value" if part == "base" else "arm -> size"
+            raise AdvlabValueError(
+                f"{path}: expected '{part}' to be a JSON object ({what}), but got {type(value).__name__} {value!r}."
+            )
     base = dict(settings.get("base", {}))
     known = {f.name for f in fields(ClassificationConfig)} - {"sizes"}
     unknown = sorted(set(base) - known)
