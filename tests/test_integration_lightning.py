@@ -84,6 +84,36 @@ def test_16_mixed_scaler_reaches_the_recipe():
     assert max_diff(module.model, ref) <= 2e-3 * moved  # float16 rounding only; a scale left in: off by 256x
 
 
+def test_16_mixed_overflow_skips_the_step_as_manual_backward_does():
+    """A CPU GradScaler at 2^20 overflows float16 for the first steps: a plain-training recipe (FreeLB, K = 1,
+    δ = 0) gives the weights and scale of `manual_backward` (before: torch's 'No inf checks were recorded for
+    this optimizer' at the first `opt.step()`)."""
+
+    class Adversarial(script.Classifier):
+        def __init__(self, model):
+            super().__init__(model, sgd=True)
+            self.recipe = advlab.FreeLB(model, sites=script.SITE, steps=1, step_size=0.0)
+
+    class Plain(script.Classifier):
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self(batch).loss)
+            opt.step()
+
+    def run(module):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1)
+        trainer = script.trainer(devices=1, max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+        trainer.fit(module, loader())
+        return scaler.get_scale()
+
+    adversarial, plain = Adversarial(script.build_model()), Plain(script.build_model(), sgd=True)
+    scale, plain_scale = run(adversarial), run(plain)
+    assert scale == plain_scale < 2.0**24  # grew by 2 at each stepped step, 4 steps: some were skipped
+    assert max_diff(adversarial.model, plain.model) <= 1e-6
+    assert max_diff(adversarial.model, script.build_model()) > 1e-3  # it trained
+
+
 def test_refusals():
     module = script.Classifier(script.build_model())
     module.automatic_optimization = True

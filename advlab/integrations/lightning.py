@@ -46,7 +46,8 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
         "install it with: pip install 'advlab[lightning]'."
     ) from None
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.hooks import MaskLike
@@ -55,6 +56,32 @@ from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
 __all__ = ["adversarial_step"]
+
+
+def _skip_optimizer_steps_on_overflow(trainer: pl.Trainer, scaler: Any, model: nn.Module) -> None:
+    """After a step the recipe skipped under `16-mixed`, make the GradScaler skip the next `opt.step()`.
+
+    The recipe puts the parameter gradients back as they were and lowers the scale. Left so,
+    `opt.step()` would step on older gradients only, and with none (the usual `zero_grad` before
+    the step) torch's `GradScaler.step` fails ("No inf checks were recorded for this optimizer").
+    `manual_backward` instead lets the overflow reach the gradients: the scaler skips the step
+    and lowers the scale once. This does the same: the scale goes back to the step's own and,
+    in each of the Trainer's optimizers, one gradient of a parameter of the recipe's model is
+    set to NaN, which the scaler finds. Without a scaler (32, bf16) nothing changes.
+    """
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return
+    scaler.update(float(scaler.get_scale()) / float(scaler.get_backoff_factor()))
+    owned = {id(p) for p in model.parameters()}
+    for optimizer in trainer.optimizers:
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        param = next((p for p in params if p.requires_grad and id(p) in owned), None)
+        if param is None:
+            continue
+        with torch.no_grad():
+            if param.grad is None:
+                param.grad = torch.empty_like(param)
+            param.grad.fill_(float("nan"))
 
 
 def adversarial_step(
@@ -73,6 +100,8 @@ def adversarial_step(
     (DDP under `strategy="ddp"`), so `module.forward` must take the batch and return what
     `task_loss` (and the recipe's logits) read. Parameter gradients are accumulated; the
     caller zeroes them before and steps the optimizer after, as in any manual optimisation.
+    Under `precision="16-mixed"`, a step with an overflow makes the scaler skip the next
+    `opt.step()` and lower the scale once, as an overflow in `manual_backward` does.
 
     Args:
         module: The LightningModule, with `automatic_optimization = False`, attached to a Trainer.
@@ -144,6 +173,8 @@ def adversarial_step(
         stats: StepStats = recipe.step(lambda: wrapper(batch), task_loss, masks=masks, scale=scale, scaler=scaler)
     finally:
         recipe.model = own
+    if stats.skip_reason is not None:
+        _skip_optimizer_steps_on_overflow(trainer, scaler, unwrap_model(own))
     if log:
         module.log_dict(recipe_log_values([stats]), on_step=True, on_epoch=False)
     return stats
