@@ -110,6 +110,24 @@ def test_prepare_data_summary_says_what_was_merged_and_dropped(data):
     assert rare.summary.startswith("3 classes, ")
 
 
+def test_prepare_data_summary_says_when_root_images_are_dropped_and_counts_label_conflicts():
+    """Images directly in the folder are 'other'; when that misses a split they are dropped and the summary says so
+    (it used to claim 'every category is in every split' and nothing else); captions whose images sit in several
+    top-level folders are counted over every image and named in the summary."""
+    items = [*tiny_items(), CaptionedImage(Path("food/zz-conflict.png"), "a red cat .", "food")]
+    items += [CaptionedImage(Path(f"root{i}.png"), cap, "") for i, cap in enumerate(["a pear .", "the bus .", "a car ."])]
+    d = prepare_data(items, tokenizer=tiny_tokenizer(), max_length=8)
+    assert d.classes == ["animals", "food", "vehicles"] and d.merged == []
+    n = sum(d.dropped.values())
+    assert n == 3 and len(d.train) + len(d.val) + len(d.test) == 48  # the root captions are gone, nothing else
+    assert "'other' (images directly in the folder), which misses a split, so 3 captions are dropped" in d.summary
+    assert d.conflicts == 1 and "1 caption has images in several top-level folders" in d.summary
+    assert "a red cat ." in d.train.texts + d.val.texts + d.test.texts
+    text_label = dict(zip(d.train.texts + d.val.texts + d.test.texts,
+                          torch.cat([d.train.labels, d.val.labels, d.test.labels]).tolist()))
+    assert d.classes[text_label["a red cat ."]] == "animals"  # the first image by path: animals/... < food/...
+
+
 def test_prepare_data_refuses_too_few_captions_and_bad_source():
     with pytest.raises(AdvlabValueError, match="at least 10 distinct captions"):
         prepare_data(tiny_items()[:3], tokenizer=tiny_tokenizer())

@@ -63,7 +63,8 @@ class ClassificationData:
         classes: Class names; index = label.
         merged: Categories merged into `"other"` (absent from some split).
         dropped: Examples dropped per split (`"other"` absent from some split).
-        conflicts: Distinct captions whose images sit in more than one category.
+        conflicts: Distinct captions whose images sit in more than one top-level category (over all
+            images, before the split: validation and test keep one image per caption).
         summary: One line of counts.
     """
 
@@ -242,15 +243,12 @@ def prepare_data(
         raise AdvlabTypeError(
             f"Expected `source` to be a folder or a sequence of CaptionedImage, but got {type(source).__name__}."
         )
-    n_captions = len(distinct_captions(items)[0])
+    pairs_all, conflicts = distinct_captions(items)  # counted on every image: val / test keep one per caption
+    n_captions = len(pairs_all)
     if n_captions < 10:
         raise AdvlabValueError(f"Expected at least 10 distinct captions to split 70/10/20, but found {n_captions}.")
     splits = split_by_caption(items, seed=split_seed)
-    parts, conflicts = [], 0
-    for part in (splits.train, splits.val, splits.test):
-        pairs, c = distinct_captions(part)
-        parts.append(pairs)
-        conflicts += c
+    parts = [distinct_captions(part)[0] for part in (splits.train, splits.val, splits.test)]
     classes, merged, keep = merge_rare([[cat for _, cat in pairs] for pairs in parts])
     if len(classes) < 2:
         raise AdvlabValueError(
@@ -267,13 +265,19 @@ def prepare_data(
         out.append(Split(texts, torch.tensor([index[c] for _, c in kept], dtype=torch.long), ids, mask))
     counts = Counter(out[0].labels.tolist())
     n_dropped = sum(dropped.values())
-    if not merged:
+    n_were = f"{n_dropped} caption{'s are' if n_dropped != 1 else ' is'} dropped"
+    if not merged and not n_dropped:
         rare = "every category is in every split"
+    elif not merged:  # only images directly in the folder (or a folder named "other") make up "other"
+        rare = (f"every category is in every split but '{OTHER}' (images directly in the folder), which misses a "
+                f"split, so {n_were}")
     elif OTHER in classes:
         rare = f"not in every split, merged into '{OTHER}': {merged}"
     else:
-        rare = (f"not in every split: {merged}; merged into '{OTHER}', which still misses a split, so "
-                f"{n_dropped} caption{'s are' if n_dropped != 1 else ' is'} dropped")
+        rare = f"not in every split: {merged}; merged into '{OTHER}', which still misses a split, so {n_were}"
+    if conflicts:
+        rare += (f"; {conflicts} caption{'s have' if conflicts != 1 else ' has'} images in several top-level "
+                 "folders (labelled by the first image by path)")
     summary = (f"{len(classes)} classes, train {len(out[0])} / val {len(out[1])} / test {len(out[2])} distinct "
                f"captions; {rare}; largest class {max(counts.values())} / smallest {min(counts.values())} "
                "training captions")
