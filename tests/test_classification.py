@@ -237,6 +237,26 @@ def test_pipeline_records_and_resume(data, tmp_path):
     assert run_key("freelb", 0, other, data, ("val", "test")) != run_key("freelb", 0, TINY, data, ("val", "test"))
 
 
+def test_a_record_file_that_is_not_an_object_is_trained_again(data, tmp_path):
+    """Valid JSON that is no record (a list) in a record's place is overwritten, not an AttributeError."""
+    (tmp_path / "baseline-seed0.json").write_text("[1, 2]")
+    recs = run_experiment(data, arms=["baseline"], seeds=[0], config=TINY, out_dir=tmp_path,
+                          model_factory=tiny_factory, log=lambda s: None)
+    assert not recs[0]["resumed"] and json.loads((tmp_path / "baseline-seed0.json").read_text())["arm"] == "baseline"
+
+
+def test_captions_longer_than_the_models_positions_are_refused_before_training(tmp_path):
+    """max_length beyond max_position_embeddings (16 in the tiny BERT) is named, not torch's size mismatch."""
+    items = [*tiny_items(), *[CaptionedImage(Path(f"animals/long{i}.png"), "a red cat " * (5 + i) + ".", "animals")
+                              for i in range(5)]]
+    long = prepare_data(items, tokenizer=tiny_tokenizer(), max_length=40)
+    cfg = ClassificationConfig(epochs=1, batch_size=8, max_length=40)
+    with pytest.raises(AdvlabValueError, match="16 positions"):
+        run_experiment(long, arms=["baseline"], seeds=[0], config=cfg, out_dir=tmp_path, model_factory=tiny_factory,
+                       log=lambda s: None)
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_same_seed_same_record(data, tmp_path):
     a = run_experiment(data, arms=["baseline"], seeds=[1], config=TINY, out_dir=tmp_path / "a",
                        model_factory=tiny_factory, log=lambda s: None)
@@ -470,6 +490,23 @@ def test_cli_data_folder_is_read_and_names_the_runs(data, tmp_path, monkeypatch,
     assert main(["--data", str(folder), "--arms", "baseline"]) == 0
     assert seen["folder"] == folder and seen["dataset"] == "folder-mydata"
     assert seen["out_dir"] == Path("runs/classification/folder-mydata")
+
+
+def test_cli_an_advlab_error_during_the_runs_exits_2(data, tmp_path, monkeypatch, capsys):
+    """A user error found when the runs start (e.g. max_length beyond the model's positions) exits 2 with its message."""
+    import advlab.experiments.classification.cli as cli_module
+    import advlab.experiments.classification.data as data_module
+
+    def refuse(d, **kw):
+        raise AdvlabValueError("Expected captions tokenised to at most the model's 512 positions")
+
+    monkeypatch.setattr(data_module, "prepare_data", lambda folder, **kw: data)
+    monkeypatch.setattr(data_module, "caption_tokenizer", lambda n: None)
+    monkeypatch.setattr(cli_module, "run_experiment", refuse)
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    assert main(["--data", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "512 positions" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("score", "extended", "chosen"), [

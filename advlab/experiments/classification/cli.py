@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except AdvlabError as err:  # e.g. max_length beyond the model's positions: refused before the run trains
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - wall0
     print()
     print(summarize(records))

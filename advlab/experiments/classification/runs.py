@@ -59,6 +59,17 @@ def _finite(rec: Mapping[str, Any]) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+def _check_positions(model: Any, data: ClassificationData) -> None:
+    """Refuse captions tokenised longer than the model has position embeddings (torch fails deep inside)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    width = max(int(split.input_ids.shape[1]) for split in (data.train, data.val, data.test))
+    if isinstance(limit, int) and width > limit:
+        raise AdvlabValueError(
+            f"Expected captions tokenised to at most the model's {limit} positions (max_position_embeddings), but "
+            f"the data is padded to max_length {width}; set a smaller `max_length` (the settings' 'base')."
+        )
+
+
 def cached_run(
     data: ClassificationData,
     arm: str,
@@ -88,6 +99,10 @@ def cached_run(
 
     Returns:
         The record.
+
+    Raises:
+        AdvlabValueError: The data is tokenised longer than the model's position embeddings.
+        NonFiniteError: The run diverged (no record is written).
     """
     from advlab.experiments.classification.metrics import evaluate_all, evaluate_split
     from advlab.experiments.classification.model import build_model, embedding_scales
@@ -99,6 +114,8 @@ def cached_run(
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             rec = {}
+        if not isinstance(rec, dict):  # valid JSON but no record (a list, a number): trained again, overwritten
+            rec = {}
         if rec.get("key") == key and rec.get("format") == RECORD_FORMAT and _finite(rec):
             rec["resumed"] = True
             return rec
@@ -107,6 +124,7 @@ def cached_run(
         model = build_model(len(data.classes), attention=config.attention, seed=seed)
     else:
         model = model_factory(len(data.classes), seed)
+    _check_positions(model, data)
     scales = embedding_scales(model, data.train.input_ids, data.train.attention_mask)
     curve: list[dict[str, float]] = []
 
