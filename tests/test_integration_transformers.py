@@ -344,6 +344,17 @@ def test_masks_mapping_and_none(tmp_path):
     )
     with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
         trainer.train()
+    trainer = quiet(  # a key named as a string is named on purpose too: a typo must not turn masking off
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, max_steps=1),
+            train_dataset=dataset(),
+            recipe=spy.recipe,
+            masks="token_mask",
+        )
+    )
+    with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
+        trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
 

@@ -79,11 +79,15 @@ def _check_recipe(recipe: Any) -> list[str]:
 
 
 def _mask_keys(masks: str | Mapping[str, str | None] | None, modalities: list[str]) -> tuple[dict[str, str], bool]:
-    """Modality -> batch key of its mask, and whether a missing key is an error (only when named explicitly)."""
+    """Modality -> batch key of its mask, and whether a missing key is an error.
+
+    Only `"attention_mask"` (the default) may be missing from a batch (δ is then not masked);
+    any other key was named on purpose, and a batch without it is an error, as in a mapping.
+    """
     if masks is None:
         return {}, True
     if isinstance(masks, str):
-        return {m: masks for m in modalities}, False
+        return {m: masks for m in modalities}, masks != "attention_mask"
     if not isinstance(masks, Mapping):
         raise AdvlabTypeError(
             "Expected `masks` to be a batch key (str), a mapping modality -> batch key (or None), or None, "
@@ -128,9 +132,9 @@ class AdversarialTrainer(Trainer):
         recipe: The advlab recipe (`advlab.FreeLB`, `advlab.VILLA`, `advlab.SMART`, ...), built on
             `model`.
         masks: Which batch entry masks each modality's δ (1 = real token): a batch key for every
-            modality (default `"attention_mask"`, used when the batch has it), a mapping
-            modality -> batch key (or None for no mask; a named key missing from a batch is an
-            error), or None (no masks).
+            modality (default `"attention_mask"`, used when the batch has it; any other key
+            missing from a batch is an error), a mapping modality -> batch key (or None for no
+            mask; a named key missing from a batch is an error), or None (no masks).
         **kwargs: Keyword arguments of `transformers.Trainer` (`model`, `args`, `train_dataset`,
             `eval_dataset`, `data_collator`, `compute_metrics`, ...). `model_init` is refused (a
             recipe is bound to one model object).
