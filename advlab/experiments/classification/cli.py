@@ -30,7 +30,7 @@ from advlab.experiments.classification.report import (
     summarize,
     tuning_table,
 )
-from advlab.experiments.classification.runs import load_records, run_experiment, tune
+from advlab.experiments.classification.runs import check_comparable, load_records, run_experiment, tune
 
 DESCRIPTION = ("Caption -> category classification with the whole MiniLM-L6 (BertForSequenceClassification), "
                "trained through AdversarialTrainer: baseline vs a noise control vs FreeLB, SMART, VILLA, R3F, VAT, "
@@ -104,9 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --settings: {args.settings}: expected 'tuned' to be a JSON object (arm -> note), "
                      f"but got {type(settings['tuned']).__name__} (--tune adds to it)")
     if args.report:
-        records = load_records(out)
+        skipped: list[str] = []
+        records = load_records(out, skipped=skipped)
+        if skipped:
+            print(f"note: skipped {len(skipped)} file(s) in {out} that are not finished run records: "
+                  + "; ".join(skipped), file=sys.stderr)
         if not records:
             print(f"error: no finished runs in {out}", file=sys.stderr)
+            return 2
+        try:
+            check_comparable(records)
+        except AdvlabError as err:
+            print(f"error: {out}: {err}", file=sys.stderr)
             return 2
         print(summarize(records))
         (out / "results.md").write_text(results_markdown(records))

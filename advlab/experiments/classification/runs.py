@@ -225,11 +225,61 @@ def run_experiment(
     return records
 
 
-def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every finished run record in `out_dir`, sorted by seed and arm (unreadable files are skipped).
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(path: Path, rec: Any) -> str | None:
+    """Why a JSON file in an output folder is not a finished run record of this code, or None if it is one.
+
+    Args:
+        path: The file (its name must be `{arm}-seed{seed}.json` of the record it holds).
+        rec: Its parsed content.
+
+    Returns:
+        The reason, or None.
+
+    Examples:
+        >>> record_problem(Path("freelb-seed0.json"), {"arm": "baseline", "seed": 0, "format": RECORD_FORMAT})
+        "holds arm 'baseline' seed 0, not what its name says"
+    """
+    if not isinstance(rec, dict):
+        return f"not a JSON object but {type(rec).__name__}"
+    if rec.get("format") != RECORD_FORMAT:
+        return f"record format {rec.get('format')!r}, not this code's {RECORD_FORMAT}"
+    arm, seed = rec.get("arm"), rec.get("seed")
+    if arm not in ARMS_FULL:
+        return f"unknown arm {arm!r}"
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        return f"seed {seed!r} is not an int >= 0"
+    if path.name != f"{arm}-seed{seed}.json":
+        return f"holds arm {arm!r} seed {seed}, not what its name says"
+    for part, keys in (("test", ("acc", "f1")), ("val", ("acc",))):
+        values = rec.get(part)
+        if not isinstance(values, dict) or not all(_is_number(values.get(k)) for k in keys):
+            return f"no finite {part} {'/'.join(keys)}" + (" (a tuning record?)" if part == "test" and not values else "")
+    robust = rec.get("robust")
+    if not isinstance(robust, dict) or not robust or not all(_is_number(v) for v in robust.values()):
+        return "no finite robust accuracies"
+    para = rec.get("paraphrase")
+    if para is not None and not (isinstance(para, dict) and _is_number(para.get("acc"))):
+        return "a paraphrase entry without a finite acc"
+    if arm != "baseline" and not (_is_number(rec.get("size")) and isinstance(rec.get("unit"), str)):
+        return "no size and unit"
+    if not isinstance(rec.get("config"), dict) or not isinstance(rec.get("data"), dict):
+        return "no config or data description"
+    return None
+
+
+def load_records(out_dir: str | os.PathLike[str], *, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every finished run record in `out_dir`, sorted by seed and arm; other `*-seed*.json` files are skipped.
+
+    A file is skipped when it does not parse, is not a record of this code's format, names another
+    (arm, seed) than it holds, or lacks a finite metric (see `record_problem`).
 
     Args:
         out_dir: The experiment's output folder.
+        skipped: If given, one `"NAME: why"` is appended per skipped file.
 
     Returns:
         The records.
@@ -238,12 +288,69 @@ def load_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for path in sorted(Path(out_dir).glob("*-seed*.json")):
         try:
             rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and {"arm", "seed", "test", "format"} <= set(rec) and rec["format"] == RECORD_FORMAT:
+        except (OSError, ValueError) as err:
+            problem: str | None = f"unreadable ({type(err).__name__})"
+        else:
+            problem = record_problem(path, rec)
+        if problem is None:
             records.append(rec)
+        elif skipped is not None:
+            skipped.append(f"{path.name}: {problem}")
     order = {a: i for i, a in enumerate(ARMS_FULL)}
     return sorted(records, key=lambda r: (r["seed"], order.get(r["arm"], 99)))
+
+
+def check_comparable(records: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse records that cannot be tabulated together: another config, data set or attack, or one arm at two sizes.
+
+    Paired differences need every run on the same data with the same settings; only the arms'
+    own sizes may differ between arms (tuning one arm keeps the others' records).
+
+    Args:
+        records: Run records (e.g. from `load_records`).
+
+    Raises:
+        AdvlabValueError: Two records differ in their config (other than the sizes), data, evaluated
+            splits or attack radii, or one arm's records hold different sizes; the message names them.
+
+    Examples:
+        >>> a = {"arm": "baseline", "seed": 0, "config": {"epochs": 6}, "data": {}, "robust": {"0.1": 0.5}}
+        >>> check_comparable([a, {**a, "seed": 1, "config": {"epochs": 1}}])
+        Traceback (most recent call last):
+        ...
+        advlab._errors.AdvlabValueError: Expected every record to share one config, data set and attack (paired differences need them), but baseline seed 0 and baseline seed 1 differ in config ['epochs']: 6 against 1. Report them from separate folders.
+    """
+
+    def parts(rec: Mapping[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in (rec.get("config") or {}).items() if k != "sizes"}
+        return {"config": config, "data": rec.get("data") or {}, "splits": {"splits": rec.get("splits")},
+                "robust radii": {"radii": sorted(rec.get("robust") or {})}}
+
+    if not records:
+        return
+    first = records[0]
+    ref = parts(first)
+    for rec in records[1:]:
+        for what, theirs in parts(rec).items():
+            ours = ref[what]
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if diff:
+                k = diff[0]
+                raise AdvlabValueError(
+                    f"Expected every record to share one config, data set and attack (paired differences need "
+                    f"them), but {first['arm']} seed {first['seed']} and {rec['arm']} seed {rec['seed']} differ in "
+                    f"{what} {diff}: {ours.get(k)!r} against {theirs.get(k)!r}. Report them from separate folders."
+                )
+    by_arm: dict[str, dict[Any, list[int]]] = {}
+    for rec in records:
+        by_arm.setdefault(rec["arm"], {}).setdefault(rec.get("size"), []).append(rec["seed"])
+    for arm, sizes in by_arm.items():
+        if len(sizes) > 1:
+            ran = ", ".join(f"seeds {seeds} at {size:g}" for size, seeds in sizes.items())
+            raise AdvlabValueError(
+                f"Expected each arm's records to share one size, but {arm} ran {ran}; rerun it with one size "
+                "or move the others away."
+            )
 
 
 def tune(
