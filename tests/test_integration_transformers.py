@@ -450,6 +450,21 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     assert max_diff(resumed.model, straight.model) <= 1e-6
 
 
+def test_resume_without_the_recipe_generator_file_warns(tmp_path):
+    """A checkpoint without advlab_recipe_rng_<rank>.pth (a plain Trainer's, say) cannot restore the draws: say so."""
+    data = dataset()
+    args = train_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    model = tiny_bert()
+    quiet(Trainer(model=model, args=args, train_dataset=data)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert checkpoint.is_dir() and not list(checkpoint.glob("advlab_recipe_rng_*"))
+    args.max_steps = 2
+    trainer = quiet(AdversarialTrainer(model=model, args=args, train_dataset=data, recipe=freelb(model)))
+    with pytest.warns(UserWarning, match=r"recipe's generator state \(advlab_recipe_rng_0.pth\)"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 2
+
+
 @pytest.mark.parametrize("hidden", ["transformers", "accelerate"])
 def test_missing_extra_names_it(monkeypatch, hidden):
     monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError

@@ -38,6 +38,7 @@ Needs the `transformers` extra: `pip install 'advlab[transformers]'` (transforme
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -368,3 +369,12 @@ class AdversarialTrainer(Trainer):
         path = os.path.join(checkpoint, _RNG_FILE.format(self.args.process_index))
         if os.path.isfile(path):
             generator.set_state(torch.load(path, weights_only=True)["generator"])
+        else:
+            warnings.warn(
+                f"Expected the checkpoint {checkpoint!r} to hold the recipe's generator state "
+                f"({os.path.basename(path)}), but it does not (saved without a recipe generator, by another number "
+                "of processes, or by a plain Trainer): the recipe's draws after the resume differ from an "
+                "uninterrupted run.",
+                UserWarning,
+                stacklevel=2,
+            )
