@@ -317,6 +317,21 @@ def test_cli_out_is_a_file_and_bad_settings(tmp_path, capsys):
     assert exc.value.code == 2 and "`lr`" in capsys.readouterr().err
 
 
+def test_cli_out_below_a_file_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out whose parent is a file cannot be created: named at once (was NotADirectoryError after the data)."""
+    import advlab.experiments.classification.data as data_module
+
+    def no_data(*args, **kw):
+        raise AssertionError("reached the data: --out was not checked before any work")
+
+    monkeypatch.setattr(data_module, "prepare_data", no_data)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(f / "sub"), "--epochs", "1"])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("content", "named"), [
     ({"base": [1, 2]}, "'base'"), ({"base": None}, "'base'"), ({"sizes": [0.1]}, "'sizes'"),
     ({"sizes": "abc"}, "'sizes'"), ({"sizes": None}, "'sizes'"),

@@ -103,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tune and not isinstance(settings.get("tuned", {}), dict):
         parser.error(f"argument --settings: {args.settings}: expected 'tuned' to be a JSON object (arm -> note), "
                      f"but got {type(settings['tuned']).__name__} (--tune adds to it)")
+    if not args.report:  # the runs write there: a path that cannot be a folder stops before any work
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"argument --out: cannot create the folder {out}: {err.strerror or err}")
     if args.report:
         skipped: list[str] = []
         records = load_records(out, skipped=skipped)
