@@ -186,6 +186,11 @@ def test_config_validation_names_the_field():
     with pytest.raises(AdvlabValueError, match="unknown field"):
         config_from_settings({"base": {"epoch": 3}})
     assert ClassificationConfig(sizes={"freelb": 0.2}).size("noise") == 0.2  # the noise control takes FreeLB's size
+    # a size for the noise control itself would be ignored (it runs at FreeLB's): refused, not silently dropped
+    with pytest.raises(AdvlabValueError, match="takes FreeLB's size"):
+        ClassificationConfig(sizes={"noise": 0.5})
+    with pytest.raises(AdvlabValueError, match="takes FreeLB's size"):
+        config_from_settings({"sizes": {"noise": 0.5, "freelb": 0.031}})
 
 
 def test_absolute_size_units():

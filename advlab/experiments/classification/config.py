@@ -134,9 +134,10 @@ class ClassificationConfig:
             raise AdvlabValueError(f"Expected `warmup_ratio` to be < 1, but got {self.warmup_ratio!r}.")
         if not isinstance(self.sizes, Mapping):
             raise AdvlabTypeError(f"Expected `sizes` to be a mapping arm -> size, but got {type(self.sizes).__name__}.")
-        unknown = [a for a in self.sizes if a not in ARM_UNITS]
+        unknown = [a for a in self.sizes if a not in DEFAULT_SIZES]
         if unknown:
-            raise AdvlabValueError(f"Expected `sizes` keys among {sorted(ARM_UNITS)}, but got {unknown}.")
+            hint = " (the noise control takes FreeLB's size: set 'freelb')" if "noise" in unknown else ""
+            raise AdvlabValueError(f"Expected `sizes` keys among {sorted(DEFAULT_SIZES)}{hint}, but got {unknown}.")
         bad = {a: v for a, v in self.sizes.items()
                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
         if bad:
