@@ -355,6 +355,17 @@ def test_masks_mapping_and_none(tmp_path):
     )
     with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
         trainer.train()
+    trainer = quiet(  # a key of the wrong shape: the message says which batch key `masks=` took
+        AdversarialTrainer(
+            model=model,
+            args=train_args(tmp_path, max_steps=1),
+            train_dataset=dataset(),
+            recipe=spy.recipe,
+            masks={"txt": "labels"},
+        )
+    )
+    with pytest.raises(AdvlabValueError, match=r"shape \(2, 8\).*got \(2,\)\. That mask is the batch's 'labels'.*masks="):
+        trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
 

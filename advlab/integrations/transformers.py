@@ -38,6 +38,7 @@ Needs the `transformers` extra: `pip install 'advlab[transformers]'` (transforme
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -310,6 +311,16 @@ class AdversarialTrainer(Trainer):
         recipe.model = model  # the wrapper (DDP) decides the reduction schedule; sites stay those of `own`
         try:
             return recipe.step(forward, task_loss, masks=masks, scale=scale, scaler=self.accelerator.scaler)
+        except (AdvlabValueError, AdvlabTypeError) as err:  # a mask of the wrong shape or type: say where it came from
+            found = re.match(r"Expected `masks\['([^']+)'\]`", str(err))
+            key = self.mask_keys.get(found.group(1)) if found else None
+            if key is None or type(err) not in (AdvlabValueError, AdvlabTypeError):
+                raise
+            raise type(err)(
+                f"{err} That mask is the batch's {key!r}, which AdversarialTrainer's `masks=` gives modality "
+                f"{found.group(1)!r} (the default `masks='attention_mask'` gives it to every modality); name each "
+                f"modality's own batch key with masks={{{found.group(1)!r}: ...}}, or None for no mask."
+            ) from err
         finally:
             recipe.model = own
 
