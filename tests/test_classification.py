@@ -322,6 +322,19 @@ def test_cli_out_is_a_file_and_bad_settings(tmp_path, capsys):
     assert exc.value.code == 2 and "`lr`" in capsys.readouterr().err
 
 
+def test_cli_tune_with_nothing_to_tune_exits_2(tmp_path, capsys, monkeypatch):
+    """--tune --arms noise baseline has no arm with its own size: refused before a baseline-only tune."""
+    import advlab.experiments.classification.data as data_module
+
+    def no_data(*args, **kw):
+        raise AssertionError("reached the data: --arms was not checked before any work")
+
+    monkeypatch.setattr(data_module, "prepare_data", no_data)
+    with pytest.raises(SystemExit) as exc:
+        main(["--tune", "--arms", "noise", "baseline", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--arms" in capsys.readouterr().err
+
+
 def test_cli_out_below_a_file_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
     """--out whose parent is a file cannot be created: named at once (was NotADirectoryError after the data)."""
     import advlab.experiments.classification.data as data_module

@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out if args.out is not None else Path("runs/classification") / name
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
+    if args.tune and args.arms and all(a in ("baseline", "noise") for a in args.arms):
+        parser.error(f"argument --arms: --tune tunes arms with their own size (not baseline or noise, which takes "
+                     f"FreeLB's), but got {' '.join(args.arms)}")
     if args.report and (args.arms or args.seeds or args.epochs):
         parser.error("argument --report: takes no --arms, --seeds or --epochs (it reads every record in --out)")
     if not args.tune and not args.report and not args.settings.is_file():
