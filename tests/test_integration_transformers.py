@@ -380,6 +380,9 @@ def test_refusals(tmp_path):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=advlab.FreeLB)
     with pytest.raises(AdvlabValueError, match="`model_init`"):
         AdversarialTrainer(args=train_args(tmp_path), model_init=tiny_bert, recipe=freelb(model))
+    for optim in ("lomo", "adalomo", "galore_adamw_layerwise"):  # they step inside each backward
+        with pytest.raises(AdvlabValueError, match=rf"`args.optim` is '{optim}'.*several backwards per step"):
+            AdversarialTrainer(model=model, args=train_args(tmp_path, optim=optim), recipe=freelb(model))
 
 
 def test_compute_loss_override_without_outputs_is_refused(tmp_path):

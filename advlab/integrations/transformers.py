@@ -187,6 +187,13 @@ class AdversarialTrainer(Trainer):
                 "Expected a Trainer without DeepSpeed, but `args.deepspeed` is set: DeepSpeed runs its own backward "
                 "and loss scaling, which a recipe's several backwards per step cannot go through. Use DDP or FSDP."
             )
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if "lomo" in optim or optim.endswith("_layerwise"):
+            raise AdvlabValueError(
+                f"Expected an optimizer that steps once per optimizer step, but `args.optim` is {optim!r}, which "
+                "updates the weights inside each backward: a recipe runs several backwards per step (one per "
+                "ascent step), and the weights would move between them. Use another `optim`, e.g. 'adamw_torch'."
+            )
         self.recipe = recipe
         self._recipe_stats: list[StepStats] = []
 
