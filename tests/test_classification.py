@@ -128,6 +128,15 @@ def test_prepare_data_summary_says_when_root_images_are_dropped_and_counts_label
     assert d.classes[text_label["a red cat ."]] == "animals"  # the first image by path: animals/... < food/...
 
 
+def test_prepare_data_summary_says_root_images_share_a_folder_named_other():
+    """Images directly in the folder are labelled 'other': next to a real folder 'other' the summary says they merge."""
+    items = [CaptionedImage(Path(f"{c}/{i}.png"), f"{c} number {i}", c) for c in ("other", "dogs") for i in range(20)]
+    items += [CaptionedImage(Path(f"r{i}.png"), f"root image {i}", "") for i in range(2)]
+    d = prepare_data(items, tokenizer=tiny_tokenizer(), max_length=8)
+    assert d.classes == ["dogs", "other"]
+    assert "images directly in the folder are labelled 'other' together with the folder 'other'" in d.summary
+
+
 def test_prepare_data_refuses_too_few_captions_and_bad_source():
     with pytest.raises(AdvlabValueError, match="at least 10 distinct captions"):
         prepare_data(tiny_items()[:3], tokenizer=tiny_tokenizer())

@@ -207,6 +207,18 @@ def merge_rare(splits: Sequence[Sequence[str]]) -> tuple[list[str], list[str], l
     return classes, [m for m in merged if m != OTHER], keep
 
 
+_ROOT_AND_FOLDER = f"images directly in the folder and the folder '{OTHER}'"
+
+
+def _other_source(items: Sequence[Any]) -> str:
+    """What the class `"other"` holds before any merging: images in the root, a folder named `"other"`, or both."""
+    in_root = any(not item.category for item in items)
+    folder = any(item.category.split("/")[0] == OTHER for item in items if item.category)
+    if in_root and folder:
+        return _ROOT_AND_FOLDER
+    return f"the folder '{OTHER}'" if folder else "images directly in the folder"
+
+
 def prepare_data(
     source: str | os.PathLike[str] | Sequence[Any],
     *,
@@ -269,12 +281,14 @@ def prepare_data(
     if not merged and not n_dropped:
         rare = "every category is in every split"
     elif not merged:  # only images directly in the folder (or a folder named "other") make up "other"
-        rare = (f"every category is in every split but '{OTHER}' (images directly in the folder), which misses a "
+        rare = (f"every category is in every split but '{OTHER}' ({_other_source(items)}), which misses a "
                 f"split, so {n_were}")
     elif OTHER in classes:
         rare = f"not in every split, merged into '{OTHER}': {merged}"
     else:
         rare = f"not in every split: {merged}; merged into '{OTHER}', which still misses a split, so {n_were}"
+    if OTHER in classes and _other_source(items) == _ROOT_AND_FOLDER:
+        rare += f"; images directly in the folder are labelled '{OTHER}' together with the folder '{OTHER}'"
     if conflicts:
         rare += (f"; {conflicts} caption{'s have' if conflicts != 1 else ' has'} images in several top-level "
                  "folders (labelled by the first image by path)")
