@@ -125,6 +125,10 @@ def test_refusals():
         adversarial_step(module, other, {}, lambda out: out.loss)
     with pytest.raises(AdvlabValueError, match="attached to a Trainer"):
         adversarial_step(module, module.recipe, {}, lambda out: out.loss)
+    kwargs_style = script.Classifier(script.build_model())
+    kwargs_style.forward = lambda input_ids, attention_mask, labels: None  # not `forward(batch)`
+    with pytest.raises(AdvlabTypeError, match=r"forward` to take the batch.*`module\(batch\)`.*'attention_mask'"):
+        adversarial_step(kwargs_style, kwargs_style.recipe, {"input_ids": None}, lambda out: out.loss)
     with pytest.raises(AdvlabTypeError, match=r"got the class FreeLB, not an instance.*FreeLB\(model, sites=\.\.\.\)"):
         adversarial_step(module, advlab.FreeLB, {}, lambda out: out.loss)
 

@@ -34,6 +34,7 @@ Needs the `lightning` extra: `pip install 'advlab[lightning]'`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,6 +83,22 @@ def _skip_optimizer_steps_on_overflow(trainer: pl.Trainer, scaler: Any, model: n
             if param.grad is None:
                 param.grad = torch.empty_like(param)
             param.grad.fill_(float("nan"))
+
+
+def _check_forward_takes_batch(module: pl.LightningModule, batch: Any) -> None:
+    """Refuse, before any hook goes on, a `forward` that cannot be called as `module(batch)`."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin, say): the call will tell
+        return
+    try:
+        signature.bind(batch)
+    except TypeError as err:
+        raise AdvlabTypeError(
+            f"Expected `{type(module).__name__}.forward` to take the batch as its one argument (adversarial_step "
+            f"runs `module(batch)` at each ascent step), but forward{signature} cannot be called so: {err}. "
+            "Write `def forward(self, batch): return self.model(**batch)` (or what the batch needs)."
+        ) from None
 
 
 def adversarial_step(
@@ -161,6 +178,7 @@ def adversarial_step(
             f"Expected `recipe` to be built on `module` or one of its submodules, but it was built on a "
             f"{type(unwrap_model(own)).__name__} that `module` ({type(module).__name__}) does not hold."
         )
+    _check_forward_takes_batch(module, batch)
     trainer = module._trainer
     if trainer is None:
         raise AdvlabValueError("Expected `module` to be attached to a Trainer (call from `training_step`).")
