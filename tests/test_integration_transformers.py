@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,31 @@ def test_masks_mapping_and_none(tmp_path):
         trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
+
+
+def test_default_mask_missing_from_the_batch_warns_once(tmp_path):
+    """A forward without `attention_mask`: remove_unused_columns drops it, δ goes on the padding too; say so once."""
+
+    class NoMaskArg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(CONFIG["vocab_size"], 8), torch.nn.Linear(8, CONFIG["num_labels"])
+
+        def forward(self, input_ids, labels):
+            logits = self.head(self.emb(input_ids).mean(1))
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    model = NoMaskArg()
+    recipe = advlab.FreeLB(model, sites={"txt": "emb"}, steps=2)
+    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe))
+    with pytest.warns(UserWarning, match=r"no 'attention_mask'.*padding included.*NoMaskArg.forward does not take") as got:
+        trainer.train()
+    assert sum("no 'attention_mask'" in str(w.message) for w in got) == 1  # 3 steps, one warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        quiet(
+            AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe, masks=None)
+        ).train()  # masks=None: perturbing everywhere is asked for, no warning
 
 
 def test_refusals(tmp_path):

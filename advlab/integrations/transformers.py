@@ -196,6 +196,7 @@ class AdversarialTrainer(Trainer):
             )
         self.recipe = recipe
         self._recipe_stats: list[StepStats] = []
+        self._warned_unmasked = False  # the default mask key missing from a batch: said once
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, starting with no recipe statistics left over from an earlier run.
@@ -225,6 +226,23 @@ class AdversarialTrainer(Trainer):
                     f"Expected the batch to hold {key!r}, the mask of modality {modality!r} (from `masks`), but its "
                     f"keys are {sorted(inputs)}; pass masks={{{modality!r}: None}} for no mask, or check "
                     "`remove_unused_columns` and the data collator."
+                )
+            elif not self._warned_unmasked:
+                self._warned_unmasked = True
+                columns = getattr(self, "_signature_columns", None) or [key]
+                why = (
+                    f" If the data has it, `remove_unused_columns` drops it, because "
+                    f"{type(unwrap_model(self.model)).__name__}.forward does not take {key!r}; to mask δ, give "
+                    f"forward an {key!r} (or **kwargs) argument, which it may ignore."
+                    if self.args.remove_unused_columns and key not in columns
+                    else ""
+                )
+                warnings.warn(
+                    f"The batch holds no {key!r} (its keys are {sorted(inputs)}), so δ of modality {modality!r} "
+                    f"perturbs every position, padding included.{why} Pass masks=None to perturb everywhere "
+                    "without this warning.",
+                    UserWarning,
+                    stacklevel=2,
                 )
         return masks
 
