@@ -427,6 +427,30 @@ def test_compute_loss_override_without_outputs_is_refused(tmp_path):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
+@pytest.mark.parametrize("returns", ["logits", "per_row_loss"])
+def test_loss_that_is_not_a_scalar_says_where_it_came_from(tmp_path, returns):
+    """A plain module returning its logits (the Trainer takes outputs[0] as the loss) or a per-row loss."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(CONFIG["vocab_size"], 8), torch.nn.Linear(8, CONFIG["num_labels"])
+
+        def forward(self, input_ids, attention_mask, labels):
+            logits = self.head(self.emb(input_ids).mean(1))
+            if returns == "logits":
+                return (logits,)
+            return {"loss": F.cross_entropy(logits, labels, reduction="none"), "logits": logits}
+
+    model = Net()
+    recipe = advlab.FreeLB(model, sites={"txt": "emb"}, steps=2)
+    trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe))
+    source = r"the first element of the model's tuple output" if returns == "logits" else r"the model's `loss` entry"
+    shape = r"\(2, 3\)" if returns == "logits" else r"\(2,\)"
+    with pytest.raises(AdvlabValueError, match=rf"one scalar loss per forward, but got shape {shape}, from {source}"):
+        trainer.train()
+
+
 def test_compute_loss_override_with_outputs_runs(tmp_path):
     """An override that honours `return_outputs` is what the recipe's loss is made of."""
     calls = []

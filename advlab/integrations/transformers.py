@@ -122,6 +122,27 @@ def _loss_and_outputs(result: Any, compute_loss: Any) -> tuple[Tensor, Any]:
     )
 
 
+def _not_a_scalar_loss(loss: Any, outputs: Any, trainer: Trainer) -> str:
+    """The message for a `compute_loss` loss that is not one number, with where it came from."""
+    got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+    if type(trainer).compute_loss is not AdversarialTrainer.compute_loss:
+        source = f"the override {type(trainer).compute_loss.__qualname__}"
+    elif trainer.compute_loss_func is not None:
+        source = "`compute_loss_func`"
+    elif trainer.label_smoother is not None:
+        source = "the Trainer's label smoother"
+    elif isinstance(outputs, Mapping):
+        source = "the model's `loss` entry"
+    elif isinstance(outputs, (tuple, list, Tensor)):
+        source = f"the first element of the model's {type(outputs).__name__} output (the Trainer takes it as the loss)"
+    else:
+        source = "compute_loss"
+    return (
+        f"Expected compute_loss to give one scalar loss per forward, but got {got}, from {source}. Return the "
+        "mean (or summed) loss first when labels are given, or pass `compute_loss_func=` to the Trainer."
+    )
+
+
 class AdversarialTrainer(Trainer):
     """A `transformers.Trainer` whose training step is an advlab recipe's step.
 
@@ -299,6 +320,8 @@ class AdversarialTrainer(Trainer):
                         model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
                     )
                 loss, outputs = _loss_and_outputs(result, type(self).compute_loss)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise AdvlabValueError(_not_a_scalar_loss(loss, outputs, self))
                 losses.append((outputs, loss))
                 return outputs
 
