@@ -22,8 +22,8 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-import tests._ddp_lightning_script as script
 import advlab
+import tests._ddp_lightning_script as script
 from advlab import AdvlabTypeError, AdvlabValueError
 from advlab.integrations.lightning import adversarial_step
 

@@ -227,8 +227,15 @@ def test_fp16_overflow_skips_the_optimizer_step_as_the_trainer_does(tmp_path, ac
     def run(adversarial: bool):
         model = tiny_bert(loss_kwargs=False)
         args = train_args(
-            tmp_path, fp16=True, optim="sgd", learning_rate=0.5, max_steps=4, gradient_accumulation_steps=accum,
-            lr_scheduler_type="linear", logging_strategy="steps", logging_steps=1,
+            tmp_path,
+            fp16=True,
+            optim="sgd",
+            learning_rate=0.5,
+            max_steps=4,
+            gradient_accumulation_steps=accum,
+            lr_scheduler_type="linear",
+            logging_strategy="steps",
+            logging_steps=1,
         )
         kw = {"model": model, "args": args, "train_dataset": dataset()}
         if adversarial:
@@ -365,7 +372,9 @@ def test_masks_mapping_and_none(tmp_path):
             masks={"txt": "labels"},
         )
     )
-    with pytest.raises(AdvlabValueError, match=r"shape \(2, 8\).*got \(2,\)\. That mask is the batch's 'labels'.*masks="):
+    with pytest.raises(
+        AdvlabValueError, match=r"shape \(2, 8\).*got \(2,\)\. That mask is the batch's 'labels'.*masks="
+    ):
         trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
@@ -386,13 +395,17 @@ def test_default_mask_missing_from_the_batch_warns_once(tmp_path):
     model = NoMaskArg()
     recipe = advlab.FreeLB(model, sites={"txt": "emb"}, steps=2)
     trainer = quiet(AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe))
-    with pytest.warns(UserWarning, match=r"no 'attention_mask'.*padding included.*NoMaskArg.forward does not take") as got:
+    with pytest.warns(
+        UserWarning, match=r"no 'attention_mask'.*padding included.*NoMaskArg.forward does not take"
+    ) as got:
         trainer.train()
     assert sum("no 'attention_mask'" in str(w.message) for w in got) == 1  # 3 steps, one warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         quiet(
-            AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe, masks=None)
+            AdversarialTrainer(
+                model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe, masks=None
+            )
         ).train()  # masks=None: perturbing everywhere is asked for, no warning
 
 
@@ -422,7 +435,9 @@ def test_compute_loss_override_without_outputs_is_refused(tmp_path):
     trainer = quiet(
         LossOnly(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=dataset(), recipe=freelb(model))
     )
-    with pytest.raises(AdvlabTypeError, match=r"LossOnly.compute_loss.*pair \(loss, model outputs\).*Tensor of shape \(\)"):
+    with pytest.raises(
+        AdvlabTypeError, match=r"LossOnly.compute_loss.*pair \(loss, model outputs\).*Tensor of shape \(\)"
+    ):
         trainer.train()
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
 
