@@ -380,6 +380,22 @@ def test_masks_mapping_and_none(tmp_path):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
 
 
+def test_default_mask_refused_for_a_recipe_with_several_modalities(tmp_path):
+    """Two sites of the same shape: the default would mask both with the text's mask, silently. Name each key."""
+    model = tiny_bert()
+    sites = {"txt": "bert.embeddings.word_embeddings", "typ": "bert.embeddings.token_type_embeddings"}
+    recipe = advlab.FreeLB(model, sites=sites, steps=2, step_size=0.1)
+    with pytest.raises(
+        AdvlabValueError, match=r"several modalities \['txt', 'typ'\].*masks=\{'txt': 'attention_mask', 'typ': None\}"
+    ):
+        AdversarialTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe)
+    for masks in ("attention_mask", {"txt": "attention_mask", "typ": None}, None):  # named on purpose: accepted
+        trainer = AdversarialTrainer(
+            model=model, args=train_args(tmp_path), train_dataset=dataset(), recipe=recipe, masks=masks
+        )
+        assert set(trainer.mask_keys) == ({"txt", "typ"} if masks == "attention_mask" else {"txt"} if masks else set())
+
+
 def test_default_mask_missing_from_the_batch_warns_once(tmp_path):
     """A forward without `attention_mask`: remove_unused_columns drops it, δ goes on the padding too; say so once."""
 

@@ -80,14 +80,31 @@ def _check_recipe(recipe: Any) -> list[str]:
     return list(sites)
 
 
+class _DefaultMaskKey(str):
+    """The default `masks`, `"attention_mask"`, told apart from the same key named on purpose."""
+
+
+_DEFAULT_MASKS = _DefaultMaskKey("attention_mask")
+
+
 def _mask_keys(masks: str | Mapping[str, str | None] | None, modalities: list[str]) -> tuple[dict[str, str], bool]:
     """Modality -> batch key of its mask, and whether a missing key is an error.
 
     Only `"attention_mask"` (the default) may be missing from a batch (δ is then not masked);
     any other key was named on purpose, and a batch without it is an error, as in a mapping.
+    The default is refused for a recipe with several modalities: one batch entry (the text's
+    padding mask) would mask every modality's δ, silently wrong wherever the shapes happen to fit.
     """
     if masks is None:
         return {}, True
+    if masks is _DEFAULT_MASKS and len(modalities) > 1:
+        example = ", ".join(f"{m!r}: {'attention_mask' if i == 0 else None!r}" for i, m in enumerate(modalities))
+        raise AdvlabValueError(
+            f"Expected `masks` to name each modality's batch key for a recipe with several modalities {modalities}, "
+            f"e.g. masks={{{example}}}, but it was left at the default 'attention_mask', which would mask every "
+            "modality's δ with that one batch entry. Pass masks='attention_mask' to use it for all of them on "
+            "purpose, or masks=None for no masks."
+        )
     if isinstance(masks, str):
         return {m: masks for m in modalities}, masks != "attention_mask"
     if not isinstance(masks, Mapping):
@@ -156,8 +173,9 @@ class AdversarialTrainer(Trainer):
             `model`.
         masks: Which batch entry masks each modality's δ (1 = real token): a batch key for every
             modality (default `"attention_mask"`, used when the batch has it; any other key
-            missing from a batch is an error), a mapping modality -> batch key (or None for no
-            mask; a named key missing from a batch is an error), or None (no masks).
+            missing from a batch is an error; a recipe with several modalities must name each
+            modality's key), a mapping modality -> batch key (or None for no mask; a named key
+            missing from a batch is an error), or None (no masks).
         **kwargs: Keyword arguments of `transformers.Trainer` (`model`, `args`, `train_dataset`,
             `eval_dataset`, `data_collator`, `compute_metrics`, ...). `model_init` is refused (a
             recipe is bound to one model object).
@@ -185,7 +203,7 @@ class AdversarialTrainer(Trainer):
         self,
         *args: Any,
         recipe: Any,
-        masks: str | Mapping[str, str | None] | None = "attention_mask",
+        masks: str | Mapping[str, str | None] | None = _DEFAULT_MASKS,
         **kwargs: Any,
     ) -> None:
         modalities = _check_recipe(recipe)
