@@ -341,41 +341,22 @@ def test_masks_mapping_and_none(tmp_path):
         )
     ).train()
     assert spy.masks == [{}]
-    trainer = quiet(
-        AdversarialTrainer(
-            model=model,
-            args=train_args(tmp_path, max_steps=1),
-            train_dataset=dataset(),
-            recipe=spy.recipe,
-            masks={"txt": "token_mask"},
+    missing = r"'token_mask', the mask of modality 'txt'.*'attention_mask'"
+    wrong_shape = r"shape \(2, 8\).*got \(2,\)\. That mask is the batch's 'labels'.*masks="
+    # a missing key named in a mapping or as a string (a typo must not turn masking off), and a key
+    # of the wrong shape (the message says which batch key `masks=` took)
+    for masks, match in (({"txt": "token_mask"}, missing), ("token_mask", missing), ({"txt": "labels"}, wrong_shape)):
+        trainer = quiet(
+            AdversarialTrainer(
+                model=model,
+                args=train_args(tmp_path, max_steps=1),
+                train_dataset=dataset(),
+                recipe=spy.recipe,
+                masks=masks,
+            )
         )
-    )
-    with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
-        trainer.train()
-    trainer = quiet(  # a key named as a string is named on purpose too: a typo must not turn masking off
-        AdversarialTrainer(
-            model=model,
-            args=train_args(tmp_path, max_steps=1),
-            train_dataset=dataset(),
-            recipe=spy.recipe,
-            masks="token_mask",
-        )
-    )
-    with pytest.raises(AdvlabValueError, match=r"'token_mask', the mask of modality 'txt'.*'attention_mask'"):
-        trainer.train()
-    trainer = quiet(  # a key of the wrong shape: the message says which batch key `masks=` took
-        AdversarialTrainer(
-            model=model,
-            args=train_args(tmp_path, max_steps=1),
-            train_dataset=dataset(),
-            recipe=spy.recipe,
-            masks={"txt": "labels"},
-        )
-    )
-    with pytest.raises(
-        AdvlabValueError, match=r"shape \(2, 8\).*got \(2,\)\. That mask is the batch's 'labels'.*masks="
-    ):
-        trainer.train()
+        with pytest.raises(AdvlabValueError, match=match):
+            trainer.train()
     with pytest.raises(AdvlabValueError, match=r"recipe's modalities \['txt'\].*\['img'\]"):
         AdversarialTrainer(model=model, args=train_args(tmp_path), recipe=spy.recipe, masks={"img": "pixel_mask"})
 
