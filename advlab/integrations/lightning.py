@@ -47,42 +47,15 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
         "install it with: pip install 'advlab[lightning]'."
     ) from None
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
 from advlab.hooks import MaskLike
-from advlab.integrations import describe_recipe, recipe_log_values
+from advlab.integrations import _describe_recipe, _make_scaler_skip_step, recipe_log_values
 from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
 __all__ = ["adversarial_step"]
-
-
-def _skip_optimizer_steps_on_overflow(trainer: pl.Trainer, scaler: Any, model: nn.Module) -> None:
-    """After a step the recipe skipped under `16-mixed`, make the GradScaler skip the next `opt.step()`.
-
-    The recipe puts the parameter gradients back as they were and lowers the scale. Left so,
-    `opt.step()` would step on older gradients only, and with none (the usual `zero_grad` before
-    the step) torch's `GradScaler.step` fails ("No inf checks were recorded for this optimizer").
-    `manual_backward` instead lets the overflow reach the gradients: the scaler skips the step
-    and lowers the scale once. This does the same: the scale goes back to the step's own and,
-    in each of the Trainer's optimizers, one gradient of a parameter of the recipe's model is
-    set to NaN, which the scaler finds. Without a scaler (32, bf16) nothing changes.
-    """
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-        return
-    scaler.update(float(scaler.get_scale()) / float(scaler.get_backoff_factor()))
-    owned = {id(p) for p in model.parameters()}
-    for optimizer in trainer.optimizers:
-        params = (p for group in optimizer.param_groups for p in group["params"])
-        param = next((p for p in params if p.requires_grad and id(p) in owned), None)
-        if param is None:
-            continue
-        with torch.no_grad():
-            if param.grad is None:
-                param.grad = torch.empty_like(param)
-            param.grad.fill_(float("nan"))
 
 
 def _check_forward_takes_batch(module: pl.LightningModule, batch: Any) -> None:
@@ -171,7 +144,7 @@ def adversarial_step(
     if not callable(getattr(recipe, "step", None)) or own is None:
         raise AdvlabTypeError(
             "Expected `recipe` to be an advlab recipe (an object with `step(forward, task_loss, ...)` and a "
-            f"`model`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {describe_recipe(recipe)}."
+            f"`model`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {_describe_recipe(recipe)}."
         )
     if not any(m is unwrap_model(own) for m in module.modules()):
         raise AdvlabValueError(
@@ -192,7 +165,7 @@ def adversarial_step(
     finally:
         recipe.model = own
     if stats.skip_reason is not None:
-        _skip_optimizer_steps_on_overflow(trainer, scaler, unwrap_model(own))
+        _make_scaler_skip_step(scaler, trainer.optimizers, unwrap_model(own).parameters())
     if log:
         module.log_dict(recipe_log_values([stats]), on_step=True, on_epoch=False)
     return stats

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab._errors import AdvlabTypeError, AdvlabValueError
-from advlab.integrations import describe_recipe, recipe_log_values
+from advlab.integrations import _describe_recipe, _make_scaler_skip_step, recipe_log_values
 from advlab.sites import unwrap_model
 from advlab.stats import StepStats
 
@@ -75,7 +75,7 @@ def _check_recipe(recipe: Any) -> list[str]:
     if not callable(step) or not isinstance(model, nn.Module) or not isinstance(sites, Mapping):
         raise AdvlabTypeError(
             "Expected `recipe` to be an advlab recipe (an object with `step(forward, task_loss, ...)`, a `model` and "
-            f"`sites`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {describe_recipe(recipe)}."
+            f"`sites`, such as advlab.FreeLB, advlab.VILLA or advlab.SMART), but got {_describe_recipe(recipe)}."
         )
     return list(sites)
 
@@ -354,8 +354,8 @@ class AdversarialTrainer(Trainer):
 
             stats = self._recipe_step(model, forward, task_loss, masks, scale)
         losses.clear()  # the step's graphs are gone; drop the outputs
-        if stats.skip_reason is not None:
-            self._skip_optimizer_step_on_overflow()
+        if stats.skip_reason is not None and self.optimizer is not None:
+            _make_scaler_skip_step(self.accelerator.scaler, [self.optimizer])
         self._recipe_stats.append(stats)
         return torch.tensor(stats.mean_task_loss * scale, device=self.args.device)
 
@@ -389,32 +389,6 @@ class AdversarialTrainer(Trainer):
             ) from err
         finally:
             recipe.model = own
-
-    def _skip_optimizer_step_on_overflow(self) -> None:
-        """After a micro-batch the recipe skipped under fp16, make the GradScaler skip the optimizer step.
-
-        The recipe puts the parameter gradients back as they were and lowers the scale. Left so,
-        the optimizer would step on the other micro-batches' gradients only, and with none left
-        (one micro-batch per step) torch's `GradScaler.step` fails ("No inf checks were recorded
-        for this optimizer"). `Trainer.training_step` instead lets the overflow reach the
-        gradients: the scaler skips the optimizer step, the scheduler does not step, and the
-        scale is lowered once. This does the same: the scale goes back to the step's own (the
-        scaler lowers it once, after the optimizer step) and one parameter's gradient is set to
-        NaN, which the scaler finds (the Trainer then logs a NaN `grad_norm`, as it does for an
-        overflow of its own). Without a scaler (fp32, bf16) nothing changes.
-        """
-        scaler = self.accelerator.scaler
-        if scaler is None or not scaler.is_enabled() or self.optimizer is None:
-            return
-        scaler.update(float(scaler.get_scale()) / float(scaler.get_backoff_factor()))
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                if param.requires_grad:
-                    with torch.no_grad():
-                        if param.grad is None:
-                            param.grad = torch.empty_like(param)
-                        param.grad.fill_(float("nan"))
-                    return
 
     # ------------------------------------------------------------------ logs and checkpoints
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

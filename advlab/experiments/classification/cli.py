@@ -175,7 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - wall0
     print()
     print(summarize(records))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(results_markdown(records, wall_seconds=wall, data_summary=data.summary))
     resumed = sum(r.get("resumed", False) for r in records)
     print(f"\nwall time {wall / 60:.1f} min ({resumed} of {len(records)} runs loaded from {out})")

@@ -52,11 +52,15 @@ def run_key(arm: str, seed: int, config: ClassificationConfig, data: Classificat
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _finite(rec: Mapping[str, Any]) -> bool:
     values = list(rec.get("losses", []))
     for part in ("val", "test", "robust"):
         values += list((rec.get(part) or {}).values())
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    return all(_is_number(v) for v in values)
 
 
 def _check_positions(model: Any, data: ClassificationData) -> None:
@@ -223,10 +227,6 @@ def run_experiment(
                 log(f"{arm} seed {seed}: val acc {rec['val']['acc']:.3f}, test acc {rec['test']['acc']:.3f} "
                     f"macro-F1 {rec['test']['f1']:.3f}, robust [{robust}] ({rec['seconds']:.0f} s)")
     return records
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def record_problem(path: Path, rec: Any) -> str | None:
